@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: fixed threads, side-by-side timing, and docs/benchmarks.md sections.
+
+Every benchmark script measures its candidates in one run (interleaved, so machine noise hits all of
+them alike), reports ratios, and rewrites only its own section of docs/benchmarks.md, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+THREADS = 2
+
+
+def fix_threads(threads: int = THREADS) -> int:
+    """Pin torch's intra-op threads so figures are comparable between runs and machines."""
+    torch.set_num_threads(threads)
+    return threads
+
+
+def time_side_by_side(
+    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin in the same run."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine_line() -> str:
+    """One line naming what the figures were measured on."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(title: str, body: str, command: str | None = None, path: Path = DOCS) -> None:
+    """Replace (or append) the ``## title`` section of docs/benchmarks.md, writing atomically."""
+    command = command or "python " + " ".join([os.path.relpath(sys.argv[0], path.parent.parent), *sys.argv[1:]])
+    section = (
+        f"## {title}\n\nCommand: `{command}`  \nMeasured on: {machine_line()}, "
+        f"{time.strftime('%Y-%m-%d')}\n\n{body.strip()}\n"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is rewritten by the command it names.\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)

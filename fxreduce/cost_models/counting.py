@@ -1,0 +1,137 @@
+"""Counting the arithmetic of a fake-tensor run and attributing it to fx nodes.
+
+A TorchDispatchMode sees every aten op the run executes. Matrix products and convolutions are counted
+with torch.utils.flop_counter's own per-op formulas (torch counts FLOPs = 2 x multiply-adds, so we
+halve them); everything else that computes is "other" arithmetic: pointwise ops count one op per output
+element, reductions one per input element. Counts arrive as SymInts (symbolic sizes) and are kept as
+sympy expressions. Ops run by autograd in a backward pass are attributed to the fx node whose forward
+created the autograd node, found through autograd sequence numbers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import sympy
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+aten = torch.ops.aten
+
+# Ops that combine many inputs into fewer outputs: one op per element read.
+REDUCTIONS = {
+    aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.var, aten.std, aten.var_mean,
+    aten.std_mean, aten.norm, aten.linalg_vector_norm, aten.prod, aten.logsumexp, aten.cumsum,
+    aten._softmax, aten._log_softmax, aten._softmax_backward_data, aten._log_softmax_backward_data,
+    aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit_functional, aten.native_batch_norm_backward, aten.native_layer_norm,
+    aten.native_layer_norm_backward, aten.native_group_norm, aten.native_group_norm_backward,
+    aten.avg_pool2d, aten.avg_pool2d_backward, aten.max_pool2d_with_indices,
+    aten.max_pool2d_with_indices_backward, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool2d_backward,
+    aten.adaptive_max_pool2d, aten.nll_loss_forward, aten.nll_loss_backward,
+}
+# Shape bookkeeping that the flop counter also ignores.
+_IGNORED = {
+    aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset, aten.size, aten.stride,
+    aten.numel, aten.dim, aten.is_contiguous, aten.sym_is_contiguous,
+}
+
+
+def to_sympy(value: Any) -> sympy.Expr:
+    """A SymInt / int / float count as a sympy expression."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value.node.expr
+    return sympy.Integer(value) if isinstance(value, int) else sympy.sympify(value)
+
+
+def numel(tensor: torch.Tensor) -> sympy.Expr:
+    return to_sympy(tensor.numel())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class NodeCounts:
+    """Raw counts of one fx node: multiply-adds by dtype and other arithmetic, forward and backward."""
+
+    __slots__ = ("macs", "other", "backward_macs", "backward_other")
+
+    def __init__(self) -> None:
+        self.macs: dict[str, sympy.Expr] = defaultdict(lambda: sympy.Integer(0))
+        self.other: sympy.Expr = sympy.Integer(0)
+        self.backward_macs: dict[str, sympy.Expr] = defaultdict(lambda: sympy.Integer(0))
+        self.backward_other: sympy.Expr = sympy.Integer(0)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts each aten op of a run into ``counts[key]``; ``current`` is the fx node being run.
+
+    For backward attribution call :meth:`claim_autograd_nodes` after each fx node's forward: it maps
+    the autograd nodes that fx node created (by sequence number) to it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: str | None = None
+        self.counts: dict[str | None, NodeCounts] = defaultdict(NodeCounts)
+        self._owner_by_sequence: dict[int, str] = {}
+
+    def claim_autograd_nodes(self, output: Any) -> None:
+        """Record the autograd graph created since the last claim as belonging to ``current``."""
+        stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        while stack:
+            grad_fn = stack.pop()
+            sequence = grad_fn._sequence_nr()
+            if sequence in self._owner_by_sequence:
+                continue
+            self._owner_by_sequence[sequence] = self.current
+            stack.extend(fn for fn, _ in grad_fn.next_functions if fn is not None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet in _IGNORED:
+            return func(*args, **kwargs)
+        if (packet not in flop_registry and packet not in REDUCTIONS and func is not torch.ops.prim.device.default
+                and torch.Tag.pointwise not in func.tags):
+            # As torch's FlopCounterMode does: count what an op decomposes into, where it does.
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        autograd_node = torch._C._current_autograd_node()
+        if autograd_node is None:
+            counts, backward = self.counts[self.current], False
+        else:
+            owner = self._owner_by_sequence.get(autograd_node._sequence_nr(), self.current)
+            counts, backward = self.counts[owner], True
+        formula = flop_registry.get(packet)
+        if formula is not None:
+            macs = to_sympy(formula(*args, **kwargs, out_val=out)) / 2
+            dtype = dtype_name(_first_tensor(args).dtype)
+            target = counts.backward_macs if backward else counts.macs
+            target[dtype] = target[dtype] + macs
+            return out
+        if packet in REDUCTIONS:
+            other = numel(_first_tensor(args))
+        elif torch.Tag.pointwise in func.tags:
+            other = sum((numel(t) for t in _tensors(out)), sympy.Integer(0))
+        else:
+            return out
+        if backward:
+            counts.backward_other += other
+        else:
+            counts.other += other
+        return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _first_tensor(args: Any) -> torch.Tensor:
+    return _tensors(args)[0]

@@ -1,0 +1,284 @@
+"""Graph views passes share: networkx views of an fx graph, graph queries, and one view of each layer.
+
+A pass asks for layers ("linear", "conv2d", "batchnorm", "lstm", "dropout") and gets :class:`Layer`
+objects whichever form the graph holds them in: ``call_module`` (torch.fx symbolic tracing),
+``call_function`` on torch.nn.functional, or aten ops (torch.export). Rewrites go through
+:func:`replace_layer` and :func:`bypass`, which work the same for every form, so no pass handles two
+dialects itself.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .cost_models.propagation import META_KEY
+
+aten = torch.ops.aten
+REWRITTEN_BY = "fxreduce_rewritten_by"
+
+_MODULE_KINDS: dict[type, str] = {
+    torch.nn.Linear: "linear",
+    torch.nn.Conv2d: "conv2d",
+    torch.nn.BatchNorm1d: "batchnorm",
+    torch.nn.BatchNorm2d: "batchnorm",
+    torch.nn.LSTM: "lstm",
+    torch.nn.Dropout: "dropout",
+    torch.nn.Dropout1d: "dropout",
+    torch.nn.Dropout2d: "dropout",
+}
+_FUNCTION_KINDS: dict[Any, str] = {
+    F.linear: "linear", torch._C._nn.linear: "linear",
+    F.conv2d: "conv2d", torch.conv2d: "conv2d",
+    F.batch_norm: "batchnorm", torch.batch_norm: "batchnorm",
+    F.dropout: "dropout", torch.dropout: "dropout",
+    aten.linear.default: "linear",
+    aten.conv2d.default: "conv2d",
+    aten.batch_norm.default: "batchnorm",
+    aten._native_batch_norm_legit_no_training.default: "batchnorm",
+    aten.dropout.default: "dropout",
+    aten.lstm.input: "lstm",
+}
+
+
+@dataclass
+class Layer:
+    """One layer of the graph, in whatever form: kind, node, input, constant weights, attributes.
+
+    ``weight``/``bias`` are the tensors when they are constants of the graph (parameters), else None.
+    ``attrs`` holds the layer's settings: stride/padding/dilation/groups (conv2d), eps/momentum and
+    running stats (batchnorm), p (dropout), and ``training`` for the modes that depend on it.
+    ``output`` is the node whose value is the layer's result (the getitem for aten batch norm).
+    """
+
+    kind: str
+    node: fx.Node
+    dialect: str
+    input: fx.Node
+    name: str
+    module: torch.nn.Module | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    output: fx.Node | None = None
+
+    @property
+    def result(self) -> fx.Node:
+        return self.output if self.output is not None else self.node
+
+    def describe(self) -> str:
+        form = type(self.module).__name__ if self.module is not None else str(self.node.target)
+        return f"{self.name} ({form})"
+
+
+def _const(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = _fetch(gm, arg.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return (value[0], value[0]) if len(value) == 1 else tuple(value)
+    return (value, value)
+
+
+def _module_layer(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, kind: str) -> Layer:
+    layer = Layer(kind, node, "module", node.args[0], node.target, module=module,
+                  weight=getattr(module, "weight", None), bias=getattr(module, "bias", None))
+    if kind == "conv2d":
+        layer.attrs = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                           groups=module.groups, padding_mode=module.padding_mode)
+    elif kind == "batchnorm":
+        layer.attrs = dict(eps=module.eps, running_mean=module.running_mean, running_var=module.running_var,
+                           training=module.training or module.running_mean is None)
+    elif kind == "dropout":
+        layer.attrs = dict(p=module.p, training=module.training)
+    elif kind == "lstm":
+        layer.attrs = dict(training=module.training)
+    return layer
+
+
+def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | None:
+    target = node.target
+    dialect = "aten" if isinstance(target, torch._ops.OpOverload) else "function"
+    name = node.name
+    if kind == "linear":
+        return Layer(kind, node, dialect, node.args[0], name, weight=_const(gm, _arg(node, 1, "weight")),
+                     bias=_const(gm, _arg(node, 2, "bias")))
+    if kind == "conv2d":
+        return Layer(kind, node, dialect, node.args[0], name, weight=_const(gm, _arg(node, 1, "weight")),
+                     bias=_const(gm, _arg(node, 2, "bias")),
+                     attrs=dict(stride=_pair(_arg(node, 3, "stride", 1)), padding=_pair(_arg(node, 4, "padding", 0)),
+                                dilation=_pair(_arg(node, 5, "dilation", 1)), groups=_arg(node, 6, "groups", 1),
+                                padding_mode="zeros"))
+    if kind == "dropout":
+        default_training = dialect == "function"
+        training = _arg(node, 2, "training" if dialect == "function" else "train", default_training)
+        return Layer(kind, node, dialect, node.args[0], name,
+                     attrs=dict(p=_arg(node, 1, "p", 0.5), training=bool(training)))
+    if kind == "batchnorm":
+        if target is aten._native_batch_norm_legit_no_training.default:
+            users = list(node.users)
+            if not (len(users) >= 1 and all(u.target is operator.getitem and u.args[1] == 0 for u in users)
+                    and len(users) == 1):
+                return None
+            weight, bias, mean, var = (_const(gm, a) for a in node.args[1:5])
+            return Layer(kind, node, dialect, node.args[0], name, weight=weight, bias=bias, output=users[0],
+                         attrs=dict(eps=node.args[6], running_mean=mean, running_var=var, training=False))
+        if target is aten.batch_norm.default:
+            weight, bias, mean, var = (_const(gm, a) for a in node.args[1:5])
+            training, eps = node.args[5], node.args[7]
+        else:
+            mean, var = _const(gm, _arg(node, 1, "running_mean")), _const(gm, _arg(node, 2, "running_var"))
+            weight, bias = _const(gm, _arg(node, 3, "weight")), _const(gm, _arg(node, 4, "bias"))
+            training, eps = _arg(node, 5, "training", False), _arg(node, 7, "eps", 1e-5)
+        return Layer(kind, node, dialect, node.args[0], name, weight=weight, bias=bias,
+                     attrs=dict(eps=eps, running_mean=mean, running_var=var, training=bool(training) or mean is None))
+    if kind == "lstm":
+        return Layer(kind, node, dialect, node.args[0], name, attrs=dict(training=bool(node.args[7])))
+    return None
+
+
+def find_layers(gm: fx.GraphModule, kinds: Iterable[str] | None = None) -> list[Layer]:
+    """Every layer of the requested kinds, in graph order, whatever form the graph holds it in."""
+    wanted = set(kinds) if kinds is not None else None
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            kind = _MODULE_KINDS.get(type(module))
+            if kind and (wanted is None or kind in wanted):
+                layers.append(_module_layer(gm, node, module, kind))
+        elif node.op == "call_function":
+            kind = _FUNCTION_KINDS.get(node.target)
+            if kind and (wanted is None or kind in wanted):
+                layer = _function_layer(gm, node, kind)
+                if layer is not None:
+                    layers.append(layer)
+    return layers
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def find_chains(gm: fx.GraphModule, kinds: Sequence[str]) -> list[list[Layer]]:
+    """Chains of layers of the given kinds, each feeding only the next (e.g. ("conv2d", "batchnorm"))."""
+    by_node = {layer.node: layer for layer in find_layers(gm, set(kinds))}
+    chains = []
+    for layer in by_node.values():
+        if layer.kind != kinds[0]:
+            continue
+        chain = [layer]
+        for kind in kinds[1:]:
+            user = only_user(chain[-1].result)
+            following = by_node.get(user) if user is not None else None
+            if following is None or following.kind != kind or following.input is not chain[-1].result:
+                break
+            chain.append(following)
+        if len(chain) == len(kinds):
+            chains.append(chain)
+    return chains
+
+
+def unique_name(gm: fx.GraphModule, base: str) -> str:
+    """A submodule name not yet used in gm, derived from ``base``."""
+    stem = re.sub(r"[^0-9a-zA-Z_]", "_", base) or "module"
+    name, index = stem, 1
+    while hasattr(gm, name):
+        index += 1
+        name = f"{stem}_{index}"
+    return name
+
+
+def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, pass_name: str,
+                  name: str | None = None, args: tuple | None = None) -> fx.Node:
+    """Swap ``layer`` for a call of ``module`` on the layer's input (or ``args``); returns the new node.
+
+    A module layer called from one place keeps its submodule name; otherwise the new submodule gets
+    ``name`` or a name derived from the layer's.
+    """
+    reuse = (layer.dialect == "module" and name is None
+             and sum(n.op == "call_module" and n.target == layer.node.target for n in gm.graph.nodes) == 1)
+    target = layer.node.target if reuse else unique_name(gm, name or f"{layer.name}_{pass_name}")
+    with gm.graph.inserting_before(layer.node):
+        new = gm.graph.call_module(target, args if args is not None else (layer.input,))
+    new.meta[REWRITTEN_BY] = pass_name
+    layer.result.replace_all_uses_with(new)
+    _erase(gm, layer)
+    gm.add_submodule(target, module)
+    return new
+
+
+def bypass(gm: fx.GraphModule, layer: Layer, replacement: fx.Node | None = None) -> None:
+    """Remove ``layer``: its users read ``replacement`` (default: the layer's own input) instead."""
+    layer.result.replace_all_uses_with(replacement if replacement is not None else layer.input)
+    _erase(gm, layer)
+
+
+def _erase(gm: fx.GraphModule, layer: Layer) -> None:
+    if layer.output is not None:
+        gm.graph.erase_node(layer.output)
+    inputs = layer.node.all_input_nodes
+    gm.graph.erase_node(layer.node)
+    for node in inputs:
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    if layer.dialect == "module" and not any(n.op == "call_module" and n.target == layer.node.target
+                                              for n in gm.graph.nodes):
+        gm.delete_submodule(layer.node.target)
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph as a networkx DiGraph keyed by node name, with op/target/shape/cost attributes."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        info = node.meta.get(META_KEY)
+        graph.add_node(node.name, node=node, op=node.op, target=node.target,
+                       shape=info.shape if info else None, cost=info.cost if info else None)
+        for source in node.all_input_nodes:
+            graph.add_edge(source.name, node.name)
+    return graph
+
+
+def region_between(gm: fx.GraphModule, source: fx.Node, sink: fx.Node) -> set[str]:
+    """Names of the nodes on some path from ``source`` to ``sink`` (both included)."""
+    graph = to_networkx(gm)
+    if source.name == sink.name:
+        return {source.name}
+    between = nx.descendants(graph, source.name) & nx.ancestors(graph, sink.name)
+    return between | {source.name, sink.name} if between or graph.has_edge(source.name, sink.name) else set()
+
+
+def dominators(gm: fx.GraphModule) -> dict[str, str]:
+    """Immediate dominator of every node reachable from the inputs (the virtual root is "<inputs>")."""
+    graph = to_networkx(gm)
+    root = "<inputs>"
+    graph.add_node(root)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            graph.add_edge(root, node.name)
+    return {k: v for k, v in nx.immediate_dominators(graph, root).items() if k != root}

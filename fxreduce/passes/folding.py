@@ -1,0 +1,93 @@
+"""Eval-mode folding: BatchNorm into the preceding Conv2d/Linear, and Dropout (the identity) away.
+
+Both are exact in eval mode. Layers in training mode are left alone with the reason: folding a BatchNorm
+that still normalises by batch statistics, or removing a dropout that still drops, changes the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..graph import Layer, bypass, find_chains, find_layers, replace_layer
+from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, register
+
+EVAL_EXACT = Contract("exact", "outputs equal the original's in eval mode (float tolerance)")
+
+
+def _folded_module(layer: Layer, batchnorm: Layer) -> torch.nn.Module:
+    weight = layer.weight.detach()
+    mean, var = batchnorm.attrs["running_mean"], batchnorm.attrs["running_var"]
+    gamma = batchnorm.weight.detach() if batchnorm.weight is not None else torch.ones_like(mean)
+    beta = batchnorm.bias.detach() if batchnorm.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + batchnorm.attrs["eps"])
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(mean)
+    if layer.kind == "conv2d":
+        a = layer.attrs
+        module = torch.nn.Conv2d(weight.shape[1] * a["groups"], weight.shape[0], tuple(weight.shape[2:]),
+                                 stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                                 groups=a["groups"], bias=True, padding_mode=a["padding_mode"],
+                                 dtype=weight.dtype, device=weight.device)
+        new_weight = weight * scale.reshape(-1, 1, 1, 1)
+    else:
+        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True, dtype=weight.dtype,
+                                 device=weight.device)
+        new_weight = weight * scale.reshape(-1, 1)
+    with torch.no_grad():
+        module.weight.copy_(new_weight)
+        module.bias.copy_((bias - mean) * scale + beta)
+    return module
+
+
+def _why_not_foldable(layer: Layer, batchnorm: Layer) -> str | None:
+    if batchnorm.attrs["training"]:
+        return "BatchNorm in training mode uses batch statistics; call model.eval() before tracing"
+    if layer.weight is None:
+        return f"{layer.describe()} computes its weight in the graph; only parameter weights fold"
+    if isinstance(layer.attrs.get("padding"), str):
+        return f"{layer.describe()} uses padding={layer.attrs['padding']!r}; fold needs explicit padding"
+    shape = getattr(layer.result.meta.get("fxreduce"), "shape", None)
+    if layer.kind == "linear" and (shape is None or len(shape) != 2):
+        return "a Linear followed by BatchNorm1d folds only for 2-D (batch, features) outputs"
+    if batchnorm.attrs["running_mean"].shape[0] != layer.weight.shape[0]:
+        return "BatchNorm channels do not match the layer's output channels"
+    return None
+
+
+@register
+class FoldBatchNorm(Pass):
+    name = "fold_batchnorm"
+    summary = "fold eval-mode BatchNorm into the preceding Conv2d / Linear (one GEMM instead of GEMM + scale)"
+    contract = EVAL_EXACT
+    invalidates = frozenset({"batchnorm"})
+
+    def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
+        chains = find_chains(gm, ("conv2d", "batchnorm")) + find_chains(gm, ("linear", "batchnorm"))
+        for layer, batchnorm in sorted(chains, key=lambda chain: chain[0].node.name):
+            reason = _why_not_foldable(layer, batchnorm)
+            if reason:
+                outcome.skipped.append(Skipped(batchnorm.name, reason))
+                continue
+            replaced = [layer.node.name, batchnorm.node.name]
+            new = replace_layer(gm, layer, _folded_module(layer, batchnorm), pass_name=self.name)
+            bypass(gm, batchnorm, replacement=new)
+            outcome.rewrites.append(Rewrite(replaced, [new.name], "BatchNorm folded into the layer's weight and bias",
+                                            self.contract))
+
+
+@register
+class RemoveDropout(Pass):
+    name = "remove_dropout"
+    summary = "remove eval-mode Dropout (the identity) from the graph"
+    contract = EVAL_EXACT
+    invalidates = frozenset({"dropout"})
+
+    def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
+        for layer in find_layers(gm, ["dropout"]):
+            if layer.attrs["training"] and layer.attrs["p"] > 0:
+                outcome.skipped.append(Skipped(layer.name, "dropout in training mode is not the identity; "
+                                                           "call model.eval() before tracing"))
+                continue
+            bypass(gm, layer)
+            outcome.rewrites.append(Rewrite([layer.node.name], [], "eval-mode dropout is the identity",
+                                            self.contract))

@@ -1,0 +1,275 @@
+"""Pipelines: compose passes, check their order, re-propagate shapes after each, report every rewrite.
+
+A spec string names passes and their options with Python literal syntax: "fold_batchnorm,
+remove_dropout" or "sparse_lowrank(rank=64, form='lr')". After each pass the pipeline lints and
+recompiles the graph, re-runs symbolic shape/cost propagation, costs each rewrite before and after, and
+certifies the pass's total FLOPs change. A failure names the pass that failed.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .cost_models import Certificate, GraphCost, certify, graph_cost, graph_info, propagate
+from .cost_models.propagation import META_KEY
+from .cost_models.symbolic import NodeCost
+from .errors import FxReduceError, OptionError, PassError
+from .passes import Pass, Rewrite, Skipped, get_pass
+
+# What a freshly traced graph may hold; passes that remove such layers invalidate the property.
+INITIAL_PROPERTIES = frozenset({"batchnorm", "dropout", "lstm"})
+
+
+def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """ "a(x=1, y='s'),b" -> [("a", {"x": 1, "y": "s"}), ("b", {})]; options are Python literals."""
+    try:
+        tree = ast.parse(f"[{spec}]", mode="eval").body
+    except SyntaxError as error:
+        raise OptionError(f"cannot parse pipeline spec {spec!r}: {error.msg}", where=f"column {error.offset}",
+                          fix="write passes as name or name(option=value), separated by commas") from None
+    parsed = []
+    for element in tree.elts:
+        if isinstance(element, ast.Name):
+            parsed.append((element.id, {}))
+            continue
+        if not (isinstance(element, ast.Call) and isinstance(element.func, ast.Name)) or element.args:
+            raise OptionError(f"cannot parse {ast.unparse(element)!r} in pipeline spec", where=spec,
+                              fix="write name(option=value, ...) with named options only")
+        options = {}
+        for keyword in element.keywords:
+            try:
+                options[keyword.arg] = ast.literal_eval(keyword.value)
+            except ValueError:
+                raise OptionError(f"option {keyword.arg} of {element.func.id} is not a literal: "
+                                  f"{ast.unparse(keyword.value)}", where=spec,
+                                  fix="use numbers, strings, booleans, tuples or lists (quote strings)") from None
+        parsed.append((element.func.id, options))
+    if not parsed:
+        raise OptionError("the pipeline spec names no pass", where=repr(spec), fix="e.g. 'fold_batchnorm'")
+    return parsed
+
+
+def _human(value: sympy.Expr) -> str:
+    if not value.is_Number:
+        return str(value)
+    number = float(value)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(number) >= scale:
+            return f"{number / scale:.3g}{unit}"
+    return f"{number:.4g}"
+
+
+@dataclass
+class RewriteCost:
+    """A rewrite with its cost before (replaced nodes) and after (added nodes)."""
+
+    rewrite: Rewrite
+    replaced: list[str]
+    added: list[str]
+    before: NodeCost
+    after: NodeCost
+
+
+@dataclass
+class StepReport:
+    pass_: Pass
+    rewrites: list[RewriteCost]
+    skipped: list[Skipped]
+    cost_before: GraphCost
+    cost_after: GraphCost
+    certificate: Certificate
+
+
+@dataclass
+class RewriteReport:
+    """What a pipeline did: per pass, one line per rewrite, what it skipped and why, and the totals."""
+
+    steps: list[StepReport] = field(default_factory=list)
+    at: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def before(self) -> GraphCost:
+        return self.steps[0].cost_before
+
+    @property
+    def after(self) -> GraphCost:
+        return self.steps[-1].cost_after
+
+    @property
+    def certificate(self) -> Certificate:
+        return certify(self.before, self.after)
+
+    def _value(self, cost: GraphCost, metric: str) -> sympy.Expr:
+        return sympy.sympify(getattr(cost.at(**self.at), metric))
+
+    def lines(self) -> list[str]:
+        where = ", ".join(f"{k}={v}" for k, v in self.at.items())
+        lines = []
+        for step in self.steps:
+            head = f"{step.pass_!r}: {len(step.rewrites)} rewrite(s), {len(step.skipped)} left alone"
+            if not step.rewrites and not step.skipped:
+                head += " (nothing to rewrite)"
+            lines.append(head + f"  [{step.pass_.contract}]")
+            values = {step.cost_before.symbols[k]: v for k, v in self.at.items() if k in step.cost_before.symbols}
+            for item in step.rewrites:
+                flops_before = _human(sympy.sympify(item.before.flops).subs(values))
+                flops_after = _human(sympy.sympify(item.after.flops).subs(values))
+                other_before = _human(sympy.sympify(item.before.other).subs(values))
+                other_after = _human(sympy.sympify(item.after.other).subs(values))
+                target = " + ".join(item.added) if item.added else "(removed)"
+                lines.append(f"  {' + '.join(item.replaced)} -> {target}: {item.rewrite.what}; "
+                             f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}")
+            for skipped in step.skipped:
+                lines.append(f"  left alone {skipped.node}: {skipped.reason}")
+            flops_b, flops_a = self._value(step.cost_before, "flops"), self._value(step.cost_after, "flops")
+            lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {_human(flops_b)} -> {_human(flops_a)}"
+                         f"{_percent(flops_b, flops_a)}; {step.certificate}")
+        if self.steps:
+            b, a = self._value(self.before, "flops"), self._value(self.after, "flops")
+            params_b, params_a = self._value(self.before, "params"), self._value(self.after, "params")
+            lines.append(f"pipeline: FLOPs {_human(b)} -> {_human(a)}{_percent(b, a)}, params {_human(params_b)} -> "
+                         f"{_human(params_a)}; symbolic FLOPs after: {_shorten(self.after.flops)}")
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _percent(before: sympy.Expr, after: sympy.Expr) -> str:
+    if before.is_Number and after.is_Number and before != 0:
+        return f" ({100 * float((after - before) / before):+.2f}%)"
+    return ""
+
+
+def _shorten(expr: sympy.Expr, limit: int = 160) -> str:
+    text = str(expr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class PipelineResult:
+    graph_module: fx.GraphModule
+    report: RewriteReport
+
+
+def _instantiate(item: Pass | str | type) -> list[Pass]:
+    if isinstance(item, Pass):
+        return [item]
+    if isinstance(item, type) and issubclass(item, Pass):
+        return [item()]
+    if isinstance(item, str):
+        return [get_pass(name)(**options) for name, options in parse_spec(item)]
+    raise PassError(f"a pipeline takes passes, pass classes or spec strings, got {type(item).__name__}",
+                    where="Pipeline([...])")
+
+
+class Pipeline:
+    """An ordered composition of passes, checked for order on construction."""
+
+    def __init__(self, passes: Sequence[Pass | str | type] | str, *, seed: int = 0):
+        items = [passes] if isinstance(passes, str) else list(passes)
+        self.passes: list[Pass] = [p for item in items for p in _instantiate(item)]
+        self.seed = seed
+        self.check_order()
+
+    @classmethod
+    def from_spec(cls, spec: str, *, seed: int = 0) -> "Pipeline":
+        return cls(spec, seed=seed)
+
+    @property
+    def spec(self) -> str:
+        return ",".join(repr(p) for p in self.passes)
+
+    @property
+    def exports(self) -> bool:
+        return all(p.exports for p in self.passes)
+
+    def check_order(self) -> None:
+        """Every pass's ``needs`` must hold when it runs: no earlier pass may have invalidated them."""
+        properties = set(INITIAL_PROPERTIES)
+        broken_by: dict[str, str] = {}
+        for index, p in enumerate(self.passes):
+            missing = set(p.needs) - properties
+            if missing:
+                prop = sorted(missing)[0]
+                culprit = broken_by.get(prop)
+                raise PassError(
+                    f"pass {p.name} needs the graph's {prop}, which "
+                    + (f"the earlier pass {culprit} removes" if culprit else "no earlier pass provides"),
+                    where=f"position {index + 1} of the pipeline",
+                    fix=f"run {p.name} before {culprit}" if culprit else f"add a pass that provides {prop}")
+            for prop in p.invalidates:
+                broken_by[prop] = p.name
+            properties = (properties - set(p.invalidates)) | set(p.provides)
+
+    def __call__(self, gm: fx.GraphModule) -> PipelineResult:
+        info = graph_info(gm)
+        report = RewriteReport(at={name: info.spec.hint(name) for name in info.symbolic})
+        current = gm
+        for p in self.passes:
+            cost_before = graph_cost(current)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                try:
+                    outcome = p.run(current)
+                except FxReduceError:
+                    raise
+                except Exception as error:
+                    raise PassError(f"pass {p.name} failed: {type(error).__name__}: {error}",
+                                    where=f"pass {p.name}", fix="please report this with the model") from error
+            result = outcome.graph_module
+            if outcome.modified:
+                try:
+                    propagate(result, info.spec, method=info.method, source=info.source)
+                except FxReduceError as error:
+                    raise PassError(f"pass {p.name} produced a graph that no longer runs: {error}",
+                                    where=f"pass {p.name}", fix="please report this with the model") from error
+            cost_after = graph_cost(result)
+            rewrites = [RewriteCost(r, _describe(current, r.replaced), _describe(result, r.added),
+                                    _sum_costs(current, r.replaced), _sum_costs(result, r.added))
+                        for r in outcome.rewrites]
+            report.steps.append(StepReport(p, rewrites, outcome.skipped, cost_before, cost_after,
+                                           certify(cost_before, cost_after)))
+            current = result
+        return PipelineResult(current, report)
+
+
+def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {node.name: node for node in gm.graph.nodes}
+
+
+def _describe(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    nodes = _nodes(gm)
+    described = []
+    for name in names:
+        node = nodes.get(name)
+        if node is None:
+            described.append(name)
+        elif node.op == "call_module":
+            described.append(f"{name} ({type(gm.get_submodule(node.target)).__name__})")
+        else:
+            target = getattr(node.target, "__name__", str(node.target))
+            described.append(f"{name} ({target})")
+    return described
+
+
+def _sum_costs(gm: fx.GraphModule, names: list[str]) -> NodeCost:
+    nodes, total = _nodes(gm), NodeCost()
+    for name in names:
+        node = nodes.get(name)
+        if node is not None and META_KEY in node.meta:
+            total = total + node.meta[META_KEY].cost
+    return total
+
+
+def apply(gm: fx.GraphModule, pipeline: Pipeline | str | Sequence[Pass | str], *, seed: int = 0) -> PipelineResult:
+    """Run a pipeline (or a spec string) on a traced GraphModule; ``gm`` itself is not changed."""
+    if not isinstance(pipeline, Pipeline):
+        pipeline = Pipeline(pipeline, seed=seed)
+    return pipeline(gm)
