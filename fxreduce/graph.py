@@ -224,12 +224,15 @@ def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, 
     reuse = (layer.dialect == "module" and name is None
              and sum(n.op == "call_module" and n.target == layer.node.target for n in gm.graph.nodes) == 1)
     target = layer.node.target if reuse else unique_name(gm, name or f"{layer.name}_{pass_name}")
+    if not reuse:
+        gm.add_submodule(target, module)
     with gm.graph.inserting_before(layer.node):
         new = gm.graph.call_module(target, args if args is not None else (layer.input,))
     new.meta[REWRITTEN_BY] = pass_name
     layer.result.replace_all_uses_with(new)
     _erase(gm, layer)
-    gm.add_submodule(target, module)
+    if reuse:
+        gm.add_submodule(target, module)
     return new
 
 

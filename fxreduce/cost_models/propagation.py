@@ -156,14 +156,28 @@ def _shape_of(value: Any) -> tuple[Any, Any]:
     return None, type(value).__name__
 
 
+def _hinted_inputs(spec: InputSpec, wanted: Mapping[tuple[int, int], str]) -> list[Any]:
+    """Example inputs whose symbolic axes are at least 2 long: torch's ShapeEnv specialises 0 and 1,
+    and a fake run needs shapes, not values."""
+    inputs = []
+    for index, value in enumerate(spec.example_inputs):
+        if isinstance(value, torch.Tensor):
+            hinted = [max(size, 2) if (index, axis) in wanted else size for axis, size in enumerate(value.shape)]
+            if hinted != list(value.shape):
+                value = value.new_zeros(hinted)
+        inputs.append(value)
+    return inputs
+
+
 def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], training: bool) -> _Run:
     shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
     wanted = {spec.dims[name]: name for name in dynamic}
     raw_symbol: dict[str, sympy.Expr] = {}
     fakes = []
+    inputs = _hinted_inputs(spec, wanted)
     with mode:
-        for index, value in enumerate(spec.example_inputs):
+        for index, value in enumerate(inputs):
             if not isinstance(value, torch.Tensor):
                 fakes.append(value)
                 continue
@@ -199,7 +213,8 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
             return out
 
     was_training = gm.training
-    gm.train(training)
+    if training:
+        set_mode(gm, True)
     try:
         with mode, counter, _reparametrize_module(gm, state):
             output = Recorder(gm).run(*fakes)
@@ -212,7 +227,7 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
                     loss = sum(o.float().sum() for o in outputs)
                     torch.autograd.grad(loss, leaves, allow_unused=True)
     finally:
-        gm.train(was_training)
+        set_mode(gm, was_training)
 
     to_user: dict[sympy.Symbol, sympy.Expr] = {}
     symbolic, specialised, fixed, constraints = [], {}, {}, {}
@@ -238,6 +253,14 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
     symbolic = [n for n in symbolic if n not in specialised]
     return _Run(raw_meta, counter.counts, to_user, tuple(symbolic), specialised, fixed, constraints,
                 declared_inputs, shape_env)
+
+
+def set_mode(gm: fx.GraphModule, training: bool) -> None:
+    """Switch train/eval where the graph allows it (torch.export graphs bake their mode in)."""
+    try:
+        gm.train(training)
+    except NotImplementedError:
+        pass
 
 
 class _NodeFailure(Exception):

@@ -15,9 +15,11 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..cost_models.propagation import set_mode
 from ..errors import OptionError, PassNotFoundError
 
 
@@ -110,9 +112,49 @@ class Pass(PassBase):
             copied.recompile()
         return outcome
 
+    def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
+        """Check this pass's contract on one input; None if it holds, else what broke.
+
+        The default checks an exact contract: eval-mode outputs equal within the contract's tolerance.
+        Passes with a bounded or reference contract override this.
+        """
+        return compare_outputs(run_eval(before, inputs), run_eval(after, inputs), self.contract.tolerance)
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         outcome = self.run(graph_module)
         return PassResult(outcome.graph_module, outcome.modified)
+
+
+def run_eval(gm: torch.nn.Module, inputs: tuple) -> object:
+    """Outputs of ``gm`` in eval mode without gradients; the module's mode is restored afterwards."""
+    was_training = gm.training
+    set_mode(gm, False)
+    try:
+        with torch.no_grad():
+            return gm(*inputs)
+    finally:
+        set_mode(gm, was_training)
+
+
+def compare_outputs(expected: object, actual: object, tolerance: float) -> str | None:
+    """None if every tensor of ``actual`` equals ``expected`` within a relative ``tolerance``."""
+    expected_leaves = torch.utils._pytree.tree_leaves(expected)
+    actual_leaves = torch.utils._pytree.tree_leaves(actual)
+    if len(expected_leaves) != len(actual_leaves):
+        return f"output structure changed: {len(expected_leaves)} leaves before, {len(actual_leaves)} after"
+    for index, (e, a) in enumerate(zip(expected_leaves, actual_leaves)):
+        if not isinstance(e, torch.Tensor):
+            if e != a:
+                return f"output {index} changed: {e!r} -> {a!r}"
+            continue
+        if e.shape != a.shape:
+            return f"output {index} shape changed: {tuple(e.shape)} -> {tuple(a.shape)}"
+        scale = e.abs().max().item() if e.numel() else 0.0
+        error = (e.double() - a.double()).abs().max().item() if e.numel() else 0.0
+        if not error <= tolerance * max(scale, 1.0):
+            return f"output {index} differs by {error:.3g} (allowed {tolerance:g} x max(|output|, 1) = " \
+                   f"{tolerance * max(scale, 1.0):.3g})"
+    return None
 
 
 REGISTRY: dict[str, type[Pass]] = {}

@@ -6,11 +6,14 @@ that still normalises by batch statistics, or removing a dropout that still drop
 
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
 from ..graph import Layer, bypass, find_chains, find_layers, replace_layer
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, register
+from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 EVAL_EXACT = Contract("exact", "outputs equal the original's in eval mode (float tolerance)")
 
@@ -54,16 +57,28 @@ def _why_not_foldable(layer: Layer, batchnorm: Layer) -> str | None:
     return None
 
 
+@dataclass
+class LayerSelection:
+    layers: str = option("*", "glob over layer names (module paths or node names) to rewrite, e.g. 'layer1.*'",
+                         check=("a non-empty glob", lambda value: bool(value.strip())))
+
+    def selects(self, layer: Layer) -> bool:
+        return fnmatch.fnmatchcase(layer.name, self.layers) or fnmatch.fnmatchcase(layer.node.name, self.layers)
+
+
 @register
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
     summary = "fold eval-mode BatchNorm into the preceding Conv2d / Linear (one GEMM instead of GEMM + scale)"
     contract = EVAL_EXACT
+    Options = LayerSelection
     invalidates = frozenset({"batchnorm"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         chains = find_chains(gm, ("conv2d", "batchnorm")) + find_chains(gm, ("linear", "batchnorm"))
         for layer, batchnorm in sorted(chains, key=lambda chain: chain[0].node.name):
+            if not self.options.selects(batchnorm):
+                continue
             reason = _why_not_foldable(layer, batchnorm)
             if reason:
                 outcome.skipped.append(Skipped(batchnorm.name, reason))
@@ -80,10 +95,13 @@ class RemoveDropout(Pass):
     name = "remove_dropout"
     summary = "remove eval-mode Dropout (the identity) from the graph"
     contract = EVAL_EXACT
+    Options = LayerSelection
     invalidates = frozenset({"dropout"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         for layer in find_layers(gm, ["dropout"]):
+            if not self.options.selects(layer):
+                continue
             if layer.attrs["training"] and layer.attrs["p"] > 0:
                 outcome.skipped.append(Skipped(layer.name, "dropout in training mode is not the identity; "
                                                            "call model.eval() before tracing"))

@@ -1,0 +1,11 @@
+"""Test-wide settings: a quick hypothesis profile by default (HYPOTHESIS_PROFILE=thorough for more)."""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(2)

@@ -1,0 +1,135 @@
+"""Tracing: symbolic shapes in the user's dims, fallbacks, the export path, and clear errors."""
+
+import copy
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+
+import fxreduce as fr
+from fxreduce.cost_models import graph_info
+from fxreduce.errors import InputError, TraceError
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class NeedsConcreteSize(torch.nn.Module):
+    """Control flow on a size: symbolic tracing cannot capture it."""
+
+    def forward(self, x):
+        if x.shape[0] > 3:
+            return x * 2
+        return x + 1
+
+
+def shape_of(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name).meta["fxreduce"].shape
+
+
+def test_shapes_are_sympy_in_named_dims():
+    gm = fr.trace(SmallCNN().eval(), (torch.randn(2, 3, 16, 20),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    N, H, W = (sympy.Symbol(s, integer=True, positive=True) for s in "NHW")
+    conv_shape = shape_of(gm, "conv")
+    assert conv_shape[0] == N and conv_shape[1] == 8
+    assert conv_shape[2].subs(H, 16) == 8 and conv_shape[2].subs(H, 15) == 8
+    assert conv_shape[3].free_symbols == {W}
+    assert shape_of(gm, "head") == (N, 5)
+    assert graph_info(gm).symbolic == ("N", "H", "W")
+
+
+def test_equal_example_sizes_stay_distinct_dims():
+    gm = fr.trace(SmallCNN().eval(), (torch.randn(2, 3, 16, 16),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    assert {s.name for s in shape_of(gm, "conv")[2].free_symbols} == {"H"}
+    assert {s.name for s in shape_of(gm, "conv")[3].free_symbols} == {"W"}
+
+
+def test_user_model_is_never_mutated():
+    model = SmallCNN().train()
+    before = copy.deepcopy(model.state_dict())
+    gm = fr.trace(model, (torch.randn(2, 3, 8, 8),), {"N": (0, 0)})
+    result = fr.apply(gm, "fold_batchnorm,eliminate_dead_code")
+    with torch.no_grad():
+        for p in result.graph_module.parameters():
+            p.add_(1.0)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_size_one_example_is_kept_symbolic():
+    gm = fr.trace(SmallCNN().eval(), (torch.randn(1, 3, 8, 8),), {"N": (0, 0)})
+    assert graph_info(gm).symbolic == ("N",)
+
+
+def test_model_fixed_dims_are_specialised_and_named():
+    class FixedSize(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            torch._assert(x.shape[2] == 8, "8 x 8 images only")
+            torch._assert(x.shape[3] == 8, "8 x 8 images only")
+            return self.fc(x.reshape(x.shape[0], 3 * 8 * 8))
+
+    gm = fr.trace(FixedSize(), (torch.randn(2, 3, 8, 8),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    info = graph_info(gm)
+    assert info.symbolic == ("N",)
+    assert "fixed by the model to 8" in info.specialised["H"]
+    cost = fr.cost(gm)
+    assert cost.at(N=1, H=8).flops == 2 * 3 * 8 * 8 * 4
+    with pytest.raises(fr.FxReduceError, match="H"):
+        cost.at(H=16)
+
+
+def test_export_fallback_for_untraceable_model():
+    gm = fr.trace(NeedsConcreteSize(), (torch.randn(5, 3),))
+    assert graph_info(gm).method == "torch.export"
+    x = torch.randn(5, 3)
+    assert torch.equal(gm(x), x * 2)
+
+
+def test_untraceable_model_names_source_line():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x.nonzero()
+            return x
+
+    with pytest.raises(TraceError) as error:
+        fr.trace(DataDependent(), (torch.randn(4),), method="fx")
+    assert "test_tracing.py" in str(error.value) and "leaf" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "model, inputs, dynamic, match",
+    [
+        (SmallCNN, (torch.randn(2, 3, 8, 8),), None, "torch.nn.Module"),
+        (SmallCNN(), (torch.randn(2, 5, 8, 8),), None, "does not run on example inputs"),
+        (SmallCNN(), (torch.randn(2, 3, 8, 8),), {"N": (1, 0)}, "input 1"),
+        (SmallCNN(), (torch.randn(2, 3, 8, 8),), {"N": (0, 7)}, "axis 7"),
+        (SmallCNN(), "not a tensor", None, "example_inputs"),
+    ],
+)
+def test_bad_input_raises_clear_error(model, inputs, dynamic, match):
+    with pytest.raises(InputError, match=match):
+        fr.trace(model, inputs, dynamic)
+
+
+def test_propagation_over_time_limit_falls_back_to_concrete_sizes():
+    gm = fr.trace(SmallCNN().eval(), (torch.randn(2, 3, 8, 8),), {"N": (0, 0), "H": (0, 2)}, time_limit=1e-6)
+    info = graph_info(gm)
+    assert info.symbolic == ()
+    assert "did not finish" in info.specialised["N"] and "concrete 8" in info.specialised["H"]
+    assert fr.cost(gm).flops == fr.cost(fr.trace(SmallCNN().eval(), (torch.randn(2, 3, 8, 8),))).flops
