@@ -10,6 +10,7 @@ traffic model: each computing node reads its tensor inputs once and writes its o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Iterable, Mapping
 
 import sympy
@@ -96,12 +97,25 @@ class GraphCost:
     constraints: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
     training: bool = False
 
-    @property
+    @cached_property
     def total(self) -> NodeCost:
-        result = NodeCost()
-        for node_cost in self.nodes.values():
-            result = result + node_cost
-        return result
+        """All nodes summed; each field is one sympy Add (adding pairwise would be quadratic)."""
+        costs = list(self.nodes.values())
+
+        def add(field_name: str) -> sympy.Expr:
+            return sympy.Add(*(getattr(c, field_name) for c in costs))
+
+        def add_by_dtype(field_name: str) -> dict[str, sympy.Expr]:
+            terms: dict[str, list[sympy.Expr]] = {}
+            for c in costs:
+                for dtype, value in getattr(c, field_name).items():
+                    terms.setdefault(dtype, []).append(value)
+            return {dtype: sympy.Add(*values) for dtype, values in terms.items()}
+
+        return NodeCost(macs=add_by_dtype("macs"), other=add("other"), params=add("params"),
+                        param_bytes=add("param_bytes"), bytes_read=add("bytes_read"),
+                        bytes_written=add("bytes_written"), backward_macs=add_by_dtype("backward_macs"),
+                        backward_other=add("backward_other"))
 
     @property
     def macs(self) -> sympy.Expr:
