@@ -50,7 +50,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
 
 @dataclass
 class Layer:
-    """One layer of the graph, in whatever form: kind, node, input, constant weights, attributes.
+    """One layer of the graph, in whatever form: kind, node, constant weights, attributes.
 
     ``weight``/``bias`` are the tensors when they are constants of the graph (parameters), else None.
     ``attrs`` holds the layer's settings: stride/padding/dilation/groups (conv2d), eps/momentum and
@@ -61,13 +61,17 @@ class Layer:
     kind: str
     node: fx.Node
     dialect: str
-    input: fx.Node
     name: str
     module: torch.nn.Module | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     output: fx.Node | None = None
+
+    @property
+    def input(self) -> fx.Node:
+        """The layer's input, read live from the graph (earlier rewrites may have rewired it)."""
+        return self.node.args[0]
 
     @property
     def result(self) -> fx.Node:
@@ -105,7 +109,7 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _module_layer(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, kind: str) -> Layer:
-    layer = Layer(kind, node, "module", node.args[0], node.target, module=module,
+    layer = Layer(kind, node, "module", node.target, module=module,
                   weight=getattr(module, "weight", None), bias=getattr(module, "bias", None))
     if kind == "conv2d":
         layer.attrs = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
@@ -125,10 +129,10 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | Non
     dialect = "aten" if isinstance(target, torch._ops.OpOverload) else "function"
     name = node.name
     if kind == "linear":
-        return Layer(kind, node, dialect, node.args[0], name, weight=_const(gm, _arg(node, 1, "weight")),
+        return Layer(kind, node, dialect, name, weight=_const(gm, _arg(node, 1, "weight")),
                      bias=_const(gm, _arg(node, 2, "bias")))
     if kind == "conv2d":
-        return Layer(kind, node, dialect, node.args[0], name, weight=_const(gm, _arg(node, 1, "weight")),
+        return Layer(kind, node, dialect, name, weight=_const(gm, _arg(node, 1, "weight")),
                      bias=_const(gm, _arg(node, 2, "bias")),
                      attrs=dict(stride=_pair(_arg(node, 3, "stride", 1)), padding=_pair(_arg(node, 4, "padding", 0)),
                                 dilation=_pair(_arg(node, 5, "dilation", 1)), groups=_arg(node, 6, "groups", 1),
@@ -136,16 +140,15 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | Non
     if kind == "dropout":
         default_training = dialect == "function"
         training = _arg(node, 2, "training" if dialect == "function" else "train", default_training)
-        return Layer(kind, node, dialect, node.args[0], name,
+        return Layer(kind, node, dialect, name,
                      attrs=dict(p=_arg(node, 1, "p", 0.5), training=bool(training)))
     if kind == "batchnorm":
         if target is aten._native_batch_norm_legit_no_training.default:
             users = list(node.users)
-            if not (len(users) >= 1 and all(u.target is operator.getitem and u.args[1] == 0 for u in users)
-                    and len(users) == 1):
+            if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
                 return None
             weight, bias, mean, var = (_const(gm, a) for a in node.args[1:5])
-            return Layer(kind, node, dialect, node.args[0], name, weight=weight, bias=bias, output=users[0],
+            return Layer(kind, node, dialect, name, weight=weight, bias=bias, output=users[0],
                          attrs=dict(eps=node.args[6], running_mean=mean, running_var=var, training=False))
         if target is aten.batch_norm.default:
             weight, bias, mean, var = (_const(gm, a) for a in node.args[1:5])
@@ -154,10 +157,10 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | Non
             mean, var = _const(gm, _arg(node, 1, "running_mean")), _const(gm, _arg(node, 2, "running_var"))
             weight, bias = _const(gm, _arg(node, 3, "weight")), _const(gm, _arg(node, 4, "bias"))
             training, eps = _arg(node, 5, "training", False), _arg(node, 7, "eps", 1e-5)
-        return Layer(kind, node, dialect, node.args[0], name, weight=weight, bias=bias,
+        return Layer(kind, node, dialect, name, weight=weight, bias=bias,
                      attrs=dict(eps=eps, running_mean=mean, running_var=var, training=bool(training) or mean is None))
     if kind == "lstm":
-        return Layer(kind, node, dialect, node.args[0], name, attrs=dict(training=bool(node.args[7])))
+        return Layer(kind, node, dialect, name, attrs=dict(training=bool(node.args[7])))
     return None
 
 
@@ -215,8 +218,8 @@ def unique_name(gm: fx.GraphModule, base: str) -> str:
 
 
 def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, pass_name: str,
-                  name: str | None = None, args: tuple | None = None) -> fx.Node:
-    """Swap ``layer`` for a call of ``module`` on the layer's input (or ``args``); returns the new node.
+                  name: str | None = None, args: tuple | None = None, kwargs: dict | None = None) -> fx.Node:
+    """Swap ``layer`` for a call of ``module`` on the layer's input (or ``args``/``kwargs``); returns the new node.
 
     A module layer called from one place keeps its submodule name; otherwise the new submodule gets
     ``name`` or a name derived from the layer's.
@@ -227,7 +230,7 @@ def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, 
     if not reuse:
         gm.add_submodule(target, module)
     with gm.graph.inserting_before(layer.node):
-        new = gm.graph.call_module(target, args if args is not None else (layer.input,))
+        new = gm.graph.call_module(target, args if args is not None else (layer.input,), kwargs)
     new.meta[REWRITTEN_BY] = pass_name
     layer.result.replace_all_uses_with(new)
     _erase(gm, layer)
@@ -277,11 +280,14 @@ def region_between(gm: fx.GraphModule, source: fx.Node, sink: fx.Node) -> set[st
 
 
 def dominators(gm: fx.GraphModule) -> dict[str, str]:
-    """Immediate dominator of every node reachable from the inputs (the virtual root is "<inputs>")."""
+    """Immediate dominator of every node the inputs reach (the virtual root is "<inputs>").
+
+    Only data flow from the inputs counts: parameters and constants are not paths around a node.
+    """
     graph = to_networkx(gm)
     root = "<inputs>"
     graph.add_node(root)
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "placeholder":
             graph.add_edge(root, node.name)
     return {k: v for k, v in nx.immediate_dominators(graph, root).items() if k != root}
