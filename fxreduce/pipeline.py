@@ -213,31 +213,36 @@ class Pipeline:
         report = RewriteReport(at={name: info.spec.hint(name) for name in info.symbolic})
         current = gm
         for p in self.passes:
-            cost_before = graph_cost(current)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                try:
-                    outcome = p.run(current)
-                except FxReduceError:
-                    raise
-                except Exception as error:
-                    raise PassError(f"pass {p.name} failed: {type(error).__name__}: {error}",
-                                    where=f"pass {p.name}", fix="please report this with the model") from error
-            result = outcome.graph_module
-            if outcome.modified:
-                try:
-                    propagate(result, info.spec, method=info.method, source=info.source)
-                except FxReduceError as error:
-                    raise PassError(f"pass {p.name} produced a graph that no longer runs: {error}",
-                                    where=f"pass {p.name}", fix="please report this with the model") from error
-            cost_after = graph_cost(result)
-            rewrites = [RewriteCost(r, _describe(current, r.replaced), _describe(result, r.added),
-                                    _sum_costs(current, r.replaced), _sum_costs(result, r.added))
-                        for r in outcome.rewrites]
-            report.steps.append(StepReport(p, rewrites, outcome.skipped, cost_before, cost_after,
-                                           certify(cost_before, cost_after)))
-            current = result
+            current, step = self.run_step(p, current)
+            report.steps.append(step)
         return PipelineResult(current, report)
+
+    def run_step(self, p: Pass, gm: fx.GraphModule) -> tuple[fx.GraphModule, StepReport]:
+        """One pass of this pipeline on ``gm``: rewrite, re-propagate, cost and certify."""
+        info = graph_info(gm)
+        cost_before = graph_cost(gm)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            try:
+                outcome = p.run(gm)
+            except FxReduceError:
+                raise
+            except Exception as error:
+                raise PassError(f"pass {p.name} failed: {type(error).__name__}: {error}",
+                                where=f"pass {p.name}", fix="please report this with the model") from error
+        result = outcome.graph_module
+        if outcome.modified:
+            try:
+                propagate(result, info.spec, method=info.method, source=info.source)
+            except FxReduceError as error:
+                raise PassError(f"pass {p.name} produced a graph that no longer runs: {error}",
+                                where=f"pass {p.name}", fix="please report this with the model") from error
+        cost_after = graph_cost(result)
+        rewrites = [RewriteCost(r, _describe(gm, r.replaced), _describe(result, r.added),
+                                _sum_costs(gm, r.replaced), _sum_costs(result, r.added))
+                    for r in outcome.rewrites]
+        return result, StepReport(p, rewrites, outcome.skipped, cost_before, cost_after,
+                                  certify(cost_before, cost_after))
 
 
 def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:

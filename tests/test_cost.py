@@ -100,3 +100,11 @@ def test_cost_of_rewritten_graph_is_certified_in_report():
     report = fr.apply(gm, "fold_batchnorm").report
     assert report.certificate.proven
     assert report.before.other != report.after.other
+
+
+def test_floor_shapes_are_proven_under_the_non_empty_assumption():
+    gm = fr.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.BatchNorm2d(4)).eval(),
+                  (torch.randn(2, 3, 9, 9),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    result = fr.apply(gm, "fold_batchnorm")
+    other = certify(fr.cost(gm), fr.cost(result.graph_module), metric="other")
+    assert other.proven and other.assumption and "non-empty" in str(other)

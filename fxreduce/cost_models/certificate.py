@@ -33,6 +33,7 @@ class Certificate:
     condition: sympy.Basic | None = None
     grid_points: int = 0
     counterexamples: tuple[dict[str, int], ...] = field(default_factory=tuple)
+    assumption: str | None = None
 
     @property
     def reduction(self) -> sympy.Expr:
@@ -50,7 +51,8 @@ class Certificate:
 
     def __str__(self) -> str:
         if self.status == "proven":
-            return f"proven: {self.metric} after <= before for all admissible dims (saves {self.reduction})"
+            assuming = f", assuming {self.assumption}" if self.assumption else ""
+            return f"proven: {self.metric} after <= before for all admissible dims{assuming} (saves {self.reduction})"
         if self.status == "break_even":
             return f"break-even: {self.metric} after <= before iff {self.condition}"
         found = f"; counterexamples e.g. {self.counterexamples[0]}" if self.counterexamples else ""
@@ -68,6 +70,28 @@ def _nonnegative_polynomial(expr: sympy.Expr, lower: Mapping[sympy.Symbol, int])
     shifts = {s: sympy.Dummy(f"t_{s.name}", nonnegative=True) for s in expr.free_symbols}
     shifted = sympy.expand(expr.xreplace({s: lower.get(s, 1) + t for s, t in shifts.items()}))
     return all(c >= 0 for c in sympy.Poly(shifted, *shifts.values()).coeffs())
+
+
+FLOOR_ASSUMPTION = "every feature map is non-empty, so each floor term of a shape is >= 0"
+
+
+def _nonnegative_with_floors(expr: sympy.Expr, lower: Mapping[sympy.Symbol, int]) -> bool:
+    """Proof for sums of shape products: a floor(...) term in a shape (out = floor(x) + 1 >= 1) is >= 0
+    for admissible dims, so treat each as a fresh non-negative variable and check the polynomial."""
+    floors = expr.atoms(sympy.floor)
+    if not floors:
+        return False
+    stand_ins = {f: sympy.Dummy(f"f{i}", nonnegative=True) for i, f in enumerate(floors)}
+    replaced = sympy.expand(expr.xreplace(stand_ins))
+    dims = replaced.free_symbols - set(stand_ins.values())
+    if not replaced.is_polynomial(*replaced.free_symbols):
+        return False
+    shifts = {s: lower.get(s, 1) + sympy.Dummy(f"t_{s.name}", nonnegative=True) for s in dims}
+    shifted = sympy.expand(replaced.xreplace(shifts))
+    variables = list(shifted.free_symbols)
+    if not variables:
+        return bool(shifted >= 0)
+    return all(c >= 0 for c in sympy.Poly(shifted, *variables).coeffs())
 
 
 def certify(before: Costish, after: Costish, *, metric: str = "flops",
@@ -88,6 +112,8 @@ def certify(before: Costish, after: Costish, *, metric: str = "flops",
                            counterexamples=() if status == "proven" else ({},))
     if difference.is_polynomial(*symbols) and _nonnegative_polynomial(difference, lower):
         return Certificate("proven", metric, b, a)
+    if _nonnegative_with_floors(difference, lower):
+        return Certificate("proven", metric, b, a, assumption=FLOOR_ASSUMPTION)
     grid, counterexamples = _grid_check(difference, symbols, constraints)
     if difference.is_polynomial(*symbols):
         if len(symbols) == 1:

@@ -96,7 +96,7 @@ def check_contract(pass_: Pass | Pipeline | str | Sequence[Pass | str], model: t
     checks = []
     current = gm
     for p in pipeline.passes:
-        after = Pipeline([p], seed=pipeline.seed)(current).graph_module
+        after, _ = pipeline.run_step(p, current)
         check = PassCheck(p)
         for sample in samples:
             failure = p.check(current, after, sample)
