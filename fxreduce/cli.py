@@ -1,0 +1,395 @@
+"""The ``fxreduce`` command: list passes, cost a model, rewrite and save it, inspect, verify, demo.
+
+Every subcommand takes models by reference (fxreduce.models) and input shapes as text, so a shell line
+says everything a run depends on. Errors a user can cause print one line, ``fxreduce: error: ...``, and
+exit with status 2; anything else is a bug in fxreduce and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from . import __version__
+from .cost_models import GraphCost, certify, graph_cost, graph_info
+from .errors import FxReduceError, UnsupportedError
+from .inspection import inspect
+from .models import InputShape, default_example_size, load_model, parse_input_shape
+from .passes import REGISTRY
+from .pipeline import Pipeline, RewriteReport
+from .serialization import Loaded, Manifest, build, export, load, load_export, save
+from .testing.contracts import check_contract
+from .tracing import trace
+
+DEMO_PIPELINE = "fold_batchnorm,remove_dropout,eliminate_dead_code"
+DEFAULT_SHAPE = "N,3,H,W"
+_EXPORT_SUFFIXES = (".pt2",)
+_SAVE_SUFFIXES = (".pt", ".pth")
+_SAVED = "(the saved model's original)"
+
+
+class UsageError(FxReduceError):
+    """The command line itself is wrong (unknown flag, missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is an FxReduceError: one line and exit 2, like every other user error."""
+
+    def error(self, message: str):
+        raise UsageError(message, fix=f"see `{self.prog} --help`")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _value(expr: Any) -> int | float | str:
+    """A number for JSON: int when exact, float otherwise, the formula when dims are left symbolic."""
+    expr = sympy.sympify(expr)
+    if expr.is_Integer:
+        return int(expr)
+    return float(expr) if expr.is_Number else str(expr)
+
+
+def _number(expr: Any) -> str:
+    value = _value(expr)
+    if isinstance(value, str):
+        return value
+    text = f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{text} ({value / scale:.3g} {unit})"
+    return text
+
+
+def _shape(gm: fx.GraphModule) -> InputShape:
+    """The example inputs and named dims a traced graph was built on."""
+    spec = graph_info(gm).spec
+    return InputShape.of(tuple(spec.example_inputs), dict(spec.dims))
+
+
+def _point(gm: fx.GraphModule, text: str | None) -> dict[str, int]:
+    """Where to evaluate costs: --at, else batch dims at 1 and the rest at their example size.
+
+    A dim the model fixed to one value is left out unless given explicitly (then the cost model checks it).
+    """
+    values = _shape(gm).parse_at(text)
+    given = {item.partition("=")[0].strip() for item in (text or "").split(",") if item.strip()}
+    return {name: value for name, value in values.items() if name in graph_info(gm).symbolic or name in given}
+
+
+def _traced(ref: str, shape_text: str, seed: int = 0, *, allow_path: bool = True) -> fx.GraphModule:
+    model = load_model(ref, seed=seed, allow_path=allow_path)
+    shape = parse_input_shape(shape_text, default_size=default_example_size(ref), seed=seed)
+    return trace(model, shape.inputs, shape.dims)
+
+
+_TOTALS = (("flops", "FLOPs (2 x MACs)"), ("other_ops", "other ops"), ("params", "params"),
+           ("param_bytes", "param bytes"), ("bytes_read", "bytes read"), ("bytes_written", "bytes written"))
+
+
+def _cost_document(ref: str, gm: fx.GraphModule, cost: GraphCost, point: dict[str, int]) -> dict[str, Any]:
+    at = cost.at(**point)
+    summary, values = cost.summary(), at.summary()
+    mode = "training step (forward + backward, train mode)" if cost.training else "forward (eval mode)"
+    return {
+        "model": ref, "input_shape": _shape(gm).text, "mode": mode,
+        "captured_with": graph_info(gm).method, "symbolic_dims": list(cost.symbols),
+        "specialised": dict(cost.specialised),
+        "symbolic": {**{key: str(summary[key]) for key, _ in _TOTALS},
+                     "macs_by_dtype": {k: str(v) for k, v in cost.macs_by_dtype.items()}},
+        "at": point,
+        "values": {**{key: _value(values[key]) for key, _ in _TOTALS},
+                   "macs_by_dtype": {k: _value(v) for k, v in at.macs_by_dtype.items()}},
+    }
+
+
+def _cost_lines(document: dict[str, Any]) -> list[str]:
+    dims = ", ".join(document["symbolic_dims"]) or "none"
+    label = max(len(text) for _, text in _TOTALS) + 1
+    lines = [f"{document['model']} on input {document['input_shape']}: {document['mode']}, "
+             f"captured with {document['captured_with']}", "", f"symbolic totals (in {dims})"]
+    for key, text in _TOTALS[:1]:
+        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
+    for dtype, formula in document["symbolic"]["macs_by_dtype"].items():
+        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {formula}")
+    for key, text in _TOTALS[1:]:
+        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
+    point = ", ".join(f"{k}={v}" for k, v in document["at"].items()) or "the example size"
+    lines += ["", f"at {point}"]
+    for key, text in _TOTALS[:1]:
+        lines.append(f"  {text + ':':<{label}} {_number(document['values'][key])}")
+    for dtype, value in document["values"]["macs_by_dtype"].items():
+        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {_number(value)}")
+    for key, text in _TOTALS[1:]:
+        lines.append(f"  {text + ':':<{label}} {_number(document['values'][key])}")
+    specialised = document["specialised"]
+    lines += ["", "specialised dims: " + ("; ".join(f"{k} ({v})" for k, v in specialised.items()) or "none")]
+    return lines
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    documents = []
+    for name, cls in sorted(REGISTRY.items()):
+        options = []
+        for field in dataclasses.fields(cls.Options):
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                default = None
+            check = field.metadata.get("check")
+            options.append({"name": field.name, "default": default, "help": field.metadata.get("help", ""),
+                            "range": check[0] if check else None})
+        documents.append({"name": name, "summary": cls.summary, "contract": str(cls.contract),
+                          "exports": cls.exports, "needs": sorted(cls.needs), "invalidates": sorted(cls.invalidates),
+                          "provides": sorted(cls.provides), "options": options})
+    if args.format == "json":
+        print(json.dumps(documents, indent=2, default=repr))
+        return 0
+    for document in documents:
+        print(f"{document['name']}: {document['summary']}")
+        print(f"  contract: {document['contract']}")
+        properties = "; ".join(f"{key}: {', '.join(document[key])}" for key in ("needs", "invalidates", "provides")
+                               if document[key])
+        print(f"  exports with torch.export: {'yes' if document['exports'] else 'no'}"
+              + (f"; {properties}" if properties else ""))
+        if not document["options"]:
+            print("  options: none")
+        for item in document["options"]:
+            bounds = f" [{item['range']}]" if item["range"] else ""
+            print(f"  option {item['name']}={item['default']!r}{bounds}: {item['help']}")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    gm = _traced(args.model, args.input_shape)
+    cost = graph_cost(gm, training=args.training)
+    document = _cost_document(args.model, gm, cost, _point(gm, args.at))
+    print(json.dumps(document, indent=2) if args.format == "json" else "\n".join(_cost_lines(document)))
+    return 0
+
+
+def _save_format(path: str, format: str | None, pipeline: str, seed: int) -> str:
+    """The save route for ``path``, checked before any work: "export" (.pt2) needs exporting passes."""
+    format = format or ("export" if path.endswith(_EXPORT_SUFFIXES) else "pt")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot write {path!r}: directory {directory!r} does not exist", where="-o",
+                         fix="create the directory first or choose another path")
+    steps = Pipeline(pipeline, seed=seed)
+    if format == "export" and not steps.exports:
+        blocking = ", ".join(p.name for p in steps.passes if not p.exports)
+        raise UnsupportedError(f"passes {blocking} produce graphs torch.export cannot export", where=f"-o {path}",
+                               fix="save as an fxreduce .pt file instead")
+    return format
+
+
+def _certificates(report: RewriteReport) -> list[str]:
+    """FLOPs count only matrix products; folding-style rewrites save the other arithmetic, so certify both."""
+    return [f"certificate (FLOPs): {report.certificate}",
+            f"certificate (other ops): {certify(report.before, report.after, metric='other')}"]
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    format = _save_format(args.output, args.format, args.pipeline, args.seed) if args.output else None
+    built = build(args.model, args.input_shape, args.pipeline, args.seed)
+    report = built.result.report
+    report.at = _point(built.original, args.at)
+    print("\n".join(report.lines() + _certificates(report)))
+    if format == "export":
+        export(args.output, built.graph_module,
+               manifest=Manifest(args.model, Pipeline(args.pipeline, seed=args.seed).spec, built.shape.text, args.seed))
+        print(f"wrote {args.output} (torch.export program; `fxreduce inspect {args.output} --trust` shows it)")
+    elif format == "pt":
+        save(args.output, built.graph_module, model_ref=args.model, pipeline_spec=args.pipeline,
+             input_spec_text=built.shape.text, seed=args.seed)
+        print(f"wrote {args.output} (fxreduce save: manifest + weights; `fxreduce inspect {args.output}` rebuilds it)")
+    return 0
+
+
+def _load_file(path: str, trust: bool) -> Loaded:
+    return load_export(path, trusted=trust) if path.endswith(_EXPORT_SUFFIXES) else load(path)
+
+
+def _original(loaded: Loaded) -> fx.GraphModule:
+    """The graph a loaded file was rewritten from, rebuilt from its manifest (never from a file path it names)."""
+    if loaded.built is not None:
+        return loaded.built.original
+    if loaded.manifest is None:
+        raise UsageError("this file names no original model to diff against", where="--diff",
+                         fix="name it: --diff MODEL")
+    manifest = loaded.manifest
+    return _traced(manifest.model, manifest.input_shape, manifest.seed, allow_path=False)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    loaded = None
+    if args.target.endswith(_EXPORT_SUFFIXES + _SAVE_SUFFIXES):
+        loaded = _load_file(args.target, args.trust)
+        graph = loaded.graph_module
+    elif args.diff == _SAVED:
+        raise UsageError("--diff without a MODEL needs a saved file to inspect", where="--diff",
+                         fix="name the model to compare with: --diff MODEL")
+    else:
+        graph = _traced(args.target, args.input_shape or DEFAULT_SHAPE)
+    if args.diff == _SAVED:
+        before = _original(loaded)
+    elif args.diff:
+        before = _traced(args.diff, args.input_shape or _shape(graph).text)
+    else:
+        before = None
+    inspection = inspect(graph if before is None else before, None if before is None else graph,
+                         at=_point(graph, args.at), format=args.format or "table")
+    if args.output:
+        print(f"wrote {inspection.write(args.output, args.format)}")
+    else:
+        print(inspection.render(), end="" if args.format in ("dot", "svg") else "\n")
+    return 0
+
+
+def _verify_lines(gm: fx.GraphModule, pipeline: str, seed: int, trials: int) -> tuple[bool, list[str]]:
+    result = check_contract(Pipeline(pipeline, seed=seed), gm, trials=trials, seed=seed)
+    broken = sum(not check.ok for check in result.checks)
+    verdict = "every contract holds" if result.ok else f"{broken} contract(s) BROKEN"
+    return result.ok, result.lines() + [verdict]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    gm = _traced(args.model, args.input_shape, args.seed)
+    ok, lines = _verify_lines(gm, args.pipeline, args.seed, args.trials)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    os.makedirs(args.out_dir, exist_ok=True)
+    built = build("default", args.input_shape, DEMO_PIPELINE, args.seed)
+    gm, shape = built.original, built.shape
+    point = _point(gm, args.at)
+    print(f"== 1. trace: the demo CNN (fxreduce.models.DemoNet) on input {shape.text}, "
+          f"dims {', '.join(graph_info(gm).symbolic)} kept symbolic")
+    print("\n== 2. cost")
+    print("\n".join(_cost_lines(_cost_document("default", gm, graph_cost(gm), point))))
+    print(f"\n== 3. rewrite: {DEMO_PIPELINE}")
+    report = built.result.report
+    report.at = point
+    print("\n".join(report.lines() + _certificates(report)))
+    print("\n== 4. verify the contracts on random inputs of other sizes")
+    ok, lines = _verify_lines(gm, DEMO_PIPELINE, args.seed, trials=2)
+    print("\n".join(lines))
+    print("\n== 5. inspect and save")
+    diff = inspect(gm, built.graph_module, at=point)
+    if shutil.which("dot"):
+        drawing = diff.write(os.path.join(args.out_dir, "diff.svg"), "svg")
+    else:
+        drawing = diff.write(os.path.join(args.out_dir, "diff.dot"), "dot")
+        print("Graphviz `dot` is not installed, so the diff is written as DOT (apt-get install graphviz for SVG)")
+    saved = os.path.join(args.out_dir, "demo.pt")
+    save(saved, built.graph_module, model_ref="default", pipeline_spec=DEMO_PIPELINE, input_spec_text=shape.text,
+         seed=args.seed)
+    print(f"wrote {drawing} (before/after graph diff)")
+    print(f"wrote {saved}; try `fxreduce inspect {saved} --diff`")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0 if ok else 1
+
+
+def _model_options(parser: argparse.ArgumentParser, shape_default: str | None = DEFAULT_SHAPE,
+                   shape_help: str = "default: %(default)s", at: bool = True) -> None:
+    parser.add_argument("--input-shape", default=shape_default, metavar="SHAPE",
+                        help="example input shape: names are symbolic dims, integers fixed, NAME=SIZE sets an "
+                             f"example size, ';' separates inputs, ':long' sets a dtype ({shape_help})")
+    if at:
+        parser.add_argument("--at", metavar="DIMS", help="evaluate costs at NAME=VALUE,... "
+                                                         "(default: axis-0 dims at 1, others at their example size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxreduce", description="Computation-reducing compiler passes on torch.fx. "
+                     "MODEL is default (the demo CNN), torchvision:NAME, package.module:factory or file.py:factory.")
+    parser.add_argument("--threads", type=_positive, metavar="N", help="torch CPU threads (torch.set_num_threads)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    passes = commands.add_parser("passes", help="list every registered pass with its contract and options")
+    passes.add_argument("--format", choices=("table", "json"), default="table")
+    passes.set_defaults(run=cmd_passes)
+
+    cost = commands.add_parser("cost", help="symbolic FLOPs, MACs, params and bytes of a model")
+    cost.add_argument("model", metavar="MODEL")
+    _model_options(cost)
+    cost.add_argument("--training", action="store_true", help="count a training step (forward + backward)")
+    cost.add_argument("--format", choices=("table", "json"), default="table")
+    cost.set_defaults(run=cmd_cost)
+
+    apply = commands.add_parser("apply", help="rewrite a model with a pipeline, report it, optionally save it")
+    apply.add_argument("model", metavar="MODEL")
+    apply.add_argument("--pipeline", required=True, metavar="SPEC", help="e.g. 'fold_batchnorm,remove_dropout'")
+    _model_options(apply)
+    apply.add_argument("-o", "--output", metavar="PATH", help="save the rewrite: .pt (fxreduce save) or .pt2 "
+                                                               "(torch.export program)")
+    apply.add_argument("--format", choices=("pt", "export"), help="save format (default: from the suffix)")
+    apply.add_argument("--seed", type=int, default=0, help="seed of model init, example inputs and passes")
+    apply.set_defaults(run=cmd_apply)
+
+    insp = commands.add_parser("inspect", help="node table, or before/after diff, of a saved file or a model")
+    insp.add_argument("target", metavar="FILE_OR_MODEL", help="a .pt / .pt2 written by apply, or a MODEL")
+    insp.add_argument("--diff", nargs="?", const=_SAVED, metavar="MODEL",
+                      help="diff against MODEL (the 'before'); alone, against the saved file's original model "
+                           "(write it after FILE_OR_MODEL)")
+    _model_options(insp, shape_default=None, shape_help=f"default: {DEFAULT_SHAPE} for a MODEL, a file's own")
+    insp.add_argument("--format", choices=("table", "json", "dot", "svg"),
+                      help="output format (default: table, or from the -o suffix)")
+    insp.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
+    insp.add_argument("--trust", action="store_true",
+                      help="allow loading a .pt2 (torch.export.load may run code stored in the file)")
+    insp.set_defaults(run=cmd_inspect)
+
+    verify = commands.add_parser("verify", help="check each pass's contract on a model")
+    verify.add_argument("model", metavar="MODEL")
+    verify.add_argument("--pipeline", required=True, metavar="SPEC")
+    _model_options(verify, at=False)
+    verify.add_argument("--trials", type=_positive, default=3, help="random inputs of other sizes per pass")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(run=cmd_verify)
+
+    demo = commands.add_parser("demo", help="trace, cost, rewrite, verify and draw the embedded demo CNN")
+    demo.add_argument("--out-dir", default="fxreduce-demo", metavar="DIR", help="where to write (default: %(default)s)")
+    demo.add_argument("--input-shape", default="N,3,H=32,W=32", metavar="SHAPE", help="default: %(default)s")
+    demo.add_argument("--at", default="N=1,H=224,W=224", metavar="DIMS",
+                      help="evaluate costs here, away from the traced size (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a contract broke, 2 a user error)."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args.run(args)
+    except FxReduceError as error:
+        print(f"fxreduce: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 0
