@@ -225,7 +225,7 @@ def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, 
     ``name`` or a name derived from the layer's.
     """
     reuse = (layer.dialect == "module" and name is None
-             and sum(n.op == "call_module" and n.target == layer.node.target for n in gm.graph.nodes) == 1)
+             and len(gm.graph.find_nodes(op="call_module", target=layer.node.target)) == 1)
     target = layer.node.target if reuse else unique_name(gm, name or f"{layer.name}_{pass_name}")
     if not reuse:
         gm.add_submodule(target, module)
@@ -253,8 +253,7 @@ def _erase(gm: fx.GraphModule, layer: Layer) -> None:
     for node in inputs:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    if layer.dialect == "module" and not any(n.op == "call_module" and n.target == layer.node.target
-                                              for n in gm.graph.nodes):
+    if layer.dialect == "module" and not gm.graph.find_nodes(op="call_module", target=layer.node.target):
         gm.delete_submodule(layer.node.target)
 
 

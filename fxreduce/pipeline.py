@@ -238,8 +238,9 @@ class Pipeline:
                 raise PassError(f"pass {p.name} produced a graph that no longer runs: {error}",
                                 where=f"pass {p.name}", fix="please report this with the model") from error
         cost_after = graph_cost(result)
-        rewrites = [RewriteCost(r, _describe(gm, r.replaced), _describe(result, r.added),
-                                _sum_costs(gm, r.replaced), _sum_costs(result, r.added))
+        nodes_before, nodes_after = _nodes(gm), _nodes(result)
+        rewrites = [RewriteCost(r, _describe(gm, nodes_before, r.replaced), _describe(result, nodes_after, r.added),
+                                _sum_costs(nodes_before, r.replaced), _sum_costs(nodes_after, r.added))
                     for r in outcome.rewrites]
         return result, StepReport(p, rewrites, outcome.skipped, cost_before, cost_after,
                                   certify(cost_before, cost_after))
@@ -249,8 +250,7 @@ def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {node.name: node for node in gm.graph.nodes}
 
 
-def _describe(gm: fx.GraphModule, names: list[str]) -> list[str]:
-    nodes = _nodes(gm)
+def _describe(gm: fx.GraphModule, nodes: dict[str, fx.Node], names: list[str]) -> list[str]:
     described = []
     for name in names:
         node = nodes.get(name)
@@ -264,8 +264,8 @@ def _describe(gm: fx.GraphModule, names: list[str]) -> list[str]:
     return described
 
 
-def _sum_costs(gm: fx.GraphModule, names: list[str]) -> NodeCost:
-    nodes, total = _nodes(gm), NodeCost()
+def _sum_costs(nodes: dict[str, fx.Node], names: list[str]) -> NodeCost:
+    total = NodeCost()
     for name in names:
         node = nodes.get(name)
         if node is not None and META_KEY in node.meta:
