@@ -75,19 +75,24 @@ class FoldBatchNorm(Pass):
     invalidates = frozenset({"batchnorm"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
-        chains = find_chains(gm, ("conv2d", "batchnorm")) + find_chains(gm, ("linear", "batchnorm"))
-        for layer, batchnorm in sorted(chains, key=lambda chain: chain[0].node.name):
-            if not self.options.selects(batchnorm):
-                continue
-            reason = _why_not_foldable(layer, batchnorm)
-            if reason:
-                outcome.skipped.append(Skipped(batchnorm.name, reason))
-                continue
-            replaced = [layer.node.name, batchnorm.node.name]
-            new = replace_layer(gm, layer, _folded_module(layer, batchnorm), pass_name=self.name)
-            bypass(gm, batchnorm, replacement=new)
-            outcome.rewrites.append(Rewrite(replaced, [new.name], "BatchNorm folded into the layer's weight and bias",
-                                            self.contract))
+        # Folding conv -> bn -> bn makes a new conv -> bn chain: repeat until no chain is left to fold.
+        considered: set[str] = set()
+        while True:
+            chains = [chain for chain in find_chains(gm, ("conv2d", "batchnorm")) + find_chains(gm, ("linear", "batchnorm"))
+                      if chain[1].node.name not in considered and self.options.selects(chain[1])]
+            if not chains:
+                return
+            for layer, batchnorm in sorted(chains, key=lambda chain: chain[0].node.name):
+                considered.add(batchnorm.node.name)
+                reason = _why_not_foldable(layer, batchnorm)
+                if reason:
+                    outcome.skipped.append(Skipped(batchnorm.name, reason))
+                    continue
+                replaced = [layer.node.name, batchnorm.node.name]
+                new = replace_layer(gm, layer, _folded_module(layer, batchnorm), pass_name=self.name)
+                bypass(gm, batchnorm, replacement=new)
+                outcome.rewrites.append(Rewrite(replaced, [new.name], "BatchNorm folded into the layer's weight "
+                                                                      "and bias", self.contract))
 
 
 @register
