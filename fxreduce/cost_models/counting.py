@@ -15,6 +15,8 @@ from typing import Any
 
 import sympy
 import torch
+import torch._decomp
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -32,6 +34,27 @@ REDUCTIONS = {
     aten.max_pool2d_with_indices_backward, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool2d_backward,
     aten.adaptive_max_pool2d, aten.nll_loss_forward, aten.nll_loss_backward,
 }
+# Fused recurrent kernels: torch's counter sees each as one uncounted op, and under fake tensors they
+# need concrete sizes. torch.nn's RNN modules call them through torch._VF, before the dispatcher, so a
+# TorchFunctionMode swaps in torch's own Python decompositions, whose matmuls torch's formulas count
+# (forward and backward). Their loop over time makes the sequence length concrete.
+_RECURRENT = {
+    torch._VF.lstm: (aten.lstm.input, aten.lstm.data),
+    torch._VF.gru: (aten.gru.input, aten.gru.data),
+    torch._VF.rnn_tanh: (aten.rnn_tanh.input, aten.rnn_tanh.data),
+    torch._VF.rnn_relu: (aten.rnn_relu.input, aten.rnn_relu.data),
+}
+
+
+class RecurrentDecompositions(TorchFunctionMode):
+    """Runs torch._VF recurrent kernels as torch's decompositions (see _RECURRENT)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        variants = _RECURRENT.get(func)
+        if variants is None:
+            return func(*args, **(kwargs or {}))
+        packed = len(args) == 9 and isinstance(args[1], torch.Tensor)
+        return torch._decomp.decomposition_table[variants[1] if packed else variants[0]](*args, **(kwargs or {}))
 # Shape bookkeeping that the flop counter also ignores.
 _IGNORED = {
     aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset, aten.size, aten.stride,
