@@ -1,7 +1,7 @@
 """The registered passes. Importing this package registers every shipped pass."""
 
-from . import dead_code, folding
+from . import dead_code, folding, lstm
 from .base import REGISTRY, Contract, Pass, PassOutcome, Rewrite, Skipped, get_pass, option, register
 
 __all__ = ["REGISTRY", "Contract", "Pass", "PassOutcome", "Rewrite", "Skipped", "dead_code", "folding", "get_pass",
-           "option", "register"]
+           "lstm", "option", "register"]
