@@ -1,5 +1,7 @@
 """Runtime modules that rewritten graphs call. Each imports torch only and declares its own cost."""
 
+from .error_map import ErrorMapConv2d, ErrorMapLinear
+from .instance_filter import InstanceFilter, default_filter
 from .lstm import LSTM, KeepSet
 
-__all__ = ["LSTM", "KeepSet"]
+__all__ = ["LSTM", "ErrorMapConv2d", "ErrorMapLinear", "InstanceFilter", "KeepSet", "default_filter"]
