@@ -127,6 +127,9 @@ class RewriteReport:
                              f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}")
             for skipped in step.skipped:
                 lines.append(f"  left alone {skipped.node}: {skipped.reason}")
+            for dim in sorted(set(step.cost_before.symbols) - set(step.cost_after.symbols)):
+                lines.append(f"  note: dim {dim} is no longer symbolic after this pass "
+                             f"({step.cost_after.specialised.get(dim, 'unknown reason')})")
             flops_b, flops_a = self._value(step.cost_before, "flops"), self._value(step.cost_after, "flops")
             lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {_human(flops_b)} -> {_human(flops_a)}"
                          f"{_percent(flops_b, flops_a)}; {step.certificate}")
@@ -233,7 +236,7 @@ class Pipeline:
         result = outcome.graph_module
         if outcome.modified:
             try:
-                propagate(result, info.spec, method=info.method, source=info.source)
+                propagate(result, info.spec, method=info.method, source=info.source, time_limit=info.time_limit)
             except FxReduceError as error:
                 raise PassError(f"pass {p.name} produced a graph that no longer runs: {error}",
                                 where=f"pass {p.name}", fix="please report this with the model") from error

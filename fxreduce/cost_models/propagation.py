@@ -83,6 +83,7 @@ class GraphInfo:
     fixed: Mapping[str, sympy.Expr]
     constraints: Mapping[str, tuple[int, int | None]]
     source: str = ""
+    time_limit: float | None = 60.0
 
 
 def symbol(name: str) -> sympy.Symbol:
@@ -114,7 +115,10 @@ class _Timeout(Exception):
 
 @contextlib.contextmanager
 def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise _Timeout after ``seconds`` (main thread only; elsewhere there is no limit)."""
+    """Raise _Timeout after ``seconds`` of this process's CPU time (main thread only; elsewhere no limit).
+
+    CPU time, not wall time, so a busy machine does not turn a symbolic dim concrete.
+    """
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -122,13 +126,13 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
     def on_alarm(signum, frame):
         raise _Timeout()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, on_alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 @dataclass
@@ -280,7 +284,7 @@ def _run_with_fallback(gm: fx.GraphModule, spec: InputSpec, training: bool, time
             with _time_limit(time_limit if subset else None):
                 return _fake_run(gm, spec, subset, training)
         except _Timeout:
-            failures[",".join(subset)] = f"symbolic propagation did not finish in {time_limit:g} s"
+            failures[",".join(subset)] = f"symbolic propagation did not finish in {time_limit:g} CPU s"
         except _NodeFailure as failure:
             if not subset:
                 raise _example_failure(gm, spec, failure) from failure.error
@@ -428,7 +432,7 @@ def propagate(gm: fx.GraphModule, spec: InputSpec, *, method: str = "symbolic_tr
         shape, dtype = run.raw_meta.get(node.name, (None, None))
         node.meta[META_KEY] = NodeInfo(shape=convert(shape), dtype=dtype, cost=costs[node.name])
     info = GraphInfo(spec=spec, method=method, symbolic=run.symbolic, specialised=run.specialised,
-                     fixed=run.fixed, constraints=run.constraints, source=source)
+                     fixed=run.fixed, constraints=run.constraints, source=source, time_limit=time_limit)
     gm.meta[META_KEY] = info
     gm.meta[META_KEY + "_seconds"] = time.perf_counter() - started
     return info
@@ -444,7 +448,7 @@ def graph_info(gm: fx.GraphModule) -> GraphInfo:
     return info
 
 
-def graph_cost(gm: fx.GraphModule, *, training: bool = False, time_limit: float | None = 60.0) -> GraphCost:
+def graph_cost(gm: fx.GraphModule, *, training: bool = False) -> GraphCost:
     """The cost of ``gm``: its forward (from node meta), or a training step (forward + backward)."""
     info = graph_info(gm)
     symbols = {name: symbol(name) for name in info.symbolic}
@@ -457,7 +461,7 @@ def graph_cost(gm: fx.GraphModule, *, training: bool = False, time_limit: float 
                                  where=f"node {node.name}", fix="re-run fxreduce.trace or a Pipeline on it")
             nodes[node.name] = meta.cost
         return GraphCost(nodes, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints))
-    run = _run_with_fallback(gm, info.spec, training=True, time_limit=time_limit, dynamic=info.symbolic)
+    run = _run_with_fallback(gm, info.spec, training=True, time_limit=info.time_limit, dynamic=info.symbolic)
     convert = _Converter(run)
     costs = _node_costs(gm, run, convert, training=True)
     return GraphCost(costs, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints),
