@@ -22,11 +22,11 @@ import torch.fx as fx
 
 from . import __version__
 from .cost_models import GraphCost, certify, graph_cost, graph_info
-from .errors import FxReduceError, UnsupportedError
+from .errors import FxReduceError, InputError, UnsupportedError
 from .inspection import inspect
 from .models import InputShape, default_example_size, load_model, parse_input_shape
-from .passes import REGISTRY
-from .pipeline import Pipeline, RewriteReport
+from .passes import REGISTRY, get_pass
+from .pipeline import Pipeline, RewriteReport, parse_spec
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
 from .testing.contracts import check_contract
 from .tracing import trace
@@ -208,7 +208,27 @@ def _certificates(report: RewriteReport) -> list[str]:
             f"certificate (other ops): {certify(report.before, report.after, metric='other')}"]
 
 
+def _with_calibration(spec: str, path: str | None) -> str:
+    """The spec with ``calibration=path`` given to every pass that takes calibration data and has none."""
+    if path is None:
+        return spec
+    if not os.path.isfile(path):
+        raise InputError(f"calibration file {path!r} does not exist", where="--calibration",
+                         fix="save a batch of inputs with torch.save(tensor, path)")
+    parsed, used = [], False
+    for name, options in parse_spec(spec):
+        fields = {f.name for f in dataclasses.fields(get_pass(name).Options)}
+        if "calibration" in fields and options.get("calibration") is None:
+            options, used = {**options, "calibration": path}, True
+        parsed.append(name + ("(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")" if options else ""))
+    if not used:
+        raise InputError("--calibration was given but no pass of the pipeline takes calibration data",
+                         where=f"--pipeline {spec}", fix="drop --calibration, or add a pass such as lower_int8")
+    return ",".join(parsed)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
+    args.pipeline = _with_calibration(args.pipeline, args.calibration)
     format = _save_format(args.output, args.format, args.pipeline, args.seed) if args.output else None
     built = build(args.model, args.input_shape, args.pipeline, args.seed)
     report = built.result.report
@@ -348,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(torch.export program)")
     apply.add_argument("--format", choices=("pt", "export"), help="save format (default: from the suffix)")
     apply.add_argument("--seed", type=int, default=0, help="seed of model init, example inputs and passes")
+    apply.add_argument("--calibration", metavar="FILE", help="inputs saved with torch.save for passes that "
+                                                            "calibrate (lower_int8); without it they use random inputs")
     apply.set_defaults(run=cmd_apply)
 
     insp = commands.add_parser("inspect", help="node table, or before/after diff, of a saved file or a model")

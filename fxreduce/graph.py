@@ -257,6 +257,21 @@ def _erase(gm: fx.GraphModule, layer: Layer) -> None:
         gm.delete_submodule(layer.node.target)
 
 
+class LeafTracer(fx.Tracer):
+    """fx Tracer that keeps torch.nn modules, fxreduce runtime modules and user-named types as leaves."""
+
+    def __init__(self, leaf_modules: Iterable[type] = ()):
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return (
+            isinstance(module, self.extra_leaves)
+            or type(module).__module__.startswith("fxreduce.modules")
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The graph as a networkx DiGraph keyed by node name, with op/target/shape/cost attributes."""
     graph = nx.DiGraph()

@@ -17,24 +17,10 @@ import torch.fx as fx
 
 from .cost_models.propagation import InputSpec, propagate
 from .errors import InputError, TraceError
+from .graph import LeafTracer
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
-
-
-class LeafTracer(fx.Tracer):
-    """fx Tracer that keeps torch.nn modules, fxreduce runtime modules and user-named types as leaves."""
-
-    def __init__(self, leaf_modules: Iterable[type] = ()):
-        super().__init__()
-        self.extra_leaves = tuple(leaf_modules)
-
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return (
-            isinstance(module, self.extra_leaves)
-            or type(module).__module__.startswith("fxreduce.modules")
-            or super().is_leaf_module(module, qualified_name)
-        )
 
 
 def _as_inputs(example_inputs: Any) -> tuple:

@@ -60,7 +60,7 @@ def test_declared_costs_replace_counted_ones_and_agree():
         def forward(self, x):
             return self.inner(x)
 
-    from fxreduce.tracing import LeafTracer
+    from fxreduce.graph import LeafTracer
 
     gm = fr.trace(Wrapper(), (torch.randn(3, 16),), {"N": (0, 0)}, leaf_modules=[DeclaresCost])
     node = fr.cost(gm).nodes["inner"]

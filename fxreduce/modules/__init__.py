@@ -2,6 +2,8 @@
 
 from .error_map import ErrorMapConv2d, ErrorMapLinear
 from .instance_filter import InstanceFilter, default_filter
+from .int8 import Int8Conv2d, Int8Linear
 from .lstm import LSTM, KeepSet
 
-__all__ = ["LSTM", "ErrorMapConv2d", "ErrorMapLinear", "InstanceFilter", "KeepSet", "default_filter"]
+__all__ = ["LSTM", "ErrorMapConv2d", "ErrorMapLinear", "InstanceFilter", "Int8Conv2d", "Int8Linear", "KeepSet",
+           "default_filter"]
