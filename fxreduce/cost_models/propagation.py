@@ -127,7 +127,8 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
         raise _Timeout()
 
     previous = signal.signal(signal.SIGPROF, on_alarm)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
+    # Re-fire until disarmed: an exception raised where Python ignores it (a finalizer) is not lost.
+    signal.setitimer(signal.ITIMER_PROF, seconds, max(seconds / 10, 0.05))
     try:
         yield
     finally:
