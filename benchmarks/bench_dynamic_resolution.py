@@ -89,8 +89,8 @@ def main() -> None:
     costs = resolution_costs(drnet)
     shares = torch.bincount(chosen, minlength=len(costs.resolutions)) / len(chosen)
     seconds = measure(built.traced.eval(), drnet, test_x, chosen, repeats)
-    rows.append(row(f"MNIST ResNet-8, {'/'.join(map(str, costs.resolutions))} px, trained predictor", len(test_x),
-                    shares.tolist(), seconds, costs.expected_flops(shares) / costs.backbone_flops[0]))
+    rows = [row(f"MNIST ResNet-8, {'/'.join(map(str, costs.resolutions))} px, trained predictor", len(test_x),
+                shares.tolist(), seconds, costs.expected_flops(shares) / costs.backbone_flops[0])]
 
     name, resolutions, batch = ("resnet18", (64, 48, 32), 8) if args.quick else ("resnet50", (224, 168, 112), 16)
     torch.manual_seed(args.seed)
