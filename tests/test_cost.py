@@ -108,3 +108,12 @@ def test_floor_shapes_are_proven_under_the_non_empty_assumption():
     result = fr.apply(gm, "fold_batchnorm")
     other = certify(fr.cost(gm), fr.cost(result.graph_module), metric="other")
     assert other.proven and other.assumption and "non-empty" in str(other)
+
+
+def test_symbols_that_are_not_graph_dims_are_not_assumed_positive_integers():
+    gm = fr.trace(MLP(), (torch.randn(3, 16),), {"N": (0, 0)})
+    cost = fr.cost(gm)
+    p = sympy.Symbol("p", nonnegative=True)
+    shared = fr.GraphCost({"x": fr.cost_models.NodeCost(macs={"float32": N * 10 * p})}, cost.symbols)
+    certificate = certify(cost, shared, metric="macs")
+    assert certificate.status == "break_even" and "p" in str(certificate.condition)

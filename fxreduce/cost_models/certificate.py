@@ -105,6 +105,12 @@ def certify(before: Costish, after: Costish, *, metric: str = "flops",
     b, a = _metric(before, metric), _metric(after, metric)
     difference = sympy.expand(b - a)
     symbols = sorted(difference.free_symbols, key=lambda s: s.name)
+    dims = {name for cost in (before, after) if isinstance(cost, GraphCost) for name in cost.symbols}
+    parameters = [s for s in symbols if dims and s.name not in dims]
+    if parameters:
+        # Symbols that are not graph dims (e.g. choice probabilities in [0, 1]) are not positive
+        # integers: no proof by shifting them; state the condition instead.
+        return Certificate("break_even", metric, b, a, condition=sympy.factor(difference) >= 0)
     lower = {s: constraints.get(s.name, (1, None))[0] for s in symbols}
     if not symbols:
         status = "proven" if difference >= 0 else "unproven"
