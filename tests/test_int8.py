@@ -71,12 +71,12 @@ def test_int8_linear_stays_within_its_bound(seed, in_features, out_features, rel
     assert bool((error <= module.error_bound(x)).all())
 
 
-@given(seeds, st.sampled_from([(1, 1, 0, 1), (2, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2)]), st.booleans(),
-       st.booleans())
+@given(seeds, st.sampled_from([(1, 1, 0, 1, 3), (2, 1, 1, 1, 3), (1, 2, 2, 1, 3), (1, 1, 1, 2, 3), (2, 1, 0, 1, 1),
+                               (3, 1, 0, 2, 1)]), st.booleans(), st.booleans())
 def test_int8_conv2d_stays_within_its_bound_inside_and_outside_the_calibrated_range(seed, settings, relu, wide):
-    stride, dilation, padding, groups = settings
+    stride, dilation, padding, groups, kernel = settings
     generator = _generator(seed)
-    weight = _random_int8(generator, 4, 4 // groups, 3, 3)
+    weight = _random_int8(generator, 4, 4 // groups, kernel, kernel)
     scale = torch.rand(4, generator=generator) * 0.01 + 1e-3
     x = torch.randn(2, 4, 9, 9, generator=generator)
     reference = F.conv2d(x, weight.float() * scale[:, None, None, None], None, stride, padding, dilation, groups)
@@ -177,6 +177,8 @@ def test_lowered_graph_saves_weights_only_and_exports(tmp_path):
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"fxreduce.int8_conv2d.default", "fxreduce.int8_linear.default"} <= targets
     assert torch.equal(program.module()(x), expected)
+    reloaded = fr.trace(program.module(), (torch.randn(3, 3, 14, 14),), {"N": (0, 0)})
+    assert fr.cost(reloaded).macs_by_dtype == fr.cost(lowered).macs_by_dtype  # int8 MACs stay int8
 
 
 def test_calibration_from_a_file_and_bad_calibration_input(tmp_path):

@@ -135,7 +135,7 @@ class OpCounter(TorchDispatchMode):
         formula = flop_registry.get(packet)
         if formula is not None:
             macs = to_sympy(formula(*args, **kwargs, out_val=out)) / 2
-            dtype = dtype_name(_first_tensor(args).dtype)
+            dtype = dtype_name(_operand_dtype(args))
             target = counts.backward_macs if backward else counts.macs
             target[dtype] = target[dtype] + macs
             return out
@@ -158,3 +158,9 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 def _first_tensor(args: Any) -> torch.Tensor:
     return _tensors(args)[0]
+
+
+def _operand_dtype(args: Any) -> torch.dtype:
+    """The dtype a multiply-add runs in: the narrower of the first two operands (activation and weight), so
+    a mixed kernel such as fxreduce's int8 ops (float32 activations, int8 weights) counts as int8."""
+    return min((t.dtype for t in _tensors(args)[:2]), key=lambda dtype: dtype.itemsize)
