@@ -122,8 +122,8 @@ class RewriteReport:
                 flops_after = _human(sympy.sympify(item.after.flops).subs(values))
                 other_before = _human(sympy.sympify(item.before.other).subs(values))
                 other_after = _human(sympy.sympify(item.after.other).subs(values))
-                target = " + ".join(item.added) if item.added else "(removed)"
-                lines.append(f"  {' + '.join(item.replaced)} -> {target}: {item.rewrite.what}; "
+                target = _names(item.added) if item.added else "(removed)"
+                lines.append(f"  {_names(item.replaced)} -> {target}: {item.rewrite.what}; "
                              f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}")
             for skipped in step.skipped:
                 lines.append(f"  left alone {skipped.node}: {skipped.reason}")
@@ -175,8 +175,9 @@ def _instantiate(item: Pass | str | type) -> list[Pass]:
 class Pipeline:
     """An ordered composition of passes, checked for order on construction."""
 
-    def __init__(self, passes: Sequence[Pass | str | type] | str, *, seed: int = 0):
-        items = [passes] if isinstance(passes, str) else list(passes)
+    def __init__(self, passes: Sequence[Pass | str | type] | Pass | type | str, *, seed: int = 0):
+        single = isinstance(passes, (str, Pass)) or (isinstance(passes, type) and issubclass(passes, Pass))
+        items = [passes] if single else list(passes)
         self.passes: list[Pass] = [p for item in items for p in _instantiate(item)]
         self.seed = seed
         self.check_order()
@@ -276,8 +277,15 @@ def _sum_costs(nodes: dict[str, fx.Node], names: list[str]) -> NodeCost:
     return total
 
 
-def apply(gm: fx.GraphModule, pipeline: Pipeline | str | Sequence[Pass | str], *, seed: int = 0) -> PipelineResult:
-    """Run a pipeline (or a spec string) on a traced GraphModule; ``gm`` itself is not changed."""
+def _names(names: list[str], shown: int = 4) -> str:
+    """Node names joined by +; long lists (a pass replacing every BatchNorm) name the first few and count the rest."""
+    if len(names) <= shown + 1:
+        return " + ".join(names)
+    return " + ".join(names[:shown]) + f" + {len(names) - shown} more"
+
+
+def apply(gm: fx.GraphModule, pipeline: Pipeline | Pass | str | Sequence[Pass | str], *, seed: int = 0) -> PipelineResult:
+    """Run a pipeline (a spec string, one pass or a list of them) on a traced GraphModule; ``gm`` is not changed."""
     if not isinstance(pipeline, Pipeline):
         pipeline = Pipeline(pipeline, seed=seed)
     return pipeline(gm)

@@ -138,3 +138,18 @@ def test_fold_batchnorm_removes_every_eval_batchnorm_after_conv(generated):
                  and isinstance(result.graph_module.get_submodule(n.args[0].target), torch.nn.Conv2d)
                  and len(n.args[0].users) == 1]
     assert not remaining and folded >= 0
+
+
+def test_a_single_pass_object_or_class_is_a_pipeline():
+    by_object = fr.apply(traced(), fr.passes["fold_batchnorm"]())
+    by_class = fr.apply(traced(), fr.passes["fold_batchnorm"])
+    assert [s.pass_.name for s in by_object.report.steps] == ["fold_batchnorm"]
+    assert by_object.graph_module.code == by_class.graph_module.code
+
+
+def test_reports_name_a_few_nodes_of_long_rewrites():
+    from fxreduce.pipeline import _names
+
+    assert _names(["a", "b"]) == "a + b"
+    assert _names([f"bn{i}" for i in range(5)]) == "bn0 + bn1 + bn2 + bn3 + bn4"
+    assert _names([f"bn{i}" for i in range(20)]) == "bn0 + bn1 + bn2 + bn3 + 16 more"
