@@ -1,5 +1,6 @@
 """The cost model: torch's counts per node, training steps, declared module costs, certificates."""
 
+import pytest
 import sympy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -117,3 +118,27 @@ def test_symbols_that_are_not_graph_dims_are_not_assumed_positive_integers():
     shared = fr.GraphCost({"x": fr.cost_models.NodeCost(macs={"float32": N * 10 * p})}, cost.symbols)
     certificate = certify(cost, shared, metric="macs")
     assert certificate.status == "break_even" and "p" in str(certificate.condition)
+
+
+class ResizeThenConv(torch.nn.Module):
+    def __init__(self, mode, antialias):
+        super().__init__()
+        self.conv, self.mode, self.antialias = torch.nn.Conv2d(3, 4, 3), mode, antialias
+
+    def forward(self, x):
+        corners = None if self.mode.startswith("nearest") else False
+        return self.conv(torch.nn.functional.interpolate(x, size=(16, 12), mode=self.mode, align_corners=corners,
+                                                         antialias=self.antialias))
+
+
+@pytest.mark.parametrize("mode, antialias", [("nearest", False), ("bilinear", False), ("bilinear", True),
+                                             ("bicubic", False), ("nearest-exact", False)])
+def test_interpolation_to_a_size_keeps_the_input_dims_symbolic(mode, antialias):
+    """torch's interpolation kernels pin every input dim to its example value; the cost model must not."""
+    model = ResizeThenConv(mode, antialias)
+    gm = fr.trace(model, (torch.randn(2, 3, 32, 40),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    cost = fr.cost(gm)
+    assert cost.specialised == {}
+    assert sympy.expand(cost.flops - N * 2 * 4 * 27 * 14 * 10) == 0
+    x = torch.randn(3, 3, 24, 20)
+    assert torch.equal(gm(x), model(x))

@@ -45,16 +45,58 @@ _RECURRENT = {
     torch._VF.rnn_relu: (aten.rnn_relu.input, aten.rnn_relu.data),
 }
 
+# F.interpolate's kernels read concrete sizes when they compute the output size, which pins every symbolic
+# dim of the input to its example value; torch's Python decompositions of the kernels keep them symbolic
+# (and expose the interpolation arithmetic to the counter). Keyed by (mode, antialias, spatial dims).
+_INTERPOLATION = {
+    ("nearest", False, 1): aten.upsample_nearest1d.vec,
+    ("nearest", False, 2): aten.upsample_nearest2d.vec,
+    ("nearest", False, 3): aten.upsample_nearest3d.vec,
+    ("nearest-exact", False, 1): aten._upsample_nearest_exact1d.vec,
+    ("nearest-exact", False, 2): aten._upsample_nearest_exact2d.vec,
+    ("nearest-exact", False, 3): aten._upsample_nearest_exact3d.vec,
+    ("linear", False, 1): aten.upsample_linear1d.vec,
+    ("bilinear", False, 2): aten.upsample_bilinear2d.vec,
+    ("bicubic", False, 2): aten.upsample_bicubic2d.vec,
+    ("trilinear", False, 3): aten.upsample_trilinear3d.vec,
+    ("bilinear", True, 2): aten._upsample_bilinear2d_aa.vec,
+    ("bicubic", True, 2): aten._upsample_bicubic2d_aa.vec,
+}
 
-class RecurrentDecompositions(TorchFunctionMode):
-    """Runs torch._VF recurrent kernels as torch's decompositions (see _RECURRENT)."""
+
+def _interpolate_to_size(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                         recompute_scale_factor=None, antialias=False):
+    """F.interpolate to a given output size through torch's decomposition; None for the other cases."""
+    if size is None or scale_factor is not None or not isinstance(input, torch.Tensor):
+        return None
+    spatial = input.dim() - 2
+    overload = _INTERPOLATION.get((mode, bool(antialias), spatial))
+    decomposition = torch._decomp.decomposition_table.get(overload)
+    if decomposition is None:
+        return None
+    size = [size] * spatial if isinstance(size, int) else list(size)
+    if mode.startswith("nearest"):
+        return decomposition(input, size, None)
+    return decomposition(input, size, bool(align_corners), None)
+
+
+class SymbolicDecompositions(TorchFunctionMode):
+    """Runs calls whose kernels cannot take symbolic sizes as torch's Python decompositions: torch._VF
+    recurrent kernels (see _RECURRENT) and F.interpolate to a given size (see _INTERPOLATION)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         variants = _RECURRENT.get(func)
-        if variants is None:
-            return func(*args, **(kwargs or {}))
-        packed = len(args) == 9 and isinstance(args[1], torch.Tensor)
-        return torch._decomp.decomposition_table[variants[1] if packed else variants[0]](*args, **(kwargs or {}))
+        if variants is not None:
+            packed = len(args) == 9 and isinstance(args[1], torch.Tensor)
+            return torch._decomp.decomposition_table[variants[1] if packed else variants[0]](*args, **kwargs)
+        if func is torch.nn.functional.interpolate:
+            out = _interpolate_to_size(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
 # Shape bookkeeping that the flop counter also ignores.
 _IGNORED = {
     aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset, aten.size, aten.stride,

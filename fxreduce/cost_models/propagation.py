@@ -26,7 +26,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._sympy import functions as torch_sympy
 
 from ..errors import InputError, TraceError
-from .counting import NodeCounts, OpCounter, RecurrentDecompositions, dtype_name, to_sympy
+from .counting import NodeCounts, OpCounter, SymbolicDecompositions, dtype_name, to_sympy
 from .symbolic import ZERO, GraphCost, NodeCost
 
 META_KEY = "fxreduce"
@@ -221,7 +221,7 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
     if training:
         set_mode(gm, True)
     try:
-        with mode, counter, RecurrentDecompositions(), _reparametrize_module(gm, state):
+        with mode, counter, SymbolicDecompositions(), _reparametrize_module(gm, state):
             output = Recorder(gm).run(*fakes)
             if training:
                 leaves = [t for t in state.values() if t.requires_grad]

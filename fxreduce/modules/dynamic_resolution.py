@@ -30,9 +30,6 @@ def resize(x: Tensor, size: int) -> Tensor:
     shrink a picture); the identity when it already has that size."""
     if statically_known_true(x.shape[-2] == size) and statically_known_true(x.shape[-1] == size):
         return x
-    if isinstance(x, FakeTensor):
-        # Shape propagation: torch's interpolation kernels pin symbolic sizes to their example values.
-        return x.new_empty((*x.shape[:-2], size, size))
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
