@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxreduce as fr
+from fxreduce.blocks import SmallResNet
 from fxreduce.modules.dynamic_resolution import ResNet10Predictor, dynamic_resolution_parts, force_resolution, resize
 from fxreduce.training.dynamic_resolution import (evaluate, finetune_joint, pretrain_multi_resolution,
                                                   resolution_costs)
@@ -53,39 +54,6 @@ PLOT = ROOT / "docs" / "images" / "drnet_mnist.png"
 CHECKPOINT = Path(os.environ.get("FXREDUCE_CACHE", Path.home() / ".cache" / "fxreduce")) / "drnet_mnist.pt"
 SECTION = "MNIST results"
 MEAN, STD = 0.1307, 0.3081
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """ResNet-8 for grey images: a 3x3 stem, three stages of one BasicBlock, global pooling, a linear head.
-    With ``stem_stride`` 2 the feature maps shrink 8x overall, as ImageNet ResNets shrink 32x, so that
-    fewer input pixels mean coarser features."""
-
-    def __init__(self, width: int = 8, stem_stride: int = 1):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stages = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
-                                    BasicBlock(2 * width, 4 * width, 2))
-        self.head = nn.Linear(4 * width, 10)
-
-    def forward(self, x):
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
 
 
 @dataclass
@@ -221,7 +189,7 @@ class Built:
 
 def build(config: Config, seed: int, example: torch.Tensor) -> Built:
     torch.manual_seed(seed)
-    backbone = SmallResNet(config.width, config.stem_stride).eval()
+    backbone = SmallResNet(width=config.width, stem_stride=config.stem_stride).eval()
     traced = fr.trace(backbone, (example,), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
     cost = fr.cost(traced)
     low, high = min(config.resolutions + config.fixed), max(config.resolutions + config.fixed)

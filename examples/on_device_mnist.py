@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
+from fxreduce.blocks import SmallResNet  # noqa: E402
 from fxreduce.training.on_device import OnDeviceTrainer  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "on-device-training.md"
@@ -54,43 +55,6 @@ class LeNet5(nn.Module):
         x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc3(torch.relu(self.fc2(x)))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """A CIFAR-style ResNet (6n+2 layers) for 28x28 grey images; blocks=1 is ResNet-8, 3 is ResNet-20."""
-
-    def __init__(self, blocks: int = 1, width: int = 32):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        layers, channels = [], width
-        for stage, stride in enumerate((1, 2, 2)):
-            for block in range(blocks):
-                out = width * 2 ** stage
-                layers.append(BasicBlock(channels, out, stride if block == 0 else 1))
-                channels = out
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, 10)
-
-    def forward(self, x):
-        x = self.layers(self.stem(x))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 @dataclass

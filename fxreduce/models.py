@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .blocks import BasicBlock
 
 DEMO_REFS = ("default", "fxreduce:demo")
 DEFAULT_SIZE = 64
@@ -41,26 +42,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REF_HELP = "write default, torchvision:NAME, package.module:factory or path/to/file.py:factory"
 
 
-class _Block(nn.Module):
-    """Two 3x3 Conv-BN pairs with a residual add; a strided 1x1 Conv-BN shortcut when the shape changes."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + self.shortcut(x))
-
-
 class DemoNet(nn.Module):
     """A compact ResNet-style classifier: stem, two residual stages, global pooling, dropout, linear head.
 
@@ -70,8 +51,8 @@ class DemoNet(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stage1 = _Block(width, width, 1)
-        self.stage2 = _Block(width, 2 * width, 2)
+        self.stage1 = BasicBlock(width, width, 1)
+        self.stage2 = BasicBlock(width, 2 * width, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(2 * width, num_classes)
