@@ -1,0 +1,363 @@
+"""AntMan's compression modules for a Linear map ``W`` (out x in): low-rank, grouped, and their compositions.
+
+Every module computes ``x @ W'^T + b`` for a structured ``W'`` without ever forming it at run time:
+
+| module | W' | MACs per input row |
+|---|---|---|
+| ``LowRankLinear(r)`` | ``U V``, V (r, in), U (out, r) | r (in + out) |
+| ``GroupLinear(g)`` | block-diagonal, g blocks (out/g, in/g), optionally shuffled outputs | in out / g |
+| ``SparseLowRankLinear("sparse_lr")`` | ``U V``, V block-diagonal | in r / g + out r |
+| ``SparseLowRankLinear("lr_sparse")`` | ``U V``, U block-diagonal | in r + out r / g |
+| ``SparseLowRankLinear("grouped_shuffle")`` | both block-diagonal, r channels shuffled between | (in + out) r / g |
+
+The group products run as one batched GEMM. Each module states its MACs and parameter count
+(``fxreduce_macs``, ``count_params``), multiplies back out to an ``nn.Linear`` (``to_dense``), and is built
+from a dense weight by truncated SVD (``from_linear``; per block for grouped factors). ``LowRankLinear``
+also gives the decomposed LSTM its two GEMM factors, so a low-rank gate projection runs on the LSTM's
+fused kernels; the grouped modules run there through its per-step autograd path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import OptionError
+
+FORMS = ("lr", "group", "sparse_lr", "lr_sparse", "grouped_shuffle")
+
+
+def macs_per_row(form: str, in_features: int, out_features: int, rank, groups: int = 1):
+    """Multiply-adds per input row of ``form``; ``rank`` may be a sympy symbol (the pass solves for it)."""
+    n, m, g = in_features, out_features, groups
+
+    def div(a, b):
+        return a // b if isinstance(a, int) else a / b
+
+    formulas = {
+        "dense": lambda: m * n,
+        "lr": lambda: rank * (n + m),
+        "group": lambda: m * n // g,
+        "sparse_lr": lambda: div(n * rank, g) + m * rank,
+        "lr_sparse": lambda: n * rank + div(m * rank, g),
+        "grouped_shuffle": lambda: div((n + m) * rank, g),
+    }
+    if form not in formulas:
+        raise OptionError(f"unknown factorised form {form!r}", where="fxreduce.modules.factorized",
+                          fix=f"choose one of {', '.join(FORMS)}")
+    return formulas[form]()
+
+
+def _rows(shape) -> object:
+    rows = 1
+    for size in shape[:-1]:
+        rows = rows * size
+    return rows
+
+
+def _check_divides(groups: int, sizes: dict[str, int], where: str) -> None:
+    if not isinstance(groups, int) or groups < 1:
+        raise OptionError(f"groups must be a positive int, got {groups!r}", where=where)
+    for name, size in sizes.items():
+        if size % groups:
+            raise OptionError(f"groups={groups} does not divide {name}={size}", where=where,
+                              fix=f"choose groups among the common divisors of {', '.join(sizes)}")
+
+
+def _truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B) with A (m, rank), B (rank, n) and A B the best rank-``rank`` approximation of ``weight``;
+    ranks beyond min(m, n) are padded with zeros."""
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    kept = min(rank, s.numel())
+    root = s[:kept].sqrt()
+    a = weight.new_zeros(weight.shape[0], rank, dtype=torch.float64)
+    b = weight.new_zeros(rank, weight.shape[1], dtype=torch.float64)
+    a[:, :kept] = u[:, :kept] * root
+    b[:kept] = root[:, None] * vh[:kept]
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
+def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def _weight_and_bias(source: nn.Linear | Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    if isinstance(source, nn.Linear):
+        return source.weight.detach(), None if source.bias is None else source.bias.detach()
+    return source.detach(), None if bias is None else bias.detach()
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + b``: two GEMMs through a rank-r bottleneck, r (in + out) MACs per row."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(rank, int) or not 0 < rank <= min(in_features, out_features):
+            raise OptionError(f"rank must be an int in 1..min(in, out) = {min(in_features, out_features)}, "
+                              f"got {rank!r}", where=f"LowRankLinear({in_features} -> {out_features})")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.second = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        nn.init.kaiming_uniform_(self.first, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.second, a=5 ** 0.5)
+
+    @classmethod
+    def from_linear(cls, source: nn.Linear | Tensor, rank: int, bias: Tensor | None = None) -> "LowRankLinear":
+        """Truncated SVD of the weight (``W ~ (P sqrt(S)) (sqrt(S) Q^T)``); the bias is copied."""
+        weight, bias = _weight_and_bias(source, bias)
+        module = cls(weight.shape[1], weight.shape[0], rank, bias is not None, weight.device, weight.dtype)
+        second, first = _truncated_svd(weight, rank)
+        with torch.no_grad():
+            module.first.copy_(first)
+            module.second.copy_(second)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.first), self.second, self.bias)
+
+    def gemm_factors(self) -> tuple[list[Tensor], Tensor | None]:
+        """[V, U] and the bias: the decomposed LSTM's fast path multiplies by them directly."""
+        return [self.first, self.second], self.bias
+
+    def dense_weight(self) -> Tensor:
+        return self.second @ self.first
+
+    def to_dense(self) -> nn.Linear:
+        return _dense_linear(self.dense_weight().detach(), None if self.bias is None else self.bias.detach())
+
+    @staticmethod
+    def count_params(in_features: int, out_features: int, rank: int, bias: bool = True) -> int:
+        return rank * (in_features + out_features) + (out_features if bias else 0)
+
+    def fxreduce_macs(self, input_shapes, training: bool = False) -> dict[str, object]:
+        rows = _rows(input_shapes[0])
+        passes = 3 if training else 1  # forward; input- and weight-gradient GEMMs
+        return {"V": passes * rows * (self.rank * self.in_features),
+                "U": passes * rows * (self.out_features * self.rank)}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.rank} -> {self.out_features}, bias={self.bias is not None}"
+
+
+class GroupLinear(nn.Module):
+    """Block-diagonal Linear: input and output split into ``groups`` slices, slice i of the output reads
+    only slice i of the input (one batched GEMM, in out / g MACs per row).
+
+    With ``shuffle`` the outputs leave interleaved (ShuffleNet's channel shuffle): output k of group i
+    lands at position k * groups + i, so a following grouped layer sees every group.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True, shuffle: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_divides(groups, {"in_features": in_features, "out_features": out_features},
+                       f"GroupLinear({in_features} -> {out_features})")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.groups, self.shuffle = in_features, out_features, groups, shuffle
+        self.weight = nn.Parameter(torch.empty(groups, out_features // groups, in_features // groups, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        for block in self.weight.data:
+            nn.init.kaiming_uniform_(block, a=5 ** 0.5)
+
+    @classmethod
+    def from_linear(cls, source: nn.Linear | Tensor, groups: int, bias: Tensor | None = None,
+                    shuffle: bool = False) -> "GroupLinear":
+        """The diagonal blocks of the weight (of its un-shuffled rows): the closest block-diagonal matrix."""
+        weight, bias = _weight_and_bias(source, bias)
+        module = cls(weight.shape[1], weight.shape[0], groups, bias is not None, shuffle, weight.device, weight.dtype)
+        out_block, in_block = weight.shape[0] // groups, weight.shape[1] // groups
+        if shuffle:
+            weight = weight.reshape(out_block, groups, -1).transpose(0, 1).reshape(weight.shape)
+        with torch.no_grad():
+            for i in range(groups):
+                module.weight[i].copy_(weight[i * out_block:(i + 1) * out_block, i * in_block:(i + 1) * in_block])
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def grouped(self, x: Tensor) -> Tensor:
+        """``x`` (rows, in) -> the block products (groups, rows, out/groups), bias not added."""
+        return torch.bmm(x.reshape(x.shape[0], self.groups, -1).transpose(0, 1), self.weight.transpose(1, 2))
+
+    def ungroup(self, z: Tensor) -> Tensor:
+        """(groups, rows, out/groups) -> (rows, out) in this module's output order."""
+        return (z.permute(1, 2, 0) if self.shuffle else z.transpose(0, 1)).reshape(z.shape[1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.ungroup(self.grouped(x.reshape(-1, self.in_features)))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> Tensor:
+        dense = torch.block_diag(*self.weight)
+        if self.shuffle:
+            dense = dense.view(self.groups, -1, self.in_features).transpose(0, 1).reshape(dense.shape)
+        return dense
+
+    def to_dense(self) -> nn.Linear:
+        return _dense_linear(self.dense_weight().detach(), None if self.bias is None else self.bias.detach())
+
+    @staticmethod
+    def count_params(in_features: int, out_features: int, groups: int, bias: bool = True) -> int:
+        return in_features * out_features // groups + (out_features if bias else 0)
+
+    def fxreduce_macs(self, input_shapes, training: bool = False) -> dict[str, object]:
+        passes = 3 if training else 1
+        return {"blocks": passes * _rows(input_shapes[0]) * (self.in_features * self.out_features // self.groups)}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features}, groups={self.groups}, bias={self.bias is not None}, "
+                f"shuffle={self.shuffle}")
+
+
+class SparseLowRankLinear(nn.Module):
+    """``y = U (V x) + b`` with one or both factors block-diagonal (``groups`` blocks), AntMan's
+    compositions of structured sparsity and low rank:
+
+    - ``"sparse_lr"``: V grouped, U dense;
+    - ``"lr_sparse"``: V dense, U grouped;
+    - ``"grouped_shuffle"``: both grouped, the r bottleneck channels shuffled between them so that each
+      output group reads every input group.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, groups: int, form: str = "grouped_shuffle",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        where = f"SparseLowRankLinear({form}, {in_features} -> {out_features})"
+        if form not in ("sparse_lr", "lr_sparse", "grouped_shuffle"):
+            raise OptionError(f"form must be 'sparse_lr', 'lr_sparse' or 'grouped_shuffle', got {form!r}", where=where)
+        if not isinstance(rank, int) or not 0 < rank <= min(in_features, out_features):
+            raise OptionError(f"rank must be an int in 1..min(in, out) = {min(in_features, out_features)}, "
+                              f"got {rank!r}", where=where)
+        sizes = {"rank": rank}
+        if form != "lr_sparse":
+            sizes["in_features"] = in_features
+        if form != "sparse_lr":
+            sizes["out_features"] = out_features
+        _check_divides(groups, sizes, where)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank, self.groups, self.form = (
+            in_features, out_features, rank, groups, form)
+        if form == "lr_sparse":
+            self.first = nn.Linear(in_features, rank, bias=False, **factory)
+        else:
+            self.first = GroupLinear(in_features, rank, groups, bias=False, shuffle=form == "grouped_shuffle", **factory)
+        if form == "sparse_lr":
+            self.second = nn.Linear(rank, out_features, bias=bias, **factory)
+        else:
+            self.second = GroupLinear(rank, out_features, groups, bias=bias, **factory)
+
+    @classmethod
+    def from_linear(cls, source: nn.Linear | Tensor, rank: int, groups: int, form: str = "grouped_shuffle",
+                    bias: Tensor | None = None) -> "SparseLowRankLinear":
+        """Truncated SVD per block: of each column block of W (sparse_lr), each row block (lr_sparse), or,
+        with both grouped, of each block W_ij at the rank the shuffle routes from input group j to output
+        group i."""
+        weight, bias = _weight_and_bias(source, bias)
+        m, n = weight.shape
+        module = cls(n, m, rank, groups, form, bias is not None, weight.device, weight.dtype)
+        g, width = groups, rank // groups
+        first = torch.zeros(rank, n, dtype=weight.dtype, device=weight.device)
+        second = torch.zeros(m, rank, dtype=weight.dtype, device=weight.device)
+        if form == "sparse_lr":
+            for j in range(g):
+                cols = slice(j * n // g, (j + 1) * n // g)
+                a, b = _truncated_svd(weight[:, cols], width)
+                second[:, j * width:(j + 1) * width], first[j * width:(j + 1) * width, cols] = a, b
+        elif form == "lr_sparse":
+            for i in range(g):
+                rows = slice(i * m // g, (i + 1) * m // g)
+                a, b = _truncated_svd(weight[rows], width)
+                second[rows, i * width:(i + 1) * width], first[i * width:(i + 1) * width] = a, b
+        else:
+            # The shuffle sends V's channel k of input group j to position k*g + j, read by output group
+            # (k*g + j) // width; ``first`` below is in shuffled order, so position p is V's output p.
+            for i in range(g):
+                rows = slice(i * m // g, (i + 1) * m // g)
+                for j in range(g):
+                    positions = [p for p in range(i * width, (i + 1) * width) if p % g == j]
+                    if not positions:
+                        continue
+                    cols = slice(j * n // g, (j + 1) * n // g)
+                    a, b = _truncated_svd(weight[rows, cols], len(positions))
+                    second[rows, positions] = a
+                    first[positions, cols] = b
+        with torch.no_grad():
+            for part, dense in ((module.first, first), (module.second, second)):
+                if isinstance(part, GroupLinear):
+                    if part.shuffle:  # undo the shuffle: block row (group j, k) sits at position k*g + j
+                        dense = dense.view(-1, g, dense.shape[1]).transpose(0, 1).reshape(dense.shape)
+                    blocks_out, blocks_in = dense.shape[0] // g, dense.shape[1] // g
+                    for i in range(g):
+                        part.weight[i].copy_(dense[i * blocks_out:(i + 1) * blocks_out,
+                                                   i * blocks_in:(i + 1) * blocks_in])
+                else:
+                    part.weight.copy_(dense)
+            if bias is not None:
+                module.second.bias.copy_(bias)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.form == "grouped_shuffle":
+            # The shuffle as one copy: (g, rows, r/g) -> (rows, r/g, g) -> the second factor's groups.
+            z = self.first.grouped(rows).permute(1, 2, 0).reshape(rows.shape[0], self.groups, -1).transpose(0, 1)
+            y = self.second.ungroup(torch.bmm(z, self.second.weight.transpose(1, 2)))
+            if self.second.bias is not None:
+                y = y + self.second.bias
+        else:
+            y = self.second(self.first(rows))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.second.bias
+
+    def dense_weight(self) -> Tensor:
+        return self._dense(self.second) @ self._dense(self.first)
+
+    @staticmethod
+    def _dense(part: nn.Module) -> Tensor:
+        return part.dense_weight() if isinstance(part, GroupLinear) else part.weight
+
+    def to_dense(self) -> nn.Linear:
+        return _dense_linear(self.dense_weight().detach(), None if self.bias is None else self.bias.detach())
+
+    @staticmethod
+    def count_params(in_features: int, out_features: int, rank: int, groups: int, form: str,
+                     bias: bool = True) -> int:
+        return int(macs_per_row(form, in_features, out_features, rank, groups)) + (out_features if bias else 0)
+
+    def fxreduce_macs(self, input_shapes, training: bool = False) -> dict[str, object]:
+        rows = _rows(input_shapes[0])
+        passes = 3 if training else 1
+        g_first = 1 if self.form == "lr_sparse" else self.groups
+        g_second = 1 if self.form == "sparse_lr" else self.groups
+        return {"V": passes * rows * (self.in_features * self.rank // g_first),
+                "U": passes * rows * (self.out_features * self.rank // g_second)}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.rank} -> {self.out_features}, form={self.form!r}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
+def factorize(source: nn.Linear | Tensor, form: str, rank: int | None = None, groups: int = 1,
+              bias: Tensor | None = None) -> nn.Module:
+    """The module of ``form`` initialised from a dense weight (truncated SVD, per block where grouped)."""
+    if form == "lr":
+        return LowRankLinear.from_linear(source, rank, bias)
+    if form == "group":
+        return GroupLinear.from_linear(source, groups, bias)
+    return SparseLowRankLinear.from_linear(source, rank, groups, form, bias)

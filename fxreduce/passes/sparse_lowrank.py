@@ -1,0 +1,446 @@
+"""sparse_lowrank: AntMan's factorisation of Linear layers and LSTM gate matrices (arXiv 1910.01740).
+
+Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's modules — low-rank
+``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncated SVD, with
+its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
+reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
+(shared out evenly over the layers the pass can reach). LSTMs are rewritten through fxreduce's
+decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the conversion decompose_lstm
+makes; the pipeline does not insert passes, so this pass needs none before it), then each of its gate
+projections is swapped with ``set_projection``.
+
+A layer whose chosen rank would not cost less than the dense product (r >= m n / (m + n) for the
+low-rank form) is left alone and the report says why. Every rewrite states its weight error
+e = ||W - W'||_2 (sigma_{r+1} for a rank-r truncation), the bound its contract promises.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..cost_models import graph_cost, graph_info, symbol
+from ..cost_models.propagation import META_KEY
+from ..errors import OptionError
+from ..graph import REWRITTEN_BY, Layer, find_layers, replace_layer
+from ..modules.factorized import FORMS, factorize, macs_per_row
+from ..modules.lstm import LSTM
+from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
+
+SOURCE = "fxreduce_sparse_lowrank"  # node meta: {"source": original node name, "errors": {slot: e}}
+GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_sparse": ("out",),
+                   "grouped_shuffle": ("in", "out")}
+SIZINGS = ("rank", "rank_ratio", "energy", "flop_reduction", "model_flop_reduction")
+DEFAULT_FLOP_REDUCTION = 4.0
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SparseLowRankOptions:
+    form: str = option("lr", f"module family: {', '.join(FORMS)}", check=(f"one of {', '.join(FORMS)}",
+                                                                          lambda v: v in FORMS))
+    rank: int = option(None, "the rank r of every rewritten layer", check=("an int >= 1", _positive_int))
+    rank_ratio: float = option(None, "r = rank_ratio * min(in, out), rounded",
+                               check=("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1))
+    energy: float = option(None, "smallest r keeping this share of W's squared singular values",
+                           check=("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1))
+    flop_reduction: float = option(None, "per rewritten layer: at least this many times fewer MACs, the largest "
+                                         f"rank that meets it (the default, {DEFAULT_FLOP_REDUCTION:g}, when no "
+                                         "sizing is given)", check=("a number > 1", lambda v: _number(v) and v > 1))
+    model_flop_reduction: float = option(None, "whole model: at least this many times fewer MACs, shared out as one "
+                                               "per-layer reduction over the layers the pass can reach",
+                                         check=("a number > 1", lambda v: _number(v) and v > 1))
+    groups: int = option(1, "blocks of the grouped factors (must divide their dims; form 'group' with "
+                            "flop_reduction chooses it)", check=("an int >= 1", _positive_int))
+    layers: str = option("*", "glob over layer names (module paths, node names; LSTM gates as 'lstm.hh_l0')",
+                         check=("a non-empty glob", lambda v: isinstance(v, str) and bool(v.strip())))
+    types: tuple = option(("linear", "lstm"), "layer types to rewrite: 'linear' and/or 'lstm'",
+                          check=("a non-empty subset of ('linear', 'lstm')",
+                                 lambda v: bool(v) and set(v) <= {"linear", "lstm"}))
+    min_size: int = option(0, "leave weights with fewer than this many elements alone",
+                           check=("an int >= 0", lambda v: isinstance(v, int) and v >= 0))
+
+    def __post_init__(self) -> None:
+        given = [name for name in SIZINGS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise OptionError(f"sparse_lowrank takes one sizing rule, got {' and '.join(given)}",
+                              where="sparse_lowrank(...)", fix=f"give one of {', '.join(SIZINGS)}")
+        if not given:
+            self.flop_reduction = DEFAULT_FLOP_REDUCTION
+        if self.form == "group":
+            if set(given) & {"rank", "rank_ratio", "energy"}:
+                raise OptionError(f"form 'group' has no rank, got {given[0]}", where="sparse_lowrank(form='group')",
+                                  fix="size it with groups=G or flop_reduction / model_flop_reduction")
+            if given == [] and self.groups > 1:
+                self.flop_reduction = None
+
+
+@dataclass
+class Slot:
+    """One weight matrix the pass can rewrite: a Linear layer, or one gate projection of an LSTM."""
+
+    name: str
+    weight: Tensor
+    bias: Tensor | None
+    rows: float  # input rows per call at the example sizes
+    node: fx.Node
+    projection: tuple[str, int, bool] | None = None  # (kind, layer, reverse) of an LSTM
+
+    @property
+    def dense_macs(self) -> float:
+        return self.rows * self.weight.shape[0] * self.weight.shape[1]
+
+
+@dataclass
+class Choice:
+    rank: int | None
+    groups: int
+
+    def describe(self, form: str) -> str:
+        parts = [form] + ([f"r={self.rank}"] if self.rank is not None else []) + (
+            [f"g={self.groups}"] if self.groups > 1 or form == "group" else [])
+        return " ".join(parts)
+
+
+def _slot_name(kind: str, layer: int, reverse: bool) -> str:
+    return f"{kind}_l{layer}{'_reverse' if reverse else ''}"
+
+
+def _lstm_slots(lstm: nn.Module) -> list[tuple[str, int, bool]]:
+    directions = (False, True) if lstm.bidirectional else (False,)
+    return [(kind, layer, reverse) for layer in range(lstm.num_layers) for reverse in directions
+            for kind in ("ih", "hh")]
+
+
+def _dense_projection(lstm: nn.Module, kind: str, layer: int, reverse: bool) -> tuple[Tensor, Tensor | None] | None:
+    """The dense weight and bias of one gate projection, or None when it is already replaced."""
+    name = _slot_name(kind, layer, reverse)
+    if isinstance(lstm, LSTM):
+        projection = lstm.projection(kind, layer, reverse)
+        if type(projection) is not nn.Linear:
+            return None
+        return projection.weight, projection.bias
+    return getattr(lstm, "weight_" + name), getattr(lstm, "bias_" + name, None)
+
+
+class _Rows:
+    """Rows of a layer input at the example sizes: product of its leading dims."""
+
+    def __init__(self, gm: fx.GraphModule):
+        info = graph_info(gm)
+        self.values = {symbol(name): info.spec.hint(name) for name in info.symbolic}
+
+    def __call__(self, node: fx.Node, leading: int | None = None) -> float:
+        meta = node.meta.get(META_KEY)
+        shape = meta.shape if meta is not None and isinstance(meta.shape, tuple) else ()
+        dims = shape[:-1] if leading is None else shape[:leading]
+        rows = sympy.Integer(1)
+        for size in dims:
+            rows = rows * sympy.sympify(size)
+        return float(rows.subs(self.values))
+
+
+def _break_even(form: str, m: int, n: int, groups: int) -> sympy.Expr:
+    """The rank at which ``form`` costs as much as the dense product (the cost model solves it)."""
+    r = sympy.Symbol("r", positive=True)
+    return sympy.solve(sympy.Eq(macs_per_row(form, n, m, r, groups), m * n), r)[0]
+
+
+def _multiple_at_most(value: float, step: int) -> int:
+    return int(math.floor(value / step + 1e-9)) * step
+
+
+@register
+class SparseLowRank(Pass):
+    name = "sparse_lowrank"
+    summary = "AntMan: Linear layers and LSTM gate matrices -> low-rank / grouped / sparse x low-rank modules (SVD init)"
+    contract = Contract("bounded", "each rewritten weight W' (its module's to_dense()) satisfies ||W x - W' x|| <= "
+                                   "e ||x|| for every x, with e = ||W - W'||_2 as the report states (sigma_{r+1}(W) "
+                                   "for a rank-r truncation; 0 at full rank with groups=1), and each module "
+                                   "computes its own to_dense()", tolerance=1e-4)
+    Options = SparseLowRankOptions
+
+    def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
+        options = self.options
+        slots, lstm_nodes = self._slots(gm, outcome)
+        reduction = options.flop_reduction
+        if options.model_flop_reduction is not None:
+            reduction = self._per_layer_reduction(gm, slots)
+        choices = {}
+        for slot in slots:
+            choice = self._choose(slot, reduction)
+            if isinstance(choice, str):
+                outcome.skipped.append(Skipped(slot.name, choice))
+            else:
+                choices[slot.name] = choice
+        for slot in slots:
+            if slot.projection is None and slot.name in choices:
+                self._rewrite_linear(gm, slot, choices[slot.name], outcome)
+        for node, slot_list in lstm_nodes.items():
+            chosen = [slot for slot in slot_list if slot.name in choices]
+            if chosen:
+                self._rewrite_lstm(gm, node, chosen, choices, outcome)
+
+    def _slots(self, gm: fx.GraphModule, outcome: PassOutcome) -> tuple[list[Slot], dict[fx.Node, list[Slot]]]:
+        options, rows = self.options, _Rows(gm)
+        slots: list[Slot] = []
+        lstm_nodes: dict[fx.Node, list[Slot]] = {}
+
+        def selected(*names: str) -> bool:
+            return any(fnmatch.fnmatchcase(name, options.layers) for name in names)
+
+        if "linear" in options.types:
+            for layer in find_layers(gm, ["linear"]):
+                if not selected(layer.name, layer.node.name):
+                    continue
+                if layer.weight is None:
+                    outcome.skipped.append(Skipped(layer.name, "its weight is computed in the graph; only "
+                                                               "parameter weights are factorised"))
+                    continue
+                slots.append(Slot(layer.name, layer.weight.detach(), None if layer.bias is None else
+                                  layer.bias.detach(), rows(layer.input), layer.node))
+        if "lstm" in options.types:
+            for node in gm.graph.nodes:
+                module = gm.get_submodule(node.target) if node.op == "call_module" else None
+                if isinstance(node.target, torch._ops.OpOverload) and node.target is torch.ops.aten.lstm.input:
+                    outcome.skipped.append(Skipped(node.name, "an aten-level lstm (torch.export graph) has no "
+                                                              "module to factorise; capture with method='fx'"))
+                if not isinstance(module, (nn.LSTM, LSTM)):
+                    continue
+                if isinstance(module, nn.LSTM) and module.proj_size:
+                    outcome.skipped.append(Skipped(node.target, "proj_size is unsupported by the decomposed LSTM"))
+                    continue
+                seq_rows = rows(node.args[0], leading=2)
+                for kind, layer, reverse in _lstm_slots(module):
+                    name = f"{node.target}.{_slot_name(kind, layer, reverse)}"
+                    if not selected(name, node.target, node.name):
+                        continue
+                    dense = _dense_projection(module, kind, layer, reverse)
+                    if dense is None:
+                        outcome.skipped.append(Skipped(name, "already replaced by a non-dense projection"))
+                        continue
+                    weight, bias = dense
+                    slot = Slot(name, weight.detach(), None if bias is None else bias.detach(), seq_rows, node,
+                                (kind, layer, reverse))
+                    slots.append(slot)
+                    lstm_nodes.setdefault(node, []).append(slot)
+        return slots, lstm_nodes
+
+    def _per_layer_reduction(self, gm: fx.GraphModule, slots: list[Slot]) -> float:
+        """One per-layer reduction rho with total / (unreachable + reachable / rho) = the model target."""
+        target = self.options.model_flop_reduction
+        info = graph_info(gm)
+        total = float(graph_cost(gm).at(**{name: info.spec.hint(name) for name in info.symbolic}).macs)
+        reachable = sum(slot.dense_macs for slot in slots if slot.weight.numel() >= self.options.min_size)
+        unreachable = total - reachable
+        where = f"sparse_lowrank(model_flop_reduction={target:g})"
+        if reachable <= 0:
+            raise OptionError("no layer this pass can rewrite was selected", where=where,
+                              fix="check the layers / types / min_size options")
+        budget = total / target - unreachable
+        if budget <= 0:
+            ceiling = total / unreachable
+            raise OptionError(
+                f"a {target:g}x smaller model is out of reach: the layers this pass can rewrite hold "
+                f"{100 * reachable / total:.1f}% of the model's MACs, so even removing them entirely leaves "
+                f"{ceiling:.2f}x (the rest, e.g. attention or convolutions, is not a Linear or LSTM gate matrix "
+                f"this pass reaches)", where=where,
+                fix=f"ask for less than {ceiling:.2f}x, or flop_reduction=... for a per-layer reduction")
+        return reachable / budget
+
+    def _choose(self, slot: Slot, reduction: float | None) -> Choice | str:
+        """The (rank, groups) for one weight; a string says why the layer is left alone."""
+        options = self.options
+        form = options.form
+        m, n = slot.weight.shape
+        where = f"layer {slot.name} ({n} -> {m})"
+        if slot.weight.numel() < options.min_size:
+            return f"{m}x{n} weight is below min_size={options.min_size}"
+        if not slot.weight.is_floating_point():
+            return f"its weight is {slot.weight.dtype}; the factorised modules are floating point"
+        dims = {"in": n, "out": m}
+        groups = 1 if form == "lr" else options.groups
+        if form == "group":
+            if reduction is not None:
+                common = [g for g in range(2, math.gcd(m, n) + 1) if m % g == 0 and n % g == 0 and g >= reduction]
+                if not common:
+                    raise OptionError(f"no group count of at least {reduction:.3g} divides both {n} and {m}",
+                                      where=where, fix="ask for a smaller reduction, or another form")
+                groups = common[0]
+            self._check_groups(groups, {k: dims[k] for k in GROUPED_FACTORS[form]}, where)
+            if groups == 1:
+                return "groups=1 is the dense layer; nothing to save"
+            return Choice(None, groups)
+        self._check_groups(groups, {k: dims[k] for k in GROUPED_FACTORS[form]}, where)
+        largest = _multiple_at_most(min(m, n), groups)
+        if options.rank is not None:
+            rank = options.rank
+            if rank > min(m, n):
+                raise OptionError(f"rank={rank} exceeds min(in, out) = {min(m, n)}", where=where,
+                                  fix=f"choose a rank in 1..{min(m, n)} (or restrict the layers option)")
+            if rank % groups:
+                raise OptionError(f"rank={rank} is not a multiple of groups={groups}", where=where,
+                                  fix="the grouped factor splits the rank into equal blocks")
+        elif options.rank_ratio is not None:
+            rank = max(groups, _multiple_at_most(round(options.rank_ratio * min(m, n)), groups))
+        elif options.energy is not None:
+            values = torch.linalg.svdvals(slot.weight.double()) ** 2
+            kept = torch.cumsum(values, 0) / values.sum()
+            needed = int(torch.searchsorted(kept, torch.tensor(options.energy, dtype=kept.dtype) - 1e-12)) + 1
+            rank = min(largest, math.ceil(needed / groups) * groups)
+        else:
+            bound = sympy.Symbol("r", positive=True)
+            solved = sympy.solve(sympy.Eq(macs_per_row(form, n, m, bound, groups) * sympy.nsimplify(reduction),
+                                          m * n), bound)[0]
+            rank = min(largest, _multiple_at_most(float(solved), groups))
+            if rank < groups:
+                best = m * n / macs_per_row(form, n, m, groups, groups)
+                raise OptionError(f"no rank meets a {reduction:.3g}x reduction: even rank {groups} gives "
+                                  f"{best:.3g}x", where=where,
+                                  fix="ask for a smaller reduction, use more groups, or leave this layer out "
+                                      "(layers / min_size options)")
+        if macs_per_row(form, n, m, rank, groups) >= m * n:
+            even = _break_even(form, m, n, groups)
+            return (f"rank {rank} would not reduce cost: {form} with g={groups} saves only below the break-even "
+                    f"r < {sympy.nsimplify(even)} = {float(even):.1f}")
+        return Choice(rank, groups)
+
+    @staticmethod
+    def _check_groups(groups: int, sizes: dict[str, int], where: str) -> None:
+        for name, size in sizes.items():
+            if size % groups:
+                raise OptionError(f"groups={groups} does not divide the layer's {name}_features={size}", where=where,
+                                  fix=f"choose groups dividing {' and '.join(str(s) for s in sizes.values())}")
+
+    def _factorised(self, slot: Slot, choice: Choice) -> tuple[nn.Module, str, float]:
+        """The module for one slot, the report's text for it, and its weight error e = ||W - W'||_2."""
+        weight = slot.weight
+        module = factorize(weight, self.options.form, choice.rank, choice.groups, slot.bias)
+        with torch.no_grad():
+            residual = (weight.double() - module.dense_weight().double())
+            error = float(torch.linalg.matrix_norm(residual, ord=2))
+            relative = float(residual.norm() / weight.double().norm()) if weight.norm() > 0 else 0.0
+        m, n = weight.shape
+        ratio = m * n / macs_per_row(self.options.form, n, m, choice.rank, choice.groups)
+        params = sum(p.numel() for p in module.parameters())
+        dense_params = weight.numel() + (0 if slot.bias is None else slot.bias.numel())
+        text = (f"{choice.describe(self.options.form)}: {float(ratio):.2f}x fewer MACs, params {dense_params} -> "
+                f"{params}, ||W - W'||_2 = {error:.3g} (relative Frobenius error {100 * relative:.1f}%)")
+        return module, text, error
+
+    def _rewrite_linear(self, gm: fx.GraphModule, slot: Slot, choice: Choice, outcome: PassOutcome) -> None:
+        layer = next(layer for layer in find_layers(gm, ["linear"]) if layer.node is slot.node)
+        module, text, error = self._factorised(slot, choice)
+        new = replace_layer(gm, layer, module, pass_name=self.name)
+        new.meta[SOURCE] = {"source": slot.node.name, "errors": {"": error}}
+        outcome.rewrites.append(Rewrite([slot.node.name], [new.name], text, self.contract))
+
+    def _rewrite_lstm(self, gm: fx.GraphModule, node: fx.Node, slots: list[Slot], choices: dict[str, Choice],
+                      outcome: PassOutcome) -> None:
+        original = gm.get_submodule(node.target)
+        lstm = LSTM.from_torch(original) if isinstance(original, nn.LSTM) else copy.deepcopy(original)
+        errors, texts = {}, []
+        for slot in slots:
+            module, text, error = self._factorised(slot, choices[slot.name])
+            lstm.set_projection(*slot.projection, module.to(slot.weight.device))
+            key = _slot_name(*slot.projection)
+            errors[key] = error
+            texts.append(f"{key} {text}")
+        name = node.name
+        layer = Layer("lstm", node, "module", node.target, module=original)
+        new = replace_layer(gm, layer, lstm, pass_name=self.name, args=tuple(node.args), kwargs=dict(node.kwargs))
+        new.meta[SOURCE] = {"source": name, "errors": errors}
+        new.meta[REWRITTEN_BY] = self.name
+        head = "nn.LSTM decomposed; " if isinstance(original, nn.LSTM) else ""
+        outcome.rewrites.append(Rewrite([name], [new.name], head + "; ".join(texts), self.contract))
+
+    def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
+        """Each rewritten weight is within its stated spectral error of the original (the bound for every
+        x at once), and on these inputs each module's output is within e ||x|| of the dense layer's."""
+        originals = {node.name: node for node in before.graph.nodes}
+        rewritten = {node: after.get_submodule(node.target) for node in after.graph.nodes
+                     if node.op == "call_module" and SOURCE in node.meta}
+        seen: dict[fx.Node, Tensor] = {}
+
+        def record(node: fx.Node):
+            def hook(module, args, out) -> None:
+                seen.setdefault(node, args[0])
+            return hook
+
+        handles = [module.register_forward_hook(record(node)) for node, module in rewritten.items()]
+        try:
+            run_eval(after, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        tolerance = self.contract.tolerance
+        for node, module in rewritten.items():
+            source, errors = node.meta[SOURCE]["source"], node.meta[SOURCE]["errors"]
+            if source not in originals:  # rewritten by an earlier pass of the pipeline, not by this one
+                continue
+            original = originals[source]
+            with torch.no_grad():
+                if isinstance(module, LSTM):
+                    old = before.get_submodule(original.target)
+                    for kind, layer, reverse in _lstm_slots(module):
+                        key = _slot_name(kind, layer, reverse)
+                        if key not in errors:
+                            continue
+                        weight = _dense_projection(old, kind, layer, reverse)[0]
+                        dense = module.projection(kind, layer, reverse).dense_weight()
+                        failure = _spectral_check(f"{node.name}.{key}", weight, dense, errors[key], tolerance)
+                        if failure:
+                            return failure
+                    if node in seen:
+                        failure = _lstm_agrees(node.name, module, seen[node], tolerance)
+                        if failure:
+                            return failure
+                    continue
+                old = next(layer for layer in find_layers(before, ["linear"]) if layer.node.name == source)
+                failure = _spectral_check(node.name, old.weight, module.dense_weight(), errors[""], tolerance)
+                if failure or node not in seen:
+                    return failure
+                x = seen[node]
+                dense_out = torch.nn.functional.linear(x, old.weight, old.bias)
+                excess = (module(x) - dense_out).norm(dim=-1) - errors[""] * x.norm(dim=-1)
+                allowed = tolerance * (1 + dense_out.norm(dim=-1))
+                if bool((excess > allowed).any()):
+                    return (f"{node.name}: ||Wx - W'x|| exceeds e ||x|| (e = {errors['']:.3g}) by "
+                            f"{float((excess - allowed).max()):.3g}")
+        return None
+
+
+def _spectral_check(name: str, weight: Tensor, dense: Tensor, stated: float, tolerance: float) -> str | None:
+    error = float(torch.linalg.matrix_norm(weight.double() - dense.double(), ord=2))
+    if error > stated * (1 + tolerance) + tolerance * float(weight.abs().max()):
+        return f"{name}: ||W - W'||_2 = {error:.4g}, the report states {stated:.4g}"
+    return None
+
+
+def _lstm_agrees(name: str, module: LSTM, x: Tensor, tolerance: float) -> str | None:
+    """The factorised LSTM computes what the same LSTM with each projection multiplied out computes."""
+    dense = copy.deepcopy(module)
+    for kind, layer, reverse in _lstm_slots(module):
+        projection = module.projection(kind, layer, reverse)
+        if type(projection) is not nn.Linear:
+            dense.set_projection(kind, layer, reverse, projection.to_dense())
+    expected = run_eval(dense, (x,))[0]
+    actual = run_eval(module, (x,))[0]
+    error = float((expected - actual).abs().max())
+    if error > tolerance * max(1.0, float(expected.abs().max())):
+        return f"{name}: output differs from its own to_dense() LSTM by {error:.3g}"
+    return None
