@@ -12,10 +12,15 @@ computes every layer and direction as
 
 On CPU in float32 the GEMMs run on oneDNN, the per-step ones with weights packed once per sequence
 (for the small batch of a recurrence up to 2x faster than ``addmm``; nn.LSTM's own oneDNN kernel relies
-on the same). Other devices and dtypes use ``addmm``. Cost of keep sets, measured on 2 CPU cores at
-H=650, T=35, p=0.5 on inputs and states of 2 layers: per-sequence sets make the training step 1.6x
-faster than dense; per-step sets gather T copies of the kept weight columns, which at batch 20 makes
-the step 2.3x slower than dense and at batch 128 1.15x faster.
+on the same). Other devices and dtypes use ``addmm``.
+
+Keep sets: per-sequence sets gather k weight columns once and keep every GEMM whole. Per-step sets run
+the input projection as T GEMMs of N rows over each step's kept columns; uniform sets gather those
+columns per step, window sets (:meth:`KeepSet.windows`) read them as slices of the weight permuted once
+per sequence. Measured on 1 core of a loaded 2-core machine, 2 layers, H=650, T=35, batch 20, p=0.5 on
+layer inputs (and states: +h), training forward + backward of the LSTM alone, dense = 1: per-sequence
+1.3x (+h 1.75x), per-step window 1.1x (+h 1.3x), per-step uniform 0.75x (+h 0.6x). At batch 20 the
+T small GEMMs run well below the speed of one big GEMM, which bounds both per-step modes.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ class KeepSet:
 
     index: Tensor
     scale: float = 1.0
+    order: Tensor | None = None
+    offsets: Tensor | None = None
+
+    @classmethod
+    def windows(cls, order: Tensor, offsets: Tensor, k: int, scale: float = 1.0) -> "KeepSet":
+        """Per-step sets that are cyclic windows of k units in one ordering of the units: row t keeps
+        ``order[(offsets[t] + j) % width]`` for j < k. The fast path then reads each step's weight columns
+        as a slice of the weight permuted once, instead of gathering them per step."""
+        doubled = torch.cat([order, order[: k - 1]])
+        index = doubled[offsets[:, None] + torch.arange(k)]
+        return cls(index, scale, doubled, offsets)
 
     @property
     def per_step(self) -> bool:
@@ -160,6 +176,97 @@ class _StepMatmul:
         return _DNN_LINEAR_ADD(z, add, self.packed, None, "add")
 
 
+class _StepRows:
+    """The rows of ``W^T`` (W's input columns) that each step's keep set selects, for per-step sets.
+
+    Uniform sets gather k rows per step. Window sets (:meth:`KeepSet.windows`) permute ``W^T`` once and
+    read each step's rows as a contiguous slice of it: no per-step copy, and the weight gradient is
+    accumulated into slices of one buffer instead of T gathered copies.
+    """
+
+    def __init__(self, weight: Tensor, index: Tensor, window: tuple[Tensor, list[int]] | None):
+        self.index, self.width, self.k = index, weight.shape[1], index.shape[1]
+        self.order, self.starts = window if window is not None else (None, None)
+        # The weight's gradient comes from weight_grad, so the copy is made outside autograd; gathering the
+        # rows of a contiguous copy reads contiguous memory (3x faster than gathering from weight.t()).
+        self.rows = weight.detach().t().contiguous()
+        if window is not None:
+            self.rows = self.rows.index_select(0, self.order)
+
+    def __call__(self, t: int) -> Tensor:
+        if self.starts is None:
+            return self.rows.index_select(0, self.index[t])
+        start = self.starts[t]
+        return self.rows[start : start + self.k]
+
+    def times(self, z: Tensor, t: int, add: Tensor | None = None) -> Tensor:
+        """``z @ rows_t (+ add)``: on oneDNN where it applies, which takes the slice as a transposed weight
+        without copying it and runs these N-row GEMMs 1.3x faster than ``mm`` (measured, H=650, N=20)."""
+        rows = self(t)
+        if _onednn_ok(z):
+            out = _DNN_LINEAR(z, rows.t(), None, "none", [], "")
+            return out if add is None else out.add_(add)
+        return torch.mm(z, rows) if add is None else torch.addmm(add, z, rows)
+
+    def times_t(self, dz: Tensor, t: int) -> Tensor:
+        """``dz @ rows_t^T``, the input gradient of :meth:`times`."""
+        rows = self(t)
+        return _DNN_LINEAR(dz, rows, None, "none", [], "") if _onednn_ok(dz) else torch.mm(dz, rows.t())
+
+    def weight_grad(self, z: Tensor, dout: Tensor) -> Tensor:
+        """dL/dW (out, in) from the kept, scaled inputs ``z`` (T, N, k) and output gradients (T, N, out)."""
+        if self.starts is None:
+            per_t = torch.bmm(z.transpose(1, 2), dout)
+            full = z.new_zeros(self.width, dout.shape[-1])
+            return full.index_add_(0, self.index.flatten(), per_t.flatten(0, 1)).t()
+        slices = torch.zeros_like(self.rows)
+        for t, start in enumerate(self.starts):
+            slices[start : start + self.k].addmm_(z[t].t(), dout[t])
+        permuted = slices[: self.width]
+        permuted[: self.k - 1] += slices[self.width :]
+        return torch.empty_like(permuted).index_copy_(0, self.order[: self.width], permuted).t()
+
+
+def _window(keep: KeepSet, device) -> tuple[Tensor, list[int]] | None:
+    return None if keep.order is None else (keep.order.to(device), keep.offsets.tolist())
+
+
+class _StepProjection(torch.autograd.Function):
+    """``x[t][:, K_t] * scale @ W[:, K_t]^T (+ b)`` for every step t of a per-step keep set: forward and
+    both gradients over the k kept columns only (T GEMMs of N rows each)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, scale, window):
+        steps, rows, _ = x.shape
+        xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
+        step_rows = _StepRows(weight, index, window)
+        out = x.new_empty(steps, rows, weight.shape[0])
+        for t in range(steps):
+            out[t] = step_rows.times(xk[t], t, bias)
+        ctx.save_for_backward(xk, index)
+        ctx.step_rows, ctx.scale, ctx.x_shape, ctx.has_bias = step_rows, scale, x.shape, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        xk, index = ctx.saved_tensors
+        step_rows, steps = ctx.step_rows, xk.shape[0]
+        dout = dout.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxk = torch.empty_like(xk)
+            for t in range(steps):
+                dxk[t] = step_rows.times_t(dout[t], t)
+            kept = index[:, None, :].expand(-1, xk.shape[1], -1)
+            dx = xk.new_zeros(ctx.x_shape).scatter_(2, kept, dxk.mul_(ctx.scale))
+        if ctx.needs_input_grad[1]:
+            dw = step_rows.weight_grad(xk, dout)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dout.sum((0, 1))
+        return dx, dw, db, None, None, None
+
+
 def _order(steps: int, reverse: bool) -> range:
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
@@ -169,7 +276,7 @@ def _shifted(seq: Tensor, first: Tensor, reverse: bool) -> Tensor:
     return torch.cat([seq[1:], first[None]]) if reverse else torch.cat([first[None], seq[:-1]])
 
 
-def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, save):
+def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, save):
     """Run the cell over all steps. ``xp`` (T, N, 4H) holds the input projections plus every bias.
 
     With ``save`` the per-step activations, cell states and factor outputs are kept for the backward;
@@ -184,7 +291,7 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, save):
     tcs = xp.new_empty(kept, rows, hidden)
     inner = [xp.new_empty(kept, rows, w.shape[0]) for w in factors[:-1]]
     per_step = index is not None and index.dim() == 2
-    first_rows = factors[0].t().contiguous() if per_step else None
+    first_rows = step_rows
     mats = [None if per_step and j == 0 else _StepMatmul(w, rows) for j, w in enumerate(factors)]
     last = len(factors) - 1
     # Per-step views made once (unbind is one call) instead of ~10 Python-level slices per step.
@@ -203,8 +310,7 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, save):
         for j, mat in enumerate(mats):
             add = xp_t[t] if j == last else None
             if mat is None:
-                rows_t = first_rows.index_select(0, index[t])
-                z = torch.mm(z, rows_t) if add is None else torch.addmm(add, z, rows_t)
+                z = first_rows.times(z, t, add)
             else:
                 z = mat(z, add)
             if j < last and save:
@@ -227,15 +333,17 @@ class _Recurrence(torch.autograd.Function):
 
     Inputs: ``xp`` (T, N, 4H) input projections with all biases, ``h0``, ``c0`` (N, H), the direction,
     an optional hidden keep index ((k,): columns of ``factors[0]`` already gathered and scaled; (T, k):
-    gathered here per step) with its scale, then the recurrent GEMM factors. Outputs: all hidden
+    selected here per step through ``step_rows``, a :class:`_StepRows` of ``factors[0]``) with its scale,
+    then the recurrent GEMM factors. Outputs: all hidden
     states (T, N, H) and the last cell state (N, H). Saved: gate activations, cell states and their
     tanh, the factor outputs of multi-factor projections; not ``xp``.
     """
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, reverse, index, scale, *factors):
-        hs, c_last, acts, cs, tcs, inner = _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, True)
-        ctx.reverse, ctx.scale, ctx.count = reverse, scale, len(factors)
+    def forward(ctx, xp, h0, c0, reverse, index, scale, step_rows, *factors):
+        hs, c_last, acts, cs, tcs, inner = _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows,
+                                                               True)
+        ctx.reverse, ctx.scale, ctx.step_rows, ctx.count = reverse, scale, step_rows, len(factors)
         ctx.save_for_backward(acts, cs, tcs, hs, h0, c0, index, *factors, *inner)
         return hs, c_last
 
@@ -262,7 +370,7 @@ class _Recurrence(torch.autograd.Function):
         dc_from_h = torch.mul(tcs, tcs)
         torch.addcmul(o, o, dc_from_h, value=-1, out=dc_from_h)
 
-        first_rows = factors[0].t().contiguous() if per_step else None
+        first_rows = ctx.step_rows
         last = len(factors) - 1
         back = [None if per_step and j == 0 else _StepMatmul(w.t(), rows) for j, w in enumerate(factors)]
         dinner = [torch.empty_like(z) for z in inner]
@@ -281,7 +389,7 @@ class _Recurrence(torch.autograd.Function):
             for j in range(last, -1, -1):
                 add = nxt if j == 0 and index is None else None
                 if back[j] is None:
-                    dz = torch.mm(dz, first_rows.index_select(0, index[t]).t())
+                    dz = first_rows.times_t(dz, t)
                 else:
                     dz = back[j](dz, add)
                 if j > 0:
@@ -294,7 +402,7 @@ class _Recurrence(torch.autograd.Function):
 
         grads = []
         for j, w in enumerate(factors):
-            if not ctx.needs_input_grad[6 + j]:
+            if not ctx.needs_input_grad[7 + j]:
                 grads.append(None)
                 continue
             dout = (dgates if j == last else dinner[j]).flatten(0, 1)
@@ -304,21 +412,19 @@ class _Recurrence(torch.autograd.Function):
             h_prev = _shifted(hs, h0, reverse)
             if per_step:
                 z = torch.gather(h_prev, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
-                per_t = torch.bmm(z.transpose(1, 2), dout.view(steps, rows, -1))
-                full = w.new_zeros(w.shape[1], w.shape[0]).index_add_(0, index.flatten(), per_t.flatten(0, 1))
-                grads.append(full.t())
+                grads.append(first_rows.weight_grad(z, dout.view(steps, rows, -1)))
             else:
                 z = h_prev if index is None else h_prev.index_select(2, index)
                 grads.append(_mm_t(dout.t(), z.flatten(0, 1).t()))
-        return (dgates, dh, dc, None, None, None, *grads)
+        return (dgates, dh, dc, None, None, None, None, *grads)
 
 
 def _input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, keep: KeepSet | None) -> Tensor:
     """``x @ W1^T ... @ Wm^T + bias`` for all steps at once; a keep set shrinks the first GEMM to k columns.
 
-    Per sequence: one gather of k columns of W1. Per step: a batched GEMM over T gathered copies of
-    W1's kept columns: T*k*out1 weights are copied (118 MB for W (2600, 650), k=325, T=35, float32) and
-    each copy serves only the N rows of its step, so it pays only at large batch (see the module doc).
+    Per sequence: one gather of k columns of W1, then one GEMM. Per step: T GEMMs of N rows
+    (:class:`_StepProjection`); uniform sets gather each step's k columns of W1 (T*k*out1 weights
+    copied: 118 MB for W (2600, 650), k=325, T=35, float32), window sets read slices of W1 permuted once.
     """
     if keep is None:
         z = x
@@ -329,25 +435,26 @@ def _input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, kee
     if not keep.per_step:
         first = weights[0].index_select(1, index) * keep.scale
         return _input_projection(x.index_select(2, index), [first, *weights[1:]], bias, None)
-    steps, rows, _ = x.shape
-    xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)) * keep.scale
-    wk = weights[0].t().contiguous().index_select(0, index.flatten()).view(steps, index.shape[1], -1)
+    window = _window(keep, x.device)
     if len(weights) == 1:
-        return torch.bmm(xk, wk) if bias is None else torch.baddbmm(bias, xk, wk)
-    return _input_projection(torch.bmm(xk, wk), weights[1:], bias, None)
+        return _StepProjection.apply(x, weights[0], bias, index, keep.scale, window)
+    return _input_projection(_StepProjection.apply(x, weights[0], None, index, keep.scale, window), weights[1:],
+                             bias, None)
 
 
 def _fast_recurrence(xp, h0, c0, factors, reverse, keep):
-    index, scale = None, 1.0
+    index, scale, step_rows = None, 1.0, None
     if keep is not None:
         index, scale = keep.index.to(xp.device), keep.scale
-        if not keep.per_step:
+        if keep.per_step:
+            step_rows = _StepRows(factors[0], index, _window(keep, xp.device))
+        else:
             factors = [factors[0].index_select(1, index) * scale, *factors[1:]]
     tensors = (xp, h0, c0, *factors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _Recurrence.apply(xp, h0, c0, reverse, index, scale, *factors)
+        return _Recurrence.apply(xp, h0, c0, reverse, index, scale, step_rows, *factors)
     with torch.no_grad():
-        return _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, False)[:2]
+        return _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, False)[:2]
 
 
 def _autograd_recurrence(xp, h0, c0, module, reverse, keep):
@@ -560,6 +667,11 @@ class LSTM(nn.Module):
     def clear_keep_sets(self) -> None:
         self._keep_sets.clear()
 
+    def cost_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
+        """The keep sets a training step's cost counts: the ones set (a subclass drawing them per step
+        returns sets of the sizes it draws)."""
+        return self._keep_sets
+
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         """nn.LSTM's forward: ``(output, (h_n, c_n))`` for (T, N, in), (N, T, in) or unbatched (T, in)."""
         if isinstance(input, PackedSequence):
@@ -642,8 +754,9 @@ class LSTM(nn.Module):
         shape = input_shapes[0]
         rows = shape[0] if len(shape) == 2 else shape[0] * shape[1]
         macs: dict[str, object] = {}
+        keep_sets = self.cost_keep_sets() if training else {}
         for layer in range(self.num_layers):
-            keep_in, keep_hidden = self._keep_sets.get(layer, (None, None)) if training else (None, None)
+            keep_in, keep_hidden = keep_sets.get(layer, (None, None))
             for reverse in self._directions():
                 for kind, keep in (("ih", keep_in), ("hh", keep_hidden)):
                     macs[_suffix(kind, layer, reverse)] = self._projection_macs(kind, layer, reverse, rows, keep, training)

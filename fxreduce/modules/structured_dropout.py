@@ -1,0 +1,233 @@
+"""Structured dropout (Sarma et al., NeurIPS 2021): dropout masks shared by the whole batch, so training
+GEMMs skip the dropped units' weight columns forward and backward.
+
+``StructuredDropoutLSTM`` is the decomposed :class:`~fxreduce.modules.lstm.LSTM` drawing its keep sets
+itself at every training forward: on each layer's input (the dropout that fed the LSTM, and nn.LSTM's
+between-layer dropout) and, with ``recurrent``, on the state h feeding W_hh. ``StructuredDropoutLinear``
+is a Dropout -> Linear chain (e.g. a decoder) in one module that multiplies only the kept input columns.
+Both compute exactly the original modules in eval mode and keep their parameter names.
+
+Mask modes: ``per_step`` (the paper's case) draws an independent uniform k-subset at every time step;
+``per_sequence`` one k-subset for all steps (variational dropout, but shared by the batch);
+``per_step_window`` a per-sequence random permutation of the units and, per step, a random cyclic
+window of k units in it: every unit is still kept with probability exactly k/H at each step and the sets
+change every step, but they are not uniform over all k-subsets (units next to each other in the
+permutation are kept together), in exchange for weight columns read as slices instead of gathered per step.
+
+Masks come from a generator seeded by ``(seed, number of training forwards so far)``: a run is reproducible
+from the seed, and data-parallel ranks that start from the same seed draw the same masks at every step
+without communicating.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
+
+from ..errors import OptionError
+from .lstm import LSTM, KeepSet
+
+MODES = ("per_step", "per_sequence", "per_step_window")
+
+
+def keep_count(p: float, width: int) -> int:
+    """k = round((1 - p) * width), at least one unit, so shapes stay static whatever the draw."""
+    return max(1, round((1 - p) * width))
+
+
+def check_settings(p: float, mode: str, where: str) -> None:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise OptionError(f"dropout p must be a number in [0, 1), got {p!r}", where=where,
+                          fix="p=1 would drop every unit; use 0 <= p < 1")
+    if mode not in MODES:
+        raise OptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", where=where)
+
+
+class MaskDraws:
+    """Keep sets drawn reproducibly: the n-th training forward uses a generator seeded from (seed, n)."""
+
+    def __init__(self, seed: int):
+        self.seed, self.draws = int(seed), 0
+
+    def next_generator(self) -> torch.Generator:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draws) % (1 << 63))
+        self.draws += 1
+        return generator
+
+
+def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, steps: int | None,
+                  mode: str) -> KeepSet:
+    """A batch-shared keep set of k of ``width`` units: (k,) for a sequence, (steps, k) per step."""
+    if mode == "per_sequence" or steps is None:
+        return KeepSet(torch.randperm(width, generator=generator)[:k].sort().values, scale)
+    if mode == "per_step":
+        return KeepSet(torch.rand(steps, width, generator=generator).argsort(1)[:, :k].sort(1).values, scale)
+    order = torch.randperm(width, generator=generator)
+    offsets = torch.randint(0, width, (steps,), generator=generator)
+    return KeepSet.windows(order, offsets, k, scale)
+
+
+class StructuredDropoutLSTM(LSTM):
+    """The decomposed LSTM with batch-shared dropout drawn at every training forward.
+
+    ``mask_input``: drop units of layer 0's input (the dropout that fed the LSTM); layers above 0 are
+    masked when the LSTM had between-layer dropout; ``recurrent``: also the state h feeding W_hh. Every
+    mask drops with probability ``p`` and scales kept units by 1/(1 - p). ``reference = True`` computes
+    the same masked step densely (a plain autograd loop) — the contract the fast path is checked against.
+    """
+
+    def __init__(self, *args, p: float = 0.5, mode: str = "per_step", recurrent: bool = False,
+                 mask_input: bool = False, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_settings(p, mode, "StructuredDropoutLSTM")
+        self.p, self.mode, self.recurrent, self.mask_input = float(p), mode, bool(recurrent), bool(mask_input)
+        self.masks = MaskDraws(seed)
+        self.reference = False
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, *, p: float, mode: str, recurrent: bool, mask_input: bool,
+                  seed: int) -> "StructuredDropoutLSTM":
+        """A copy of ``lstm`` (weights copied) dropping as configured; nn.LSTM's state_dict loads into it."""
+        new = cls.from_torch(lstm)
+        check_settings(p, mode, "StructuredDropoutLSTM")
+        new.p, new.mode, new.recurrent, new.mask_input = float(p), mode, bool(recurrent), bool(mask_input)
+        new.masks = MaskDraws(seed)
+        return new
+
+    def mask_widths(self) -> dict[int, tuple[int | None, int | None]]:
+        """Per layer, the widths of the (input, hidden) tensors this module masks (None: not masked)."""
+        widths = {}
+        for layer in range(self.num_layers):
+            masked_input = self.mask_input if layer == 0 else self.dropout > 0
+            widths[layer] = (self._in_features("ih", layer) if masked_input else None,
+                             self.hidden_size if self.recurrent else None)
+        return widths
+
+    def _draw(self, steps: int, like: Tensor) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
+        scale = 1.0 / (1.0 - self.p)
+        if is_fake(like):  # shape and cost propagation: any sets of the right size do, and no draw is used up
+            return {layer: tuple(None if w is None else KeepSet(torch.arange(keep_count(self.p, w)), scale)
+                                 for w in widths) for layer, widths in self.mask_widths().items()}
+        generator = self.masks.next_generator()
+        return {layer: tuple(None if w is None else
+                             draw_keep_set(generator, w, keep_count(self.p, w), scale, steps, self.mode)
+                             for w in widths) for layer, widths in self.mask_widths().items()}
+
+    def cost_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
+        scale = 1.0 / (1.0 - self.p)
+        return {layer: tuple(None if w is None else KeepSet(torch.arange(keep_count(self.p, w)), scale)
+                             for w in widths) for layer, widths in self.mask_widths().items()}
+
+    @property
+    def last_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
+        """The (input, hidden) keep sets per layer of the latest training forward."""
+        return dict(self._keep_sets)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        if self.training:
+            steps = input.shape[1] if input.dim() == 3 and self.batch_first else input.shape[0]
+            self._keep_sets = self._draw(steps, input)
+            if self.reference:
+                return masked_lstm_reference(self, input, hx, self._keep_sets)
+        return super().forward(input, hx)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", p={self.p:g}, mode={self.mode}, recurrent={self.recurrent}, "
+                f"mask_input={self.mask_input}")
+
+
+def masked_lstm_reference(lstm: LSTM, input: Tensor, hx, keep_sets) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """nn.LSTM's training forward with explicit 0/scale masks, densely, autograd through a per-step loop."""
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if lstm.batch_first else input
+    directions = (False, True) if lstm.bidirectional else (False,)
+    slots = lstm.num_layers * len(directions)
+    if hx is None:
+        h0 = c0 = x.new_zeros(slots, x.shape[1], lstm.hidden_size)
+    else:
+        h0, c0 = (s.unsqueeze(1) for s in hx) if unbatched else hx
+    hn, cn = [], []
+    for layer in range(lstm.num_layers):
+        keep_in, keep_hidden = keep_sets.get(layer, (None, None))
+        if keep_in is not None:
+            x = x * keep_in.mask(x.shape[-1], x)
+        mask_h = None if keep_hidden is None else keep_hidden.mask(lstm.hidden_size, x)
+        outputs = []
+        for reverse in directions:
+            slot = layer * len(directions) + int(reverse)
+            ih, hh = lstm.projection("ih", layer, reverse), lstm.projection("hh", layer, reverse)
+            h, c = h0[slot], c0[slot]
+            states = [None] * x.shape[0]
+            steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+            for t in steps:
+                z = h if mask_h is None else h * (mask_h[t] if keep_hidden.per_step else mask_h)
+                i, f, g, o = (ih(x[t]) + hh(z)).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states[t] = h
+            outputs.append(torch.stack(states))
+            hn.append(h)
+            cn.append(c)
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+    h_n, c_n = torch.stack(hn), torch.stack(cn)
+    if unbatched:
+        return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return (x.transpose(0, 1) if lstm.batch_first else x), (h_n, c_n)
+
+
+class StructuredDropoutLinear(nn.Linear):
+    """Dropout -> Linear in one module: in training one batch-shared keep set of input units per call, and
+    the GEMMs (forward, input and weight gradients) run over the k kept columns only.
+
+    The set is shared by every row of the call (all samples and, for sequence input, all time steps):
+    a per-step set would split the one decoder GEMM into T small ones. Eval mode is the plain Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, p: float = 0.5, seed: int = 0,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        check_settings(p, "per_sequence", "StructuredDropoutLinear")
+        self.p = float(p)
+        self.masks = MaskDraws(seed)
+        self.reference = False
+        self.last_keep_set: KeepSet | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, p: float, seed: int) -> "StructuredDropoutLinear":
+        """A module sharing ``linear``'s parameters."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, p=p, seed=seed, device="meta",
+                  dtype=linear.weight.dtype)
+        new.weight, new.bias = linear.weight, linear.bias
+        return new.train(linear.training)
+
+    @property
+    def kept(self) -> int:
+        return keep_count(self.p, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        scale = 1.0 / (1.0 - self.p)
+        if is_fake(x):
+            index = torch.arange(self.kept, device=x.device)
+        else:
+            index = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, None,
+                                  "per_sequence").index.to(x.device)
+        self.last_keep_set = KeepSet(index, scale)
+        if self.reference:
+            return F.linear(x * self.last_keep_set.mask(self.in_features, x), self.weight, self.bias)
+        return F.linear(x.index_select(-1, index), self.weight.index_select(1, index) * scale, self.bias)
+
+    def fxreduce_macs(self, input_shapes, training: bool = False) -> dict[str, object]:
+        """rows * in * out forward; a training step's three GEMMs (forward, dx, dW) over the k kept columns."""
+        rows = 1
+        for size in input_shapes[0][:-1]:
+            rows = rows * size
+        if training:
+            return {"linear": 3 * rows * self.kept * self.out_features}
+        return {"linear": rows * self.in_features * self.out_features}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", p={self.p:g} (structured: {self.kept} of {self.in_features} kept)"

@@ -1,0 +1,211 @@
+"""structured_dropout: LSTMs and Dropout -> Linear chains whose training GEMMs skip the dropped units.
+
+Sarma et al. (NeurIPS 2021): if one dropout mask is shared by every sample of the batch, the dropped
+units' weight columns can be left out of the forward and of both backward GEMMs. The pass swaps each
+torch.nn.LSTM (with the Dropout that feeds it, and its between-layer dropout) for a
+StructuredDropoutLSTM, and each Dropout feeding only a Linear (e.g. the decoder) for a
+StructuredDropoutLinear. Eval mode computes exactly what the original computed; in training the outputs
+and gradients equal a dense model applying the same explicit masks (the contract checked below).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..cost_models import certify
+from ..cost_models.propagation import META_KEY, set_mode
+from ..errors import UnsupportedError
+from ..graph import Layer, bypass, find_chains, find_layers, only_user, replace_layer
+from ..modules.lstm import LSTM
+from ..modules.structured_dropout import MODES, StructuredDropoutLinear, StructuredDropoutLSTM, keep_count
+from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, compare_outputs, option, register, run_eval
+
+CHECK_SEED = 1234
+
+
+@dataclass
+class StructuredDropoutOptions:
+    p: float = option(0.5, "dropout probability of every mask (k = round((1-p) * width) units kept, scaled by "
+                           "1/(1-p))", check=("0 <= p < 1", lambda value: 0 <= value < 1))
+    mode: str = option("per_step", "per_step: a uniform k-subset per time step (the paper); per_sequence: one per "
+                                   "sequence; per_step_window: per step a random cyclic window of k units in a "
+                                   "per-sequence permutation (faster, not uniform over subsets)",
+                       check=(" or ".join(MODES), lambda value: value in MODES))
+    recurrent: bool = option(False, "also drop units of the recurrent state h feeding W_hh (same p)")
+    seed: int = option(0, "seed of the masks; data-parallel ranks with the same seed draw the same masks")
+
+
+def _training_certificate(module: nn.Module, source: fx.Node) -> str:
+    """The training-step MACs of the rewritten GEMMs, dense (3x the forward) vs compacted, certified."""
+    info = source.meta.get(META_KEY)
+    if info is None:
+        return ""
+    shapes = (tuple(info.shape),)
+    dense = sympy.expand(3 * sympy.Add(*map(sympy.sympify, module.fxreduce_macs(shapes, training=False).values())))
+    compact = sympy.expand(sympy.Add(*map(sympy.sympify, module.fxreduce_macs(shapes, training=True).values())))
+    ratio = sympy.simplify(dense / compact)
+    speedup = f" ({float(ratio):.2f}x fewer)" if ratio.is_number else ""
+    return f"; training-step MACs {dense} -> {compact}{speedup}, {certify(dense, compact, metric='training MACs')}"
+
+
+def _structured_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (StructuredDropoutLSTM, StructuredDropoutLinear))]
+
+
+def _lstm_layers(gm: fx.GraphModule) -> list[Layer]:
+    """nn.LSTM layers, and fxreduce's decomposed LSTMs (after decompose_lstm) not yet rewritten."""
+    layers = find_layers(gm, ["lstm"])
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = gm.get_submodule(node.target)
+        if type(module) is LSTM:
+            layers.append(Layer("lstm", node, "module", node.target, module=module))
+    return sorted(layers, key=lambda layer: list(gm.graph.nodes).index(layer.node))
+
+
+def _feeding_dropout(gm: fx.GraphModule, lstm: Layer) -> Layer | None:
+    """The dropout whose only user is this LSTM (its input dropout), if any."""
+    source = lstm.input
+    for dropout in find_layers(gm, ["dropout"]):
+        if dropout.result is source and only_user(source) is lstm.node:
+            return dropout
+    return None
+
+
+@register
+class StructuredDropout(Pass):
+    name = "structured_dropout"
+    summary = "batch-shared dropout masks on LSTMs and Dropout->Linear chains: training GEMMs skip dropped units"
+    contract = Contract("reference", "eval outputs equal the original's; in training, outputs and parameter "
+                                     "gradients equal a dense model applying the same explicit batch-shared masks "
+                                     "(same seed)", tolerance=1e-6)
+    Options = StructuredDropoutOptions
+    invalidates = frozenset({"dropout", "lstm"})
+    provides = frozenset({"structured_dropout"})
+
+    def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
+        o = self.options
+        salt = 0
+        for dropout, linear in find_chains(gm, ("dropout", "linear")):
+            if linear.module is None:
+                outcome.skipped.append(Skipped(linear.node.name, "a functional linear; only nn.Linear modules are "
+                                                                 "compacted"))
+                continue
+            salt += 1
+            module = StructuredDropoutLinear.from_linear(linear.module, p=o.p, seed=o.seed + salt)
+            replaced = [dropout.node.name, linear.node.name]
+            certificate = _training_certificate(module, dropout.input)
+            bypass(gm, dropout)
+            new = replace_layer(gm, linear, module, pass_name=self.name)
+            outcome.rewrites.append(Rewrite(replaced, [new.name], f"Dropout -> Linear: in training one batch-shared "
+                                            f"keep set of {module.kept} of {module.in_features} input units per call "
+                                            f"(p={o.p:g}){certificate}", self.contract))
+        for layer in _lstm_layers(gm):
+            reason = self._why_not(layer)
+            if reason:
+                outcome.skipped.append(Skipped(layer.node.name, reason))
+                continue
+            source = layer.module if isinstance(layer.module, nn.LSTM) else layer.module.to_torch()
+            dropout = _feeding_dropout(gm, layer)
+            salt += 1
+            module = StructuredDropoutLSTM.from_lstm(source, p=o.p, mode=o.mode, recurrent=o.recurrent,
+                                                     mask_input=dropout is not None, seed=o.seed + salt)
+            widths = [w for pair in module.mask_widths().values() for w in pair if w is not None]
+            if not widths:
+                outcome.skipped.append(Skipped(layer.node.name, "no dropout feeds it, it has no between-layer "
+                                                                "dropout and recurrent=False: nothing to drop"))
+                continue
+            replaced = [layer.node.name]
+            certificate = _training_certificate(module, layer.input)
+            if dropout is not None:
+                replaced.insert(0, dropout.node.name)
+                bypass(gm, dropout)
+            new = replace_layer(gm, layer, module, pass_name=self.name, args=tuple(layer.node.args),
+                                kwargs=dict(layer.node.kwargs))
+            what = "; ".join(f"layer {n}: " + ", ".join(f"{name} {keep_count(o.p, w)} of {w}"
+                                                         for name, w in zip(("input", "h"), pair) if w is not None)
+                             for n, pair in module.mask_widths().items() if any(w is not None for w in pair))
+            outcome.rewrites.append(Rewrite(replaced, [new.name], f"LSTM with structured dropout ({o.mode}, "
+                                            f"p={o.p:g}) keeping {what}{certificate}", self.contract))
+
+    @staticmethod
+    def _why_not(layer: Layer) -> str | None:
+        module = layer.module
+        if module is None:
+            return "an aten-level lstm (torch.export graph) has no module to rewrite; capture with method='fx'"
+        if isinstance(module, nn.LSTM) and module.proj_size:
+            return f"proj_size={module.proj_size} is unsupported by the decomposed LSTM (left as it was)"
+        if isinstance(module, LSTM):
+            try:
+                module.to_torch()
+            except UnsupportedError:
+                return "its projections were replaced by modules without gemm_factors(); drop before compressing"
+        return None
+
+    def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
+        """Eval outputs equal the original's; training outputs and gradients equal the masked dense reference."""
+        failure = compare_outputs(run_eval(before, inputs), run_eval(after, inputs), 1e-4)
+        if failure:
+            return f"eval: {failure}"
+        return check_against_reference(after, inputs, self.contract.tolerance)
+
+
+def check_against_reference(after: nn.Module, inputs: tuple, tolerance: float) -> str | None:
+    """One training forward + backward of ``after`` (float64) vs the same model computing its masks densely.
+
+    Both copies start with the same mask draws; every other random op is seeded alike. Also checks that
+    weight columns no mask kept at any step get exactly zero gradient.
+    """
+    fast, reference = (copy.deepcopy(after).double() for _ in range(2))
+    for module in _structured_modules(reference):
+        module.reference = True
+    inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    results = []
+    for model in (fast, reference):
+        set_mode(model, True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CHECK_SEED)
+            output = model(*inputs)
+            leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
+                      and t.requires_grad]
+            generator = torch.Generator().manual_seed(CHECK_SEED)
+            loss = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves)
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if leaves else [None] * len(params)
+        results.append((output, {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}))
+    (output, grads), (expected_output, expected_grads) = results
+    failure = compare_outputs(expected_output, output, tolerance)
+    if failure:
+        return f"training outputs vs the dense masked reference: {failure}"
+    failure = compare_outputs(expected_grads, grads, tolerance)
+    if failure:
+        return f"training gradients vs the dense masked reference: {failure}"
+    return _dropped_columns_nonzero(fast, grads)
+
+
+def _dropped_columns_nonzero(model: nn.Module, grads: dict[str, torch.Tensor]) -> str | None:
+    """The name of a weight whose never-kept input columns got a non-zero gradient, else None."""
+    for prefix, module in model.named_modules():
+        prefix = prefix + "." if prefix else ""
+        if isinstance(module, StructuredDropoutLinear):
+            sets = {"weight": module.last_keep_set}
+        elif isinstance(module, StructuredDropoutLSTM):
+            sets = {f"weight_{kind}_l{layer}{suffix}": keep
+                    for layer, pair in module.last_keep_sets.items() for kind, keep in zip(("ih", "hh"), pair)
+                    for suffix in (("", "_reverse") if module.bidirectional else ("",))}
+        else:
+            continue
+        for name, keep in sets.items():
+            if keep is None or prefix + name not in grads:
+                continue
+            grad = grads[prefix + name]
+            dropped = torch.ones(grad.shape[1], dtype=torch.bool)
+            dropped[keep.index.flatten()] = False
+            if bool(grad[:, dropped].ne(0).any()):
+                return f"{prefix}{name}: columns of units no mask kept have non-zero gradients"
+    return None

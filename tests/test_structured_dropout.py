@@ -1,0 +1,342 @@
+"""structured_dropout: eval equals the original, training equals a dense LSTM applying the same explicit
+masks (outputs and parameter gradients), dropped columns get exactly zero gradient, masks reproducible
+(also across data-parallel ranks), costs, bad input.
+
+The reference here is written from nn.LSTM's equations on the original module's parameters and builds
+its 0/scale masks from the keep-set indices by itself, so it shares no code with the fast path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxreduce
+from fxreduce.errors import OptionError
+from fxreduce.modules import lstm as lstm_module
+from fxreduce.modules.lstm import KeepSet
+from fxreduce.modules.structured_dropout import (MODES, StructuredDropoutLinear, StructuredDropoutLSTM,
+                                                 draw_keep_set, keep_count)
+from fxreduce.testing.contracts import check_contract
+from fxreduce.testing.distributed import run_distributed
+
+
+def dense_mask(keep: KeepSet | None, steps: int, width: int, dtype) -> torch.Tensor:
+    """(T, 1, width) 0/scale mask of a keep set, one row per step (repeated for a per-sequence set)."""
+    mask = torch.ones(steps, 1, width, dtype=dtype)
+    if keep is None:
+        return mask
+    mask.zero_()
+    index = keep.index if keep.index.dim() == 2 else keep.index.expand(steps, -1)
+    for t in range(steps):
+        mask[t, 0, index[t]] = keep.scale
+    return mask
+
+
+def reference_lstm(original: nn.LSTM, x: torch.Tensor, keep_sets) -> torch.Tensor:
+    """nn.LSTM's equations, time-major, with explicit masks on layer inputs and on h feeding W_hh."""
+    steps, batch = x.shape[:2]
+    directions = 2 if original.bidirectional else 1
+    for layer in range(original.num_layers):
+        keep_in, keep_h = keep_sets.get(layer, (None, None))
+        x = x * dense_mask(keep_in, steps, x.shape[-1], x.dtype)
+        mask_h = dense_mask(keep_h, steps, original.hidden_size, x.dtype)
+        outputs = []
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = getattr(original, "weight_ih" + suffix), getattr(original, "weight_hh" + suffix)
+            bias = getattr(original, "bias_ih" + suffix) + getattr(original, "bias_hh" + suffix)
+            h = c = x.new_zeros(batch, original.hidden_size)
+            ys = [None] * steps
+            for t in reversed(range(steps)) if direction else range(steps):
+                gates = x[t] @ w_ih.t() + (h * mask_h[t]) @ w_hh.t() + bias
+                i, f, g, o = gates.chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                ys[t] = h
+            outputs.append(torch.stack(ys))
+        x = torch.cat(outputs, 2)
+    return x
+
+
+def weighted_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient differs per element, so shifted or transposed gradients cannot pass."""
+    return (torch.linspace(-1, 1, tensor.numel(), dtype=tensor.dtype).reshape(tensor.shape) * tensor).sum()
+
+
+@st.composite
+def lstm_cases(draw):
+    return dict(input_size=draw(st.integers(2, 7)), hidden_size=draw(st.integers(2, 7)),
+                num_layers=draw(st.integers(1, 2)), bidirectional=draw(st.booleans()),
+                steps=draw(st.integers(1, 6)), batch=draw(st.integers(1, 3)),
+                p=draw(st.sampled_from([0.0, 0.3, 0.5, 0.8])),
+                mode=draw(st.sampled_from(MODES)), recurrent=draw(st.booleans()), mask_input=draw(st.booleans()),
+                between=draw(st.sampled_from([0.0, 0.5])), seed=draw(st.integers(0, 2**16)))
+
+
+def build(case, dtype=torch.float64):
+    torch.manual_seed(case["seed"])
+    original = nn.LSTM(case["input_size"], case["hidden_size"], case["num_layers"],
+                       dropout=case["between"] if case["num_layers"] > 1 else 0.0,
+                       bidirectional=case["bidirectional"], dtype=dtype)
+    module = StructuredDropoutLSTM.from_lstm(original, p=case["p"], mode=case["mode"], recurrent=case["recurrent"],
+                                             mask_input=case["mask_input"], seed=case["seed"])
+    x = torch.randn(case["steps"], case["batch"], case["input_size"], dtype=dtype)
+    return original, module, x
+
+
+@settings(max_examples=25, deadline=None)
+@given(lstm_cases())
+def test_eval_equals_the_original_lstm_and_state_dicts_interchange(case):
+    original, module, x = build(case)
+    original.eval(), module.eval()
+    with torch.no_grad():
+        expected, (h, c) = original(x)
+        actual, (h2, c2) = module(x)
+    for a, e in ((actual, expected), (h2, h), (c2, c)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    assert module.state_dict().keys() == original.state_dict().keys()
+    fresh = copy.deepcopy(original)
+    fresh.load_state_dict(module.state_dict())
+    module.load_state_dict(original.state_dict())
+
+
+@settings(max_examples=25, deadline=None)
+@given(lstm_cases())
+def test_training_equals_the_dense_lstm_with_the_same_masks(case):
+    original, module, x = build(case)
+    module.train()
+    x.requires_grad_(True)
+    output, _ = module(x)
+    keep_sets = module.last_keep_sets
+    expected = reference_lstm(original, x, keep_sets)
+    torch.testing.assert_close(output, expected, rtol=1e-9, atol=1e-9)
+    names = [name for name, _ in original.named_parameters()]
+    got = torch.autograd.grad(weighted_sum(output), [x, *module.parameters()])
+    want = torch.autograd.grad(weighted_sum(expected), [x, *original.parameters()])
+    for name, g, w in zip(["input", *names], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+    grads = dict(zip(names, got[1:]))
+    for layer, pair in keep_sets.items():
+        for kind, keep in zip(("ih", "hh"), pair):
+            if keep is None:
+                continue
+            assert keep.size == keep_count(case["p"], grads[f"weight_{kind}_l{layer}"].shape[1])
+            dropped = torch.ones(grads[f"weight_{kind}_l{layer}"].shape[1], dtype=torch.bool)
+            dropped[keep.index.flatten()] = False
+            assert torch.all(grads[f"weight_{kind}_l{layer}"][:, dropped] == 0)
+
+
+def test_float32_training_within_relative_tolerance():
+    case = dict(input_size=40, hidden_size=48, num_layers=2, bidirectional=False, steps=9, batch=5, p=0.5,
+                mode="per_step_window", recurrent=True, mask_input=True, between=0.5, seed=3)
+    original, module, x = build(case, dtype=torch.float32)
+    output, _ = module.train()(x)
+    expected = reference_lstm(original, x, module.last_keep_sets)
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 9), st.integers(1, 5), st.sampled_from([0.0, 0.4, 0.9]), st.integers(0, 1000))
+def test_dropout_linear_equals_masked_dense_linear(features, rows, p, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(features, 3, dtype=torch.float64)
+    module = StructuredDropoutLinear.from_linear(copy.deepcopy(linear), p=p, seed=seed).train()
+    x = torch.randn(rows, 2, features, dtype=torch.float64, requires_grad=True)
+    output = module(x)
+    keep = module.last_keep_set
+    mask = dense_mask(keep, 1, features, x.dtype)[0, 0]
+    expected = linear(x * mask)
+    torch.testing.assert_close(output, expected, rtol=1e-9, atol=1e-9)
+    got = torch.autograd.grad(weighted_sum(output), [x, module.weight, module.bias])
+    want = torch.autograd.grad(weighted_sum(expected), [x, linear.weight, linear.bias])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    assert torch.all(got[1][:, mask == 0] == 0)
+    torch.testing.assert_close(module.eval()(x), linear(x), rtol=0, atol=0)
+
+
+def test_masks_reproducible_from_the_seed_and_redrawn_each_step():
+    def draws(seed, mode):
+        torch.manual_seed(seed)
+        module = StructuredDropoutLSTM.from_lstm(nn.LSTM(6, 10), p=0.5, mode=mode, recurrent=True, mask_input=True,
+                                                 seed=seed).train()
+        sets = []
+        for _ in range(2):
+            module(torch.randn(8, 2, 6))
+            sets.append([k.index.clone() for k in module.last_keep_sets[0]])
+        return sets
+
+    for mode in MODES:
+        first, again, other = draws(7, mode), draws(7, mode), draws(8, mode)
+        assert all(torch.equal(a, b) for step_a, step_b in zip(first, again) for a, b in zip(step_a, step_b))
+        assert not torch.equal(first[0][1], other[0][1])
+        assert not torch.equal(first[0][1], first[1][1])  # a new draw every training forward
+        if mode != "per_sequence":
+            hidden = first[0][1]
+            assert hidden.shape == (8, 5) and not all(torch.equal(hidden[0], row) for row in hidden[1:])
+
+
+@pytest.mark.parametrize("mode", ["per_step", "per_step_window"])
+def test_every_unit_is_kept_with_probability_one_minus_p(mode):
+    generator = torch.Generator().manual_seed(0)
+    width, k, draws = 10, 3, 4000
+    counts = torch.zeros(width)
+    for _ in range(draws // 20):
+        keep = draw_keep_set(generator, width, k, 1.0, 20, mode)
+        counts += torch.bincount(keep.index.flatten(), minlength=width)
+        assert all(len(set(row.tolist())) == k for row in keep.index)
+    frequency = counts / draws
+    assert torch.all((frequency - k / width).abs() < 0.04), frequency
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, layers=2, between=0.5, proj_size=0):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.drop_in = nn.Dropout(0.5)
+        self.lstm = nn.LSTM(8, 12, layers, dropout=between, batch_first=True, proj_size=proj_size)
+        self.drop_out = nn.Dropout(0.5)
+        self.decoder = nn.Linear(proj_size or 12, 30)
+
+    def forward(self, tokens):
+        output, _ = self.lstm(self.drop_in(self.embed(tokens)))
+        return self.decoder(self.drop_out(output))
+
+
+def tokens(batch=3, steps=5):
+    return torch.randint(0, 30, (batch, steps), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_pass_contract_holds_on_a_language_model(mode, recurrent):
+    torch.manual_seed(0)
+    spec = f"structured_dropout(p=0.4, mode='{mode}', recurrent={recurrent})"
+    result = check_contract(spec, LanguageModel().eval(), (tokens(),), dynamic={"N": (0, 0), "T": (0, 1)}, trials=1)
+    assert result.ok, str(result)
+
+
+def test_contract_check_catches_a_kernel_reading_the_wrong_step(monkeypatch):
+    torch.manual_seed(0)
+    traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
+    result = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_step_window', recurrent=True)")
+    pass_ = result.report.steps[0].pass_
+    assert pass_.check(traced, result.graph_module, (tokens(),)) is None
+    correct = lstm_module._StepRows.__call__
+    monkeypatch.setattr(lstm_module._StepRows, "__call__", lambda self, t: correct(self, (t + 1) % len(self.index)))
+    assert "training" in pass_.check(traced, result.graph_module, (tokens(),))
+
+
+def test_rewrite_report_and_certified_training_reduction():
+    torch.manual_seed(0)
+    traced = fxreduce.trace(LanguageModel().eval(), (tokens(),), {"N": (0, 0), "T": (0, 1)})
+    result = fxreduce.apply(traced, "structured_dropout(p=0.5, recurrent=True)")
+    lines = "\n".join(result.report.lines())
+    assert "drop_in (Dropout) + lstm (LSTM)" in lines and "drop_out (Dropout) + decoder (Linear)" in lines
+    before = fxreduce.cost(traced, training=True)
+    after = fxreduce.cost(result.graph_module, training=True)
+    rows = 3 * 5
+    # LSTM: layer inputs (8 -> 4 kept, 12 -> 6) and h (12 -> 6), 4H = 48 gates; 3 GEMMs per training step.
+    node = after.nodes[next(name for name in after.nodes if name.startswith("lstm"))]
+    total = sympy.Add(*node.macs.values(), *node.backward_macs.values())
+    assert total.subs({s: {"N": 3, "T": 5}[s.name] for s in total.free_symbols}) == 3 * rows * 48 * (4 + 6 + 6 + 6)
+    decoder = after.nodes[next(name for name in after.nodes if name.startswith("decoder"))]
+    total = sympy.Add(*decoder.macs.values(), *decoder.backward_macs.values())
+    assert total.subs({s: {"N": 3, "T": 5}[s.name] for s in total.free_symbols}) == 3 * rows * 6 * 30
+    certificate = fxreduce.certify(before, after, metric="macs")
+    assert certificate.proven and certificate.ratio_at(N=20, T=35) > 1.5
+
+
+def test_eval_rewrite_is_exact_and_state_dict_loads_both_ways():
+    torch.manual_seed(0)
+    model = LanguageModel().eval()
+    traced = fxreduce.trace(model, (tokens(),))
+    rewritten = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_sequence')").graph_module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(tokens()), model(tokens()), rtol=1e-5, atol=1e-5)
+    assert set(rewritten.state_dict()) == set(model.state_dict())
+    model.load_state_dict(rewritten.state_dict())
+
+
+def test_bad_input():
+    torch.manual_seed(0)
+    traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
+    for spec in ("structured_dropout(p=1.0)", "structured_dropout(p=-0.1)", "structured_dropout(mode='per_batch')"):
+        with pytest.raises(OptionError):
+            fxreduce.apply(traced, spec)
+    with pytest.raises(OptionError, match="p must be"):
+        StructuredDropoutLSTM.from_lstm(nn.LSTM(2, 2), p=1.5, mode="per_step", recurrent=False, mask_input=True,
+                                        seed=0)
+    projected = fxreduce.trace(LanguageModel(proj_size=4).eval(), (tokens(),))
+    result = fxreduce.apply(projected, "structured_dropout(p=0.5)")
+    skipped = result.report.steps[0].skipped
+    assert any("proj_size=4 is unsupported" in s.reason for s in skipped)
+    assert not any(isinstance(m, StructuredDropoutLSTM) for m in result.graph_module.modules())
+    plain = fxreduce.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), (torch.randn(2, 4),))
+    report = fxreduce.apply(plain, "structured_dropout(p=0.5)").report
+    assert "(nothing to rewrite)" in "\n".join(report.lines())
+
+
+def test_lstm_without_any_dropout_is_left_alone_unless_recurrent():
+    model = nn.Sequential(nn.LSTM(4, 6))
+    traced = fxreduce.trace(model.eval(), (torch.randn(5, 2, 4),))
+    result = fxreduce.apply(traced, "structured_dropout(p=0.5)")
+    assert "nothing to drop" in result.report.steps[0].skipped[0].reason
+    result = fxreduce.apply(traced, "structured_dropout(p=0.5, recurrent=True)")
+    assert any(isinstance(m, StructuredDropoutLSTM) for m in result.graph_module.modules())
+
+
+def _rank_masks(rank: int, world_size: int) -> list[list[int]]:
+    """Two DDP training steps of the rewritten LM; returns the masks this rank drew."""
+    torch.manual_seed(0)
+    traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
+    model = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_step', recurrent=True, seed=5)").graph_module
+    ddp = nn.parallel.DistributedDataParallel(model.train())
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    lstm = next(m for m in model.modules() if isinstance(m, StructuredDropoutLSTM))
+    decoder = next(m for m in model.modules() if isinstance(m, StructuredDropoutLinear))
+    masks = []
+    for step in range(2):
+        batch = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(100 * rank + step))
+        loss = ddp(batch).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        drawn = [k.index.flatten().tolist() for pair in lstm.last_keep_sets.values() for k in pair if k is not None]
+        masks.append(drawn + [decoder.last_keep_set.index.tolist()])
+    return masks
+
+
+def test_every_data_parallel_rank_draws_the_same_masks():
+    first, second = run_distributed(_rank_masks, 2)
+    assert first == second
+    assert first[0] != first[1]
+
+
+@pytest.mark.slow
+def test_example_quick_run_learns_in_every_variant(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "structured_dropout_lm.py"
+    spec = importlib.util.spec_from_file_location("structured_dropout_lm", path)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up there
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        runs = example.main(["--quick", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [run.name for run in runs.values()] == [name for name, _ in example.VARIANTS]
+    for run in runs.values():
+        assert run.valid[0][-1] < 200  # below the uniform guess over the quick run's 200 words
+        assert run.certified is None or run.certified > 1.5
