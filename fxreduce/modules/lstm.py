@@ -443,6 +443,10 @@ def _input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, kee
 
 
 def _fast_recurrence(xp, h0, c0, factors, reverse, keep):
+    if torch.compiler.is_compiling():
+        # torch.export / torch.compile capture: the in-place kernels below would be recorded as out= ops,
+        # which fail once the captured graph runs with autograd on; the plain loop captures cleanly.
+        return _autograd_recurrence(xp, h0, c0, _chain(factors), reverse, keep)
     index, scale, step_rows = None, 1.0, None
     if keep is not None:
         index, scale = keep.index.to(xp.device), keep.scale
@@ -455,6 +459,15 @@ def _fast_recurrence(xp, h0, c0, factors, reverse, keep):
         return _Recurrence.apply(xp, h0, c0, reverse, index, scale, step_rows, *factors)
     with torch.no_grad():
         return _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, False)[:2]
+
+
+def _chain(factors: list[Tensor]):
+    """``z @ W1^T @ ... @ Wm^T`` as a function of z."""
+    def project(z: Tensor) -> Tensor:
+        for w in factors:
+            z = z @ w.t()
+        return z
+    return project
 
 
 def _autograd_recurrence(xp, h0, c0, module, reverse, keep):
