@@ -19,6 +19,12 @@ from fxreduce.modules import lstm as lstm_module
 from fxreduce.modules.lstm import LSTM, KeepSet
 
 
+@pytest.fixture(autouse=True)
+def decomposed_kernels(monkeypatch):
+    """Every test here checks the decomposed kernels, also where dense inference would take nn.LSTM's."""
+    monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 0)
+
+
 class Chain(nn.Module):
     """x @ W1^T @ ... @ Wm^T + b: a low-rank projection (m=2) exposing its GEMM factors."""
 
@@ -560,3 +566,24 @@ def test_declared_macs_hand_count_and_symbols():
     ours.set_projection("hh", 1, False, Opaque(8, 32, dtype=torch.float32))
     with pytest.raises(CostError, match="declares no cost"):
         ours.fxreduce_macs(((T, N, 10),))
+
+
+@pytest.mark.parametrize("bidirectional, batch_first", [(False, True), (True, False)])
+def test_small_dense_eval_inference_takes_nn_lstms_kernel(monkeypatch, bidirectional, batch_first):
+    monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 1024)
+    torch.manual_seed(0)
+    reference = nn.LSTM(5, 8, 2, batch_first=batch_first, bidirectional=bidirectional).eval()
+    ours = LSTM.from_torch(reference)
+    x = torch.randn(3, 4, 5)
+    def decomposed(*args):
+        raise AssertionError("the decomposed recurrence ran")
+
+    monkeypatch.setattr(lstm_module, "_fast_recurrence", decomposed)
+    with torch.no_grad():
+        out, (h, c) = ours(x)
+        ref_out, (ref_h, ref_c) = reference(x)
+    assert torch.equal(out, ref_out) and torch.equal(h, ref_h) and torch.equal(c, ref_c)
+    ours.set_projection("hh", 0, False, Chain([8, 3, 32]).float())
+    with pytest.raises(AssertionError, match="decomposed recurrence ran"):  # replaced projections need ours
+        with torch.no_grad():
+            ours(x)
