@@ -569,21 +569,29 @@ def test_declared_macs_hand_count_and_symbols():
 
 
 @pytest.mark.parametrize("bidirectional, batch_first", [(False, True), (True, False)])
-def test_small_dense_eval_inference_takes_nn_lstms_kernel(monkeypatch, bidirectional, batch_first):
+def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batch_first):
     monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 1024)
-    torch.manual_seed(0)
-    reference = nn.LSTM(5, 8, 2, batch_first=batch_first, bidirectional=bidirectional).eval()
-    ours = LSTM.from_torch(reference)
-    x = torch.randn(3, 4, 5)
+
     def decomposed(*args):
         raise AssertionError("the decomposed recurrence ran")
 
     monkeypatch.setattr(lstm_module, "_fast_recurrence", decomposed)
-    with torch.no_grad():
+    torch.manual_seed(0)
+    reference = nn.LSTM(5, 8, 2, batch_first=batch_first, bidirectional=bidirectional)
+    ours = LSTM.from_torch(reference)
+    x = torch.randn(3, 4, 5)
+    for train in (False, True):
+        reference.train(train), ours.train(train)
         out, (h, c) = ours(x)
         ref_out, (ref_h, ref_c) = reference(x)
-    assert torch.equal(out, ref_out) and torch.equal(h, ref_h) and torch.equal(c, ref_c)
+        assert torch.equal(out, ref_out) and torch.equal(h, ref_h) and torch.equal(c, ref_c)
+    grads = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    ref_grads = torch.autograd.grad(ref_out.sum(), list(reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    ours.set_keep_sets(0, hidden=KeepSet(torch.tensor([0, 3])))
+    with pytest.raises(AssertionError, match="decomposed recurrence ran"):  # keep sets need the decomposition
+        ours(x)
+    ours.eval()(x)  # keep sets act in training only
     ours.set_projection("hh", 0, False, Chain([8, 3, 32]).float())
-    with pytest.raises(AssertionError, match="decomposed recurrence ran"):  # replaced projections need ours
-        with torch.no_grad():
-            ours(x)
+    with pytest.raises(AssertionError, match="decomposed recurrence ran"):  # so do replaced projections
+        ours(x)

@@ -105,8 +105,8 @@ try:  # oneDNN's linear, as torch's CPU inductor backend uses it; resolved once 
 except (AttributeError, RuntimeError):
     _DNN_LINEAR = None
 
-# Dense eval-mode inference with hidden_size below this runs torch's fused LSTM kernel; at and above it the
-# decomposed recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads).
+# A dense LSTM with hidden_size below this runs torch's fused LSTM kernel; at and above it the decomposed
+# recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads, training and inference).
 TORCH_KERNEL_MAX_HIDDEN = 1024
 
 # Below this many weight elements a per-step GEMM is faster through addmm: oneDNN's call costs ~14 us
@@ -704,25 +704,24 @@ class LSTM(nn.Module):
         x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
         x = x.contiguous()
         h0, c0 = self._initial_state(x, hx, unbatched)
-        if self._torch_kernel_serves(x, h0, c0):
-            output, h_n, c_n = torch._VF.lstm(x, (h0, c0), self._flat_weights(), self.bias, self.num_layers, 0.0,
-                                              False, self.bidirectional, False)
+        if self._torch_kernel_serves(x):
+            output, h_n, c_n = torch._VF.lstm(x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
+                                              self.dropout, self.training, self.bidirectional, False)
         else:
             output, h_n, c_n = self._decomposed(x, h0, c0)
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (output.transpose(0, 1) if self.batch_first else output), (h_n, c_n)
 
-    def _torch_kernel_serves(self, x: Tensor, h0: Tensor, c0: Tensor) -> bool:
-        """Dense eval-mode inference below TORCH_KERNEL_MAX_HIDDEN runs nn.LSTM's own fused kernel: there
-        it is faster than the decomposed recurrence (measured), and the numbers are nn.LSTM's exactly."""
-        if self.training or self.hidden_size >= TORCH_KERNEL_MAX_HIDDEN or any(
-            name.startswith("proj_") for name in self._modules
-        ):
+    def _torch_kernel_serves(self, x: Tensor) -> bool:
+        """A dense LSTM (no replaced projections, no keep sets in use) below TORCH_KERNEL_MAX_HIDDEN runs
+        nn.LSTM's own fused kernel: there it is faster than the decomposed recurrence (measured), and the
+        numbers are nn.LSTM's exactly. Shape propagation and graph capture always see the decomposition."""
+        if self.hidden_size >= TORCH_KERNEL_MAX_HIDDEN or (self.training and self._keep_sets):
             return False
-        if torch.compiler.is_compiling() or is_fake(x) or x.device.type != "cpu":
+        if any(name.startswith("proj_") for name in self._modules):
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *self._parameters.values())))
+        return not (torch.compiler.is_compiling() or is_fake(x)) and x.device.type == "cpu"
 
     def _flat_weights(self) -> list[Tensor]:
         """The parameters in nn.LSTM's flat order: per layer and direction w_ih, w_hh[, b_ih, b_hh]."""
