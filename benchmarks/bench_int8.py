@@ -16,9 +16,7 @@ import argparse
 import contextlib
 import io
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -27,7 +25,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fix_threads, markdown_table, time_side_by_side, write_section  # noqa: E402
+from _common import fix_threads, markdown_table, time_side_by_side, time_warm, write_section  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear  # noqa: E402
@@ -46,24 +44,6 @@ def torchao_config():
     except ImportError as error:
         return None, f"torchao is not installed ({error}); `pip install torchao` adds the column"
     return (quantize_, Int8DynamicActivationInt8WeightConfig), None
-
-
-def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call, round-robin like ``time_side_by_side``, but each timed call follows an
-    untimed call of the same candidate.
-
-    Plain interleaving times each layer right after another candidate whose weights flushed the cache:
-    measured, the kernel placed after fp32 Linear ran up to 1.5x slower than the same kernel elsewhere.
-    A single layer's benchmark should compare kernels in steady state; whole models use the plain helper.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            fn()
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def ratio(times: dict[str, float], name: str, base: str = "fp32") -> str:

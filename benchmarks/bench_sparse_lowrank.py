@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import sympy
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fix_threads, markdown_table, write_section  # noqa: E402
+from _common import fix_threads, markdown_table, time_warm, write_section  # noqa: E402
 
 from fxreduce.modules.factorized import factorize, macs_per_row  # noqa: E402
 
@@ -44,18 +42,6 @@ def size(form: str, groups: int | None, n: int, m: int, reduction: float) -> tup
     r = sympy.Symbol("r", positive=True)
     bound = float(sympy.solve(sympy.Eq(macs_per_row(form, n, m, r, groups) * reduction, m * n), r)[0])
     return int(bound // groups) * groups, groups
-
-
-def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call; each timed call follows an untimed call of the same candidate."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            fn()
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def bench(shapes, reductions, repeats: int) -> tuple[list[list[object]], list[str]]:

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from _common import fix_threads, markdown_table, time_side_by_side, write_section
+from bench_lstm import train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import fxreduce  # noqa: E402
@@ -57,19 +58,6 @@ def structured(traced, p: float, mode: str, recurrent: bool):
     certificate = fxreduce.certify(before, after, metric="macs")
     assert certificate.proven, certificate
     return gm, certificate.ratio_at(N=BATCH, T=STEPS)
-
-
-def train_step(model: nn.Module, tokens, targets):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def main() -> None:
