@@ -106,16 +106,16 @@ class StructuredDropoutLSTM(LSTM):
         return widths
 
     def _draw(self, steps: int, like: Tensor) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
-        scale = 1.0 / (1.0 - self.p)
         if is_fake(like):  # shape and cost propagation: any sets of the right size do, and no draw is used up
-            return {layer: tuple(None if w is None else KeepSet(torch.arange(keep_count(self.p, w)), scale)
-                                 for w in widths) for layer, widths in self.mask_widths().items()}
+            return self.cost_keep_sets()
+        scale = 1.0 / (1.0 - self.p)
         generator = self.masks.next_generator()
         return {layer: tuple(None if w is None else
                              draw_keep_set(generator, w, keep_count(self.p, w), scale, steps, self.mode)
                              for w in widths) for layer, widths in self.mask_widths().items()}
 
     def cost_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
+        """Keep sets of the right sizes (the first k units), for shapes and costs."""
         scale = 1.0 / (1.0 - self.p)
         return {layer: tuple(None if w is None else KeepSet(torch.arange(keep_count(self.p, w)), scale)
                              for w in widths) for layer, widths in self.mask_widths().items()}
