@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
+from fxreduce.serialization import write_markdown_section
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 THREADS = 2
@@ -77,16 +77,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def write_section(title: str, body: str, command: str | None = None, path: Path = DOCS) -> None:
-    """Replace (or append) the ``## title`` section of docs/benchmarks.md, writing atomically."""
+    """Replace (or append) the ``## title`` section of docs/benchmarks.md, headed by the command and machine."""
     command = command or "python " + " ".join([os.path.relpath(sys.argv[0], path.parent.parent), *sys.argv[1:]])
-    section = (
-        f"## {title}\n\nCommand: `{command}`  \nMeasured on: {machine_line()}, "
-        f"{time.strftime('%Y-%m-%d')}\n\n{body.strip()}\n"
-    )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is rewritten by the command it names.\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    body = f"Command: `{command}`  \nMeasured on: {machine_line()}, {time.strftime('%Y-%m-%d')}\n\n{body.strip()}"
+    write_markdown_section(path, title, body, "# Benchmarks\n\nEach section is rewritten by the command it names.")

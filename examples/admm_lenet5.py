@@ -21,10 +21,7 @@ Results go to docs/admm.md.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxreduce as fr
+from fxreduce.serialization import write_markdown_section
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear
 from fxreduce.training.admm import ADMM, Schedule, train
 
@@ -135,18 +133,6 @@ def storage_rows(lowered: torch.fx.GraphModule) -> tuple[list[list], int, int, i
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def write_doc(body: str) -> None:
-    """Replace the results section of docs/admm.md (or append it), atomically."""
-    text = DOC.read_text() if DOC.exists() else "# ADMM-NN\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=DOC.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, DOC)
 
 
 def ratios(text: str) -> dict[str, float]:
@@ -287,7 +273,7 @@ and its position together; its own fc1 levels (n = 7) already need 4 bits, so it
 way we do: with the index counted, storage shrinks only {32 * nonzeros / total_bits:.1f}x more than the weight
 count.
 """
-    write_doc(text)
+    write_markdown_section(DOC, SECTION, text, "# ADMM-NN")
     print(f"wrote the results section of {DOC}")
     return figures
 

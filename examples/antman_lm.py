@@ -21,7 +21,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from word_lm import WordLanguageModel, batches, load_corpus, perplexity, train_epoch  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
+from fxreduce.serialization import write_markdown_section  # noqa: E402
 from fxreduce.training.distillation import DistillationLoss, distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,18 +109,6 @@ def plot(results: dict[str, list[float]], labels: dict[str, str], title: str, pa
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of ``path``, atomically."""
-    section = f"## {title}\n\n{body.strip()}\n"
-    text = path.read_text() if path.exists() else "# AntMan\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -208,7 +196,7 @@ The pass's report for the last seed:
         title = (f"Word LSTM LM on pydoc_data.topics ({args.seeds} seed(s))\n{args.spec}: "
                  f"{statistics.mean(results['reduction']):.1f}x fewer LSTM + decoder MACs")
         plot(results, {k: names[k] for k in labels}, title, output.parent / "images" / image)
-        write_section(output, args.section, body)
+        write_markdown_section(output, args.section, body, "# AntMan")
     return results
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxreduce as fr
+from fxreduce.serialization import write_markdown_section
 from fxreduce.blocks import SmallResNet
 from fxreduce.modules.dynamic_resolution import ResNet10Predictor, dynamic_resolution_parts, force_resolution, resize
 from fxreduce.training.dynamic_resolution import (evaluate, finetune_joint, pretrain_multi_resolution,
@@ -326,7 +325,7 @@ def markdown(results: dict, command: str, seconds: float) -> str:
         "",
         *table,
         "",
-        f"DRNet at or above the full-resolution model's accuracy: "
+        "DRNet at or above the full-resolution model's accuracy: "
         + (f"with {saving:.0%} fewer FLOPs at best." if saving is not None else "not reached in this run."),
         f"Accuracy is on {outcome.images:,} test digits: one digit is {100 / outcome.images:.1f} point, the "
         f"standard error near 95% about {100 * (0.95 * 0.05 / outcome.images) ** 0.5:.1f} point.",
@@ -342,17 +341,6 @@ def markdown(results: dict, command: str, seconds: float) -> str:
         "```",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of ``path`` atomically."""
-    text = path.read_text() if path.exists() else "# DRNet\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -374,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": results["model"].state_dict(), "seed": args.seed}, CHECKPOINT)
         plot(results, PLOT)
-        write_section(DOC, SECTION, text)
+        write_markdown_section(DOC, SECTION, text, "# DRNet")
     return results
 
 

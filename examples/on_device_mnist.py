@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
+from fxreduce.serialization import write_markdown_section  # noqa: E402
 from fxreduce.blocks import SmallResNet  # noqa: E402
 from fxreduce.training.on_device import OnDeviceTrainer  # noqa: E402
 
@@ -146,18 +145,6 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(body: str) -> None:
-    """Replace the results section of docs/on-device-training.md atomically."""
-    text = DOC.read_text() if DOC.exists() else "# On-device CNN training\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=DOC.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, DOC)
-
-
 def main(argv=None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subset, 1 epoch, writes nothing")
@@ -180,8 +167,9 @@ def main(argv=None) -> list[Run]:
     print(table(runs))
     if not args.quick:
         command = "python examples/on_device_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_doc(f"Command: `{command.strip()}`  \nMeasured on: {os.cpu_count()} cores, {args.threads} threads, "
-                  f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n{table(runs)}\n")
+        write_markdown_section(DOC, SECTION, f"Command: `{command.strip()}`  \nMeasured on: {os.cpu_count()} cores, "
+                               f"{args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+                               f"{table(runs)}\n", "# On-device CNN training")
     return runs
 
 

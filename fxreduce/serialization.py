@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import secrets
 import sys
 import warnings
@@ -103,6 +104,19 @@ def build(model_ref: str, input_shape: str, pipeline: str, seed: int = 0, *, all
     shape = parse_input_shape(input_shape, default_size=default_example_size(model_ref), seed=seed)
     original = trace(model, shape.inputs, shape.dims)
     return Built(original, steps(original), shape)
+
+
+def write_markdown_section(path: str | os.PathLike, title: str, body: str, heading: str) -> None:
+    """Replace the ``## title`` section of the markdown file ``path`` (or append it; a new file starts with
+    ``heading``), atomically: the examples and benchmarks each rewrite only their own part of a doc."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    section = f"## {title}\n\n{body.strip()}\n"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else heading.rstrip() + "\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    with _atomic(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 @contextlib.contextmanager

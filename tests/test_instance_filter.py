@@ -12,7 +12,7 @@ import pytest
 import sympy
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -72,6 +72,9 @@ def _filtered(model, inputs, **options):
 @settings(max_examples=6)
 @given(cnn_models(max_layers=4, training=st.booleans()), st.integers(0, 1000))
 def test_contract_on_generated_cnns_with_a_filter_that_drops(generated, seed):
+    # The filter may keep a single instance, and BatchNorm1d cannot train on one value per channel (torch
+    # raises for that batch with or without the filter).
+    assume(not any(isinstance(m, torch.nn.BatchNorm1d) for m in generated.module.modules()))
     torch.manual_seed(seed)
     result = check_contract(InstanceFilterPass(filter=MeanSign(), uncertainty=0.0), generated.module,
                             generated.example_inputs, dynamic=generated.dynamic, trials=1)

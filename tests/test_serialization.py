@@ -163,3 +163,14 @@ def test_export_round_trips_and_needs_trust(built, tmp_path):
     garbage.write_bytes(b"not a zip archive")
     with pytest.raises(LoadError, match="not a readable torch.export file"):
         load_export(garbage, trusted=True)
+
+
+def test_markdown_sections_are_replaced_or_appended_atomically(tmp_path):
+    from fxreduce.serialization import write_markdown_section
+
+    doc = tmp_path / "docs" / "results.md"
+    write_markdown_section(doc, "A", "first", "# Results")
+    write_markdown_section(doc, "B", "second", "# Results")
+    write_markdown_section(doc, "A", "replaced\n", "# Results")
+    assert doc.read_text() == "# Results\n\n## A\n\nreplaced\n\n## B\n\nsecond\n"
+    assert [p.name for p in doc.parent.iterdir()] == ["results.md"]  # no temporary file left behind
