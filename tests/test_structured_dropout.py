@@ -72,11 +72,14 @@ def weighted_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 @st.composite
 def lstm_cases(draw):
+    mode = draw(st.sampled_from(MODES))
+    # A few offsets make steps share windows, which run grouped (one GEMM per offset).
+    offsets = draw(st.one_of(st.none(), st.integers(1, 3))) if mode == "per_step_window" else None
     return dict(input_size=draw(st.integers(2, 7)), hidden_size=draw(st.integers(2, 7)),
                 num_layers=draw(st.integers(1, 2)), bidirectional=draw(st.booleans()),
                 steps=draw(st.integers(1, 6)), batch=draw(st.integers(1, 3)),
-                p=draw(st.sampled_from([0.0, 0.3, 0.5, 0.8])),
-                mode=draw(st.sampled_from(MODES)), recurrent=draw(st.booleans()), mask_input=draw(st.booleans()),
+                p=draw(st.sampled_from([0.0, 0.3, 0.5, 0.8])), mode=mode, offsets=offsets,
+                recurrent=draw(st.booleans()), mask_input=draw(st.booleans()),
                 between=draw(st.sampled_from([0.0, 0.5])), seed=draw(st.integers(0, 2**16)))
 
 
@@ -86,7 +89,8 @@ def build(case, dtype=torch.float64):
                        dropout=case["between"] if case["num_layers"] > 1 else 0.0,
                        bidirectional=case["bidirectional"], dtype=dtype)
     module = StructuredDropoutLSTM.from_lstm(original, p=case["p"], mode=case["mode"], recurrent=case["recurrent"],
-                                             mask_input=case["mask_input"], seed=case["seed"])
+                                             mask_input=case["mask_input"], seed=case["seed"],
+                                             offsets=case.get("offsets"))
     x = torch.randn(case["steps"], case["batch"], case["input_size"], dtype=dtype)
     return original, module, x
 
@@ -183,13 +187,15 @@ def test_masks_reproducible_from_the_seed_and_redrawn_each_step():
             assert hidden.shape == (8, 5) and not all(torch.equal(hidden[0], row) for row in hidden[1:])
 
 
-@pytest.mark.parametrize("mode", ["per_step", "per_step_window"])
-def test_every_unit_is_kept_with_probability_one_minus_p(mode):
+@pytest.mark.parametrize("mode, offsets", [("per_step", None), ("per_step_window", None), ("per_step_window", 3)])
+def test_every_unit_is_kept_with_probability_one_minus_p(mode, offsets):
     generator = torch.Generator().manual_seed(0)
     width, k, draws = 10, 3, 4000
     counts = torch.zeros(width)
     for _ in range(draws // 20):
-        keep = draw_keep_set(generator, width, k, 1.0, 20, mode)
+        keep = draw_keep_set(generator, width, k, 1.0, 20, mode, offsets)
+        if offsets is not None:
+            assert len(set(keep.offsets.tolist())) <= offsets
         counts += torch.bincount(keep.index.flatten(), minlength=width)
         assert all(len(set(row.tolist())) == k for row in keep.index)
     frequency = counts / draws
@@ -221,6 +227,18 @@ def test_pass_contract_holds_on_a_language_model(mode, recurrent):
     spec = f"structured_dropout(p=0.4, mode='{mode}', recurrent={recurrent})"
     result = check_contract(spec, LanguageModel().eval(), (tokens(),), dynamic={"N": (0, 0), "T": (0, 1)}, trials=1)
     assert result.ok, str(result)
+
+
+def test_steps_sharing_an_offset_run_as_one_gemm_and_match_the_contract():
+    torch.manual_seed(0)
+    spec = "structured_dropout(p=0.5, mode='per_step_window', offsets=2, recurrent=True)"
+    result = check_contract(spec, LanguageModel().eval(), (tokens(steps=9),), dynamic={"N": (0, 0), "T": (0, 1)},
+                            trials=1)
+    assert result.ok, str(result)
+    keep = draw_keep_set(torch.Generator().manual_seed(0), 12, 6, 2.0, 9, "per_step_window", offsets=2)
+    groups = lstm_module._StepRows(torch.randn(48, 12), keep.index, (keep.order, keep.offsets.tolist())).groups()
+    covered = [t for first, steps in groups for t in ([first] if steps is None else steps.tolist())]
+    assert len(groups) <= 2 and sorted(covered) == list(range(9))
 
 
 def test_contract_check_catches_a_kernel_reading_the_wrong_step(monkeypatch):
@@ -281,7 +299,8 @@ def test_eval_rewrite_is_exact_and_state_dict_loads_both_ways():
 def test_bad_input():
     torch.manual_seed(0)
     traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
-    for spec in ("structured_dropout(p=1.0)", "structured_dropout(p=-0.1)", "structured_dropout(mode='per_batch')"):
+    for spec in ("structured_dropout(p=1.0)", "structured_dropout(p=-0.1)", "structured_dropout(mode='per_batch')",
+                 "structured_dropout(offsets=0)", "structured_dropout(mode='per_step', offsets=4)"):
         with pytest.raises(OptionError):
             fxreduce.apply(traced, spec)
     with pytest.raises(OptionError, match="p must be"):

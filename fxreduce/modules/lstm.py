@@ -197,6 +197,19 @@ class _StepRows:
         if window is not None:
             self.rows = self.rows.index_select(0, self.order)
 
+    def groups(self) -> list[tuple[int, Tensor | None]]:
+        """The steps that read the same rows, together: (one of them, all of them or None for that one alone).
+
+        Window sets whose steps share an offset (``per_step_blocks`` draws a few evenly spaced ones) then
+        run one GEMM of (steps x N) rows per offset instead of one of N rows per step.
+        """
+        if self.starts is None:
+            return [(t, None) for t in range(self.index.shape[0])]
+        by_start: dict[int, list[int]] = {}
+        for t, start in enumerate(self.starts):
+            by_start.setdefault(start, []).append(t)
+        return [(steps[0], None if len(steps) == 1 else torch.tensor(steps)) for steps in by_start.values()]
+
     def __call__(self, t: int) -> Tensor:
         if self.starts is None:
             return self.rows.index_select(0, self.index[t])
@@ -224,8 +237,12 @@ class _StepRows:
             full = z.new_zeros(self.width, dout.shape[-1])
             return full.index_add_(0, self.index.flatten(), per_t.flatten(0, 1)).t()
         slices = torch.zeros_like(self.rows)
-        for t, start in enumerate(self.starts):
-            slices[start : start + self.k].addmm_(z[t].t(), dout[t])
+        for t, steps in self.groups():
+            start = self.starts[t]
+            if steps is None:
+                slices[start : start + self.k].addmm_(z[t].t(), dout[t])
+            else:
+                slices[start : start + self.k].addmm_(z[steps].flatten(0, 1).t(), dout[steps].flatten(0, 1))
         permuted = slices[: self.width]
         permuted[: self.k - 1] += slices[self.width :]
         return torch.empty_like(permuted).index_copy_(0, self.order[: self.width], permuted).t()
@@ -235,18 +252,29 @@ def _window(keep: KeepSet, device) -> tuple[Tensor, list[int]] | None:
     return None if keep.order is None else (keep.order.to(device), keep.offsets.tolist())
 
 
+def _by_group(step_rows: _StepRows, inputs: Tensor, out: Tensor, product) -> Tensor:
+    """``out[t] = product(inputs[t], t)`` for every step, one call per group of steps reading the same rows."""
+    for t, steps in step_rows.groups():
+        if steps is None:
+            out[t] = product(inputs[t], t)
+        else:
+            result = product(inputs[steps].flatten(0, 1), t)
+            out.index_copy_(0, steps, result.view(len(steps), *out.shape[1:]))
+    return out
+
+
 class _StepProjection(torch.autograd.Function):
     """``x[t][:, K_t] * scale @ W[:, K_t]^T (+ b)`` for every step t of a per-step keep set: forward and
-    both gradients over the k kept columns only (T GEMMs of N rows each)."""
+    both gradients over the k kept columns only (T GEMMs of N rows each; one per group of steps that share
+    their kept columns)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, scale, window):
         steps, rows, _ = x.shape
         xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
         step_rows = _StepRows(weight, index, window)
-        out = x.new_empty(steps, rows, weight.shape[0])
-        for t in range(steps):
-            out[t] = step_rows.times(xk[t], t, bias)
+        out = _by_group(step_rows, xk, x.new_empty(steps, rows, weight.shape[0]),
+                        lambda z, t: step_rows.times(z, t, bias))
         ctx.save_for_backward(xk, index)
         ctx.step_rows, ctx.scale, ctx.x_shape, ctx.has_bias = step_rows, scale, x.shape, bias is not None
         return out
@@ -255,13 +283,11 @@ class _StepProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         xk, index = ctx.saved_tensors
-        step_rows, steps = ctx.step_rows, xk.shape[0]
+        step_rows = ctx.step_rows
         dout = dout.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dxk = torch.empty_like(xk)
-            for t in range(steps):
-                dxk[t] = step_rows.times_t(dout[t], t)
+            dxk = _by_group(step_rows, dout, torch.empty_like(xk), step_rows.times_t)
             kept = index[:, None, :].expand(-1, xk.shape[1], -1)
             dx = xk.new_zeros(ctx.x_shape).scatter_(2, kept, dxk.mul_(ctx.scale))
         if ctx.needs_input_grad[1]:

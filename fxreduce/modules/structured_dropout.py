@@ -13,6 +13,10 @@ Mask modes: ``per_step`` (the paper's case) draws an independent uniform k-subse
 window of k units in it: every unit is still kept with probability exactly k/H at each step and the sets
 change every step, but they are not uniform over all k-subsets (units next to each other in the
 permutation are kept together), in exchange for weight columns read as slices instead of gathered per step.
+With ``offsets=m`` the windows start at one of m evenly spaced offsets only (still kept with probability
+k/H, as the permutation is uniform): the steps that share an offset share their kept columns, so the
+input, decoder and weight-gradient GEMMs run once per offset over all those steps' rows instead of once
+per step.
 
 Masks come from a generator seeded by ``(seed, number of training forwards so far)``: a run is reproducible
 from the seed, and data-parallel ranks that start from the same seed draw the same masks at every step
@@ -37,12 +41,18 @@ def keep_count(p: float, width: int) -> int:
     return max(1, round((1 - p) * width))
 
 
-def check_settings(p: float, mode: str, where: str) -> None:
+def check_settings(p: float, mode: str, where: str, offsets: int | None = None) -> None:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
         raise OptionError(f"dropout p must be a number in [0, 1), got {p!r}", where=where,
                           fix="p=1 would drop every unit; use 0 <= p < 1")
     if mode not in MODES:
         raise OptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", where=where)
+    if offsets is not None and (not isinstance(offsets, int) or isinstance(offsets, bool) or offsets < 1):
+        raise OptionError(f"offsets must be None or an int >= 1, got {offsets!r}", where=where,
+                          fix="None lets a window start anywhere; m lets it start at m evenly spaced places")
+    if offsets is not None and mode != "per_step_window":
+        raise OptionError(f"offsets applies to mode='per_step_window' only, not {mode!r}", where=where,
+                          fix="drop offsets or use mode='per_step_window'")
 
 
 class MaskDraws:
@@ -58,15 +68,23 @@ class MaskDraws:
 
 
 def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, steps: int | None,
-                  mode: str) -> KeepSet:
-    """A batch-shared keep set of k of ``width`` units: (k,) for a sequence, (steps, k) per step."""
+                  mode: str, offsets: int | None = None) -> KeepSet:
+    """A batch-shared keep set of k of ``width`` units: (k,) for a sequence, (steps, k) per step.
+
+    ``offsets`` (per_step_window): None lets each step's window start anywhere in the permutation; m, at
+    one of m evenly spaced starts.
+    """
     if mode == "per_sequence" or steps is None:
         return KeepSet(torch.randperm(width, generator=generator)[:k].sort().values, scale)
     if mode == "per_step":
         return KeepSet(torch.rand(steps, width, generator=generator).argsort(1)[:, :k].sort(1).values, scale)
     order = torch.randperm(width, generator=generator)
-    offsets = torch.randint(0, width, (steps,), generator=generator)
-    return KeepSet.windows(order, offsets, k, scale)
+    if offsets is None:
+        starts = torch.randint(0, width, (steps,), generator=generator)
+    else:
+        choices = torch.tensor(sorted({j * width // offsets for j in range(offsets)}))
+        starts = choices[torch.randint(0, len(choices), (steps,), generator=generator)]
+    return KeepSet.windows(order, starts, k, scale)
 
 
 class StructuredDropoutLSTM(LSTM):
@@ -79,21 +97,24 @@ class StructuredDropoutLSTM(LSTM):
     """
 
     def __init__(self, *args, p: float = 0.5, mode: str = "per_step", recurrent: bool = False,
-                 mask_input: bool = False, seed: int = 0, **kwargs):
+                 mask_input: bool = False, seed: int = 0, offsets: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        check_settings(p, mode, "StructuredDropoutLSTM")
-        self.p, self.mode, self.recurrent, self.mask_input = float(p), mode, bool(recurrent), bool(mask_input)
-        self.masks = MaskDraws(seed)
+        self._configure(p, mode, recurrent, mask_input, seed, offsets)
         self.reference = False
+
+    def _configure(self, p: float, mode: str, recurrent: bool, mask_input: bool, seed: int,
+                   offsets: int | None) -> None:
+        check_settings(p, mode, "StructuredDropoutLSTM", offsets)
+        self.p, self.mode, self.recurrent, self.mask_input = float(p), mode, bool(recurrent), bool(mask_input)
+        self.offsets = offsets
+        self.masks = MaskDraws(seed)
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM, *, p: float, mode: str, recurrent: bool, mask_input: bool,
-                  seed: int) -> "StructuredDropoutLSTM":
+                  seed: int, offsets: int | None = None) -> "StructuredDropoutLSTM":
         """A copy of ``lstm`` (weights copied) dropping as configured; nn.LSTM's state_dict loads into it."""
         new = cls.from_torch(lstm)
-        check_settings(p, mode, "StructuredDropoutLSTM")
-        new.p, new.mode, new.recurrent, new.mask_input = float(p), mode, bool(recurrent), bool(mask_input)
-        new.masks = MaskDraws(seed)
+        new._configure(p, mode, recurrent, mask_input, seed, offsets)
         return new
 
     def mask_widths(self) -> dict[int, tuple[int | None, int | None]]:
@@ -111,7 +132,8 @@ class StructuredDropoutLSTM(LSTM):
         scale = 1.0 / (1.0 - self.p)
         generator = self.masks.next_generator()
         return {layer: tuple(None if w is None else
-                             draw_keep_set(generator, w, keep_count(self.p, w), scale, steps, self.mode)
+                             draw_keep_set(generator, w, keep_count(self.p, w), scale, steps, self.mode,
+                                           self.offsets)
                              for w in widths) for layer, widths in self.mask_widths().items()}
 
     def cost_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
@@ -134,7 +156,8 @@ class StructuredDropoutLSTM(LSTM):
         return super().forward(input, hx)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", p={self.p:g}, mode={self.mode}, recurrent={self.recurrent}, "
+        offsets = "" if self.offsets is None else f", offsets={self.offsets}"
+        return (super().extra_repr() + f", p={self.p:g}, mode={self.mode}{offsets}, recurrent={self.recurrent}, "
                 f"mask_input={self.mask_input}")
 
 
@@ -189,20 +212,21 @@ class StructuredDropoutLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, p: float = 0.5, seed: int = 0,
-                 mode: str = "per_sequence", time_dim: int | None = None, device=None, dtype=None):
+                 mode: str = "per_sequence", time_dim: int | None = None, offsets: int | None = None, device=None,
+                 dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        check_settings(p, mode, "StructuredDropoutLinear")
-        self.p, self.mode, self.time_dim = float(p), mode, time_dim
+        check_settings(p, mode, "StructuredDropoutLinear", offsets)
+        self.p, self.mode, self.time_dim, self.offsets = float(p), mode, time_dim, offsets
         self.masks = MaskDraws(seed)
         self.reference = False
         self.last_keep_set: KeepSet | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, p: float, seed: int, mode: str = "per_sequence",
-                    time_dim: int | None = None) -> "StructuredDropoutLinear":
+                    time_dim: int | None = None, offsets: int | None = None) -> "StructuredDropoutLinear":
         """A module sharing ``linear``'s parameters."""
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, p=p, seed=seed, mode=mode,
-                  time_dim=time_dim, device="meta", dtype=linear.weight.dtype)
+                  time_dim=time_dim, offsets=offsets, device="meta", dtype=linear.weight.dtype)
         new.weight, new.bias = linear.weight, linear.bias
         return new.train(linear.training)
 
@@ -220,7 +244,8 @@ class StructuredDropoutLinear(nn.Linear):
             per_step = False
         else:
             steps = x.shape[self.time_dim] if per_step else None
-            keep = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, steps, self.mode)
+            keep = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, steps, self.mode,
+                                 self.offsets)
         self.last_keep_set = keep
         if per_step:
             steps_first = x.movedim(self.time_dim, 0)

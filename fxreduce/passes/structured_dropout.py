@@ -24,7 +24,8 @@ from ..cost_models.propagation import META_KEY, set_mode
 from ..errors import UnsupportedError
 from ..graph import Layer, bypass, find_chains, find_layers, only_user, replace_layer
 from ..modules.lstm import LSTM
-from ..modules.structured_dropout import MODES, StructuredDropoutLinear, StructuredDropoutLSTM, keep_count
+from ..modules.structured_dropout import (MODES, StructuredDropoutLinear, StructuredDropoutLSTM, check_settings,
+                                          keep_count)
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, compare_outputs, option, register, run_eval
 
 CHECK_SEED = 1234
@@ -38,8 +39,18 @@ class StructuredDropoutOptions:
                                    "sequence; per_step_window: per step a random cyclic window of k units in a "
                                    "per-sequence permutation (faster, not uniform over subsets)",
                        check=(" or ".join(MODES), lambda value: value in MODES))
+    offsets: int = option(None, "per_step_window only: None lets a window start anywhere in the permutation; m "
+                                "lets it start at one of m evenly spaced places, so steps sharing a start run "
+                                "their input, decoder and weight-gradient GEMMs together (faster)",
+                          check=("an int >= 1", lambda value: isinstance(value, int) and value >= 1))
     recurrent: bool = option(False, "also drop units of the recurrent state h feeding W_hh (same p)")
     seed: int = option(0, "seed of the masks; data-parallel ranks with the same seed draw the same masks")
+
+    def __post_init__(self) -> None:
+        check_settings(self.p, self.mode, "structured_dropout", self.offsets)
+
+    def describe_masks(self) -> str:
+        return self.mode if self.offsets is None else f"{self.mode}, {self.offsets} offsets"
 
 
 def _training_certificate(module: nn.Module, source: fx.Node) -> str:
@@ -112,8 +123,9 @@ class StructuredDropout(Pass):
             salt += 1
             time_dim = _time_dim(gm, dropout)
             module = StructuredDropoutLinear.from_linear(linear.module, p=o.p, seed=o.seed + salt, mode=o.mode,
-                                                         time_dim=time_dim)
-            sets = "per call" if o.mode == "per_sequence" or time_dim is None else f"per time step ({o.mode})"
+                                                         time_dim=time_dim, offsets=o.offsets)
+            per_step = o.mode != "per_sequence" and time_dim is not None
+            sets = f"per time step ({o.describe_masks()})" if per_step else "per call"
             replaced = [dropout.node.name, linear.node.name]
             certificate = _training_certificate(module, dropout.input)
             bypass(gm, dropout)
@@ -130,7 +142,8 @@ class StructuredDropout(Pass):
             dropout = _feeding_dropout(gm, layer)
             salt += 1
             module = StructuredDropoutLSTM.from_lstm(source, p=o.p, mode=o.mode, recurrent=o.recurrent,
-                                                     mask_input=dropout is not None, seed=o.seed + salt)
+                                                     mask_input=dropout is not None, seed=o.seed + salt,
+                                                     offsets=o.offsets)
             widths = [w for pair in module.mask_widths().values() for w in pair if w is not None]
             if not widths:
                 outcome.skipped.append(Skipped(layer.node.name, "no dropout feeds it, it has no between-layer "
@@ -146,8 +159,9 @@ class StructuredDropout(Pass):
             what = "; ".join(f"layer {n}: " + ", ".join(f"{name} {keep_count(o.p, w)} of {w}"
                                                          for name, w in zip(("input", "h"), pair) if w is not None)
                              for n, pair in module.mask_widths().items() if any(w is not None for w in pair))
-            outcome.rewrites.append(Rewrite(replaced, [new.name], f"LSTM with structured dropout ({o.mode}, "
-                                            f"p={o.p:g}) keeping {what}{certificate}", self.contract))
+            outcome.rewrites.append(Rewrite(replaced, [new.name], f"LSTM with structured dropout "
+                                            f"({o.describe_masks()}, p={o.p:g}) keeping {what}{certificate}",
+                                            self.contract))
 
     @staticmethod
     def _why_not(layer: Layer) -> str | None:
