@@ -30,10 +30,14 @@ from word_lm import WordLanguageModel, load_corpus, perplexity, train_epoch  # n
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "structured-dropout.md"
 PLOT = ROOT / "docs" / "images" / "structured_dropout_perplexity.png"
+OFFSETS = 8
+MASKS = {"per_step": "mode='per_step'", "per_step_window": "mode='per_step_window'",
+         f"per_step_window/{OFFSETS}": f"mode='per_step_window', offsets={OFFSETS}",
+         "per_sequence": "mode='per_sequence'"}
 VARIANTS = [("ordinary dropout", None)] + [
-    (f"{mode}{' + recurrent' if recurrent else ''}", f"structured_dropout(p={{p}}, mode='{mode}', "
-                                                     f"recurrent={recurrent}, seed={{seed}})")
-    for recurrent in (False, True) for mode in ("per_step", "per_step_window", "per_sequence")]
+    (f"{label}{' + recurrent' if recurrent else ''}", f"structured_dropout(p={{p}}, {masks}, "
+                                                      f"recurrent={recurrent}, seed={{seed}})")
+    for recurrent in (False, True) for label, masks in MASKS.items()]
 
 
 @dataclass
@@ -147,6 +151,7 @@ def verdict(runs: dict[str, Run]) -> str:
 def document(runs: dict[str, Run], args: argparse.Namespace, seconds: float) -> str:
     command = " ".join(["python examples/structured_dropout_lm.py", *sys.argv[1:]])
     return DOC_TEMPLATE.format(command=command, table=table(runs), verdict=verdict(runs), epochs=args.epochs,
+                               offsets=OFFSETS,
                                seeds=args.seeds, hidden=args.hidden, p=args.p, lr=args.lr, threads=args.threads,
                                minutes=seconds / 60, load=os.getloadavg()[0],
                                image=os.path.relpath(PLOT, DOC.parent))
@@ -181,14 +186,19 @@ Mask modes (all batch-shared):
 |---|---|---|
 | `per_step` (the paper) | uniform over all k-subsets, independent per step | gathers k weight columns per step (T copies) |
 | `per_step_window` | a random cyclic window of k units in a per-sequence random permutation | one permuted copy of each weight per training step; per step a slice |
+| `per_step_window`, `offsets=m` (`per_step_window/{offsets}` below) | the same, the window starting at one of m evenly spaced places | as above, and the steps sharing a start run their input, decoder and weight-gradient GEMMs as one |
 | `per_sequence` | one uniform k-subset for all steps (variational) | one gather of k columns per training step, then full-size GEMMs |
 
 **The trade-off of `per_step_window`, honestly:** each unit is still kept with probability exactly k/H at
 every step and the set changes every step, but the sets are not uniform over all k-subsets: units next
 to each other in the sequence's permutation are kept or dropped together, and a step's set is determined
 by one offset (H possible sets per sequence instead of C(H, k)). The uniform `per_step` mode stays
-available and is measured beside it. Only `per_sequence` turns the input projections into one big GEMM;
-both per-step modes run T GEMMs of N rows, which a CPU runs well below its big-GEMM speed at batch 20.
+available and is measured beside it. `per_sequence` turns the input projections into one big GEMM; the
+per-step modes run T GEMMs of N rows, which a CPU runs well below its big-GEMM speed at batch 20.
+`offsets=m` narrows the window's start to m evenly spaced places (m possible sets per sequence; each unit
+is still kept with probability k/H at every step, as the permutation is uniform): the steps that share a
+start read the same weight columns, so the input projections, the decoder and their weight gradients run
+as m GEMMs of about T N / m rows each. The recurrent GEMMs stay one per step (the recurrence is sequential).
 
 A Dropout -> Linear chain fed by an LSTM's output (the decoder) draws its sets the same way, per time
 step in the per-step modes (T GEMMs of N rows, the LSTM's per-step kernels); any other Dropout -> Linear
