@@ -10,7 +10,7 @@ inside int16 on AVX2 CPUs without VNNI; on others it only halves the activation 
 
 Measured on a 2-core AVX-512 CPU: fbgemm's dynamic Linear ran 2-5x fp32 and oneDNN's qlinear 1.3-2.9x;
 fbgemm's static Conv2d 1.3-2x fp32 at ResNet-18's batch-8 shapes, oneDNN's qconv 0.6-1.2x. So fbgemm
-it is; the choice lives only in the ``_prepack_*`` and ``_run_*`` functions below.
+it is; the choice lives only in ``_prepack_linear``, ``_conv_plan`` and the ``_run_*`` functions below.
 
 Prepacked fbgemm weights are TorchScript objects: a state_dict cannot hold them and torch.export
 refuses them. So the modules keep int8 weights and scales as plain tensors, and the kernels are
@@ -72,12 +72,36 @@ def _prepack_linear(weight: Tensor, scale: Tensor, bias: Tensor | None) -> objec
     return _cached_pack(weight, key, lambda: torch.ops.quantized.linear_prepack(_quantized_weight(weight, scale), bias))
 
 
-def _prepack_conv(weight: Tensor, scale: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                  dilation: Sequence[int], groups: int) -> object:
+@dataclass(frozen=True)
+class _ConvPlan:
+    """What an int8 conv call needs that changes only with the module's tensors, made once: the prepacked
+    weight, the activation scales as Python numbers, and the input subsampling of a strided 1x1 conv."""
+
+    packed: object
+    input_scale: float
+    input_zero: int
+    output_scale: float
+    output_zero: int
+    subsample: tuple[int, int] | None
+
+
+def _conv_plan(weight: Tensor, scale: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, input_qparams: Tensor, output_qparams: Tensor) -> _ConvPlan:
+    # A strided 1x1 conv reads every stride-th pixel: subsampling first quantizes a quarter of the input and
+    # lets fbgemm take its stride-1 1x1 path (ResNet-18's downsample convs: 2-4x faster, measured).
+    subsample = weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0) and tuple(stride) != (1, 1)
+    run_stride = (1, 1) if subsample else tuple(stride)
     settings = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    key = (_versions(weight, scale, bias), settings, torch.backends.quantized.engine)
-    return _cached_pack(weight, key, lambda: torch.ops.quantized.conv2d_prepack(
-        _quantized_weight(weight, scale), bias, list(stride), list(padding), list(dilation), groups))
+    key = (_versions(weight, scale, bias, input_qparams, output_qparams), settings, torch.backends.quantized.engine)
+
+    def plan() -> _ConvPlan:
+        packed = torch.ops.quantized.conv2d_prepack(_quantized_weight(weight, scale), bias, list(run_stride),
+                                                    list(padding), list(dilation), groups)
+        (in_scale, in_zero), (out_scale, out_zero) = input_qparams.tolist(), output_qparams.tolist()
+        return _ConvPlan(packed, in_scale, int(in_zero), out_scale, int(out_zero),
+                         tuple(stride) if subsample else None)
+
+    return _cached_pack(weight, key, plan)
 
 
 def _run_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
@@ -89,19 +113,14 @@ def _run_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, r
 def _run_conv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int, input_qparams: Tensor,
               output_qparams: Tensor, relu: bool) -> Tensor:
-    if weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0) and tuple(stride) != (1, 1):
-        # A strided 1x1 conv reads every stride-th pixel: subsampling first quantizes a quarter of the input
-        # and lets fbgemm take its stride-1 1x1 path (ResNet-18's downsample convs: 2-4x faster, measured).
+    plan = _conv_plan(weight, scale, bias, stride, padding, dilation, groups, input_qparams, output_qparams)
+    if plan.subsample is not None:
         # The subsampled copy is made channels-last, the layout fbgemm computes in, so quantizing it needs no
         # second reorder (another 1.1-1.2x on those convs, measured).
-        x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=torch.channels_last)
-        stride = (1, 1)
-    packed = _prepack_conv(weight, scale, bias, stride, padding, dilation, groups)
-    in_scale, in_zero = input_qparams.tolist()
-    out_scale, out_zero = output_qparams.tolist()
-    qx = torch.quantize_per_tensor(x, in_scale, int(in_zero), torch.quint8)
+        x = x[:, :, :: plan.subsample[0], :: plan.subsample[1]].contiguous(memory_format=torch.channels_last)
+    qx = torch.quantize_per_tensor(x, plan.input_scale, plan.input_zero, torch.quint8)
     kernel = torch.ops.quantized.conv2d_relu.new if relu else torch.ops.quantized.conv2d.new
-    return kernel(qx, packed, out_scale, int(out_zero)).dequantize()
+    return kernel(qx, plan.packed, plan.output_scale, plan.output_zero).dequantize()
 
 
 @torch.library.custom_op("fxreduce::int8_linear", mutates_args=())
