@@ -226,8 +226,8 @@ communicating (tested with 2 gloo processes). Each rank must run the same number
 {hidden}-unit 2-layer LSTM LM (examples/word_lm.py), dropout p = {p} everywhere, SGD lr {lr}, clip 0.25,
 batch 20, T = 35, {epochs} epochs, {seeds} seeds (same initial weights per seed for every variant); final
 validation perplexity and median wall-clock seconds per epoch ({threads} torch thread(s) on 2 cores).
-Command: `{command}` ({minutes:.1f} min in all; 1-minute load average at the end {load:.1f}: other jobs
-were sharing the cores, so the seconds are noisy — benchmarks/bench_structured_dropout.py times single
+Command: `{command}` ({minutes:.1f} min in all; 1-minute load average at the end {load:.1f}, this run's own
+threads included; the seconds per epoch are rough — benchmarks/bench_structured_dropout.py times single
 training steps side by side).
 
 {table}
