@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
+from fxreduce.measurement import shuffled_rounds, time_side_by_side  # noqa: F401 (re-exported for the scripts)
 from fxreduce.serialization import write_markdown_section
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -29,31 +28,6 @@ def fix_threads(threads: int = THREADS) -> int:
     return threads
 
 
-def time_side_by_side(
-    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin in the same run (see :func:`_rounds`)."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for order in _rounds(list(candidates), repeats):
-        for name in order:
-            start = time.perf_counter()
-            candidates[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def _rounds(names: list[str], repeats: int) -> list[list[str]]:
-    """The candidates' order in each round, shuffled (seeded) every round, so that no candidate always runs
-    right after the same other one. Measured at 32x4096x4096: the same int8 kernel ran 20% slower placed
-    after fp32 Linear every round than after another int8 kernel; a fixed or rotated order hands that
-    penalty to one candidate, a shuffled one spreads it over all and the median drops it."""
-    generator = random.Random(0)
-    return [generator.sample(names, len(names)) for _ in range(repeats)]
-
-
 def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call, round-robin like :func:`time_side_by_side`, but each timed call follows an
     untimed call of the same candidate.
@@ -63,7 +37,7 @@ def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
     A single layer's benchmark should compare kernels in steady state; whole models use the plain helper.
     """
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for order in _rounds(list(candidates), repeats):
+    for order in shuffled_rounds(list(candidates), repeats):
         for name in order:
             candidates[name]()
             start = time.perf_counter()

@@ -24,6 +24,7 @@ from . import __version__
 from .cost_models import GraphCost, certify, graph_cost, graph_info
 from .errors import FxReduceError, InputError, UnsupportedError
 from .inspection import inspect
+from .measurement import measure
 from .models import InputShape, default_example_size, load_model, parse_input_shape
 from .passes import REGISTRY, get_pass
 from .pipeline import Pipeline, RewriteReport, parse_spec
@@ -234,6 +235,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     report = built.result.report
     report.at = _point(built.original, args.at)
     print("\n".join(report.lines() + _certificates(report)))
+    if args.measure:
+        print("\n".join(measure(built.original, built.graph_module, built.shape.inputs).lines()))
     if format == "export":
         export(args.output, built.graph_module,
                manifest=Manifest(args.model, Pipeline(args.pipeline, seed=args.seed).spec, built.shape.text, args.seed))
@@ -370,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--seed", type=int, default=0, help="seed of model init, example inputs and passes")
     apply.add_argument("--calibration", metavar="FILE", help="inputs saved with torch.save for passes that "
                                                             "calibrate (lower_int8); without it they use random inputs")
+    apply.add_argument("--no-measure", dest="measure", action="store_false",
+                       help="skip running both models on the example input (output error and eval latency)")
     apply.set_defaults(run=cmd_apply)
 
     insp = commands.add_parser("inspect", help="node table, or before/after diff, of a saved file or a model")

@@ -91,6 +91,11 @@ def test_apply_prints_the_report_and_certificates(capsys):
     assert status == 0
     assert "fold_batchnorm" in out and "BatchNorm folded" in out and "at N=1, H=32, W=32" in out
     assert "certificate (FLOPs): proven" in out and "certificate (other ops):" in out
+    assert "measured on the example input (2x3x32x32), eval mode" in out
+    assert "output error: max |after - before|" in out and "latency:" in out and "interleaved runs" in out
+    status, out, _ = run(capsys, "apply", "default", "--pipeline", DEMO_PIPELINE, "--input-shape", SMALL,
+                         "--no-measure")
+    assert status == 0 and "latency:" not in out
 
 
 def test_saved_file_loads_in_a_fresh_process_with_equal_outputs(saved, tmp_path):
