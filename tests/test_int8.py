@@ -104,6 +104,24 @@ def test_int8_modules_run_real_int8_kernels_not_fake_quantization():
     assert torch.allclose(module(x), F.linear(activations, module.dequantized_weight()), atol=1e-4)
 
 
+def test_strided_pointwise_conv_runs_as_an_int8_gemm_over_the_pixels_it_reads():
+    generator = _generator(3)
+    weight = _random_int8(generator, 16, 8, 1, 1)
+    x = torch.randn(2, 8, 10, 10, generator=generator)
+    module = Int8Conv2d.from_int8(weight, torch.full((16,), 0.01), torch.randn(16, generator=generator), stride=(2, 2),
+                                  padding=(0, 0), dilation=(1, 1), groups=1, input_range=(-2.0, 2.0),
+                                  output_range=(-1.0, 1.0))
+    assert module.pointwise
+    scale, zero = module.input_qparams.tolist()
+    # Static input quantization (clamped to uint8), exact int32 sums, float32 out: no output requantization,
+    # so outputs far outside the calibrated output range are not clipped.
+    activations = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+    expected = F.conv2d(activations, module.dequantized_weight(), module.bias, stride=2)
+    out = module(x)
+    assert torch.allclose(out, expected, atol=1e-4) and out.abs().max() > 1.0
+    assert bool(((out - module.reference(x)).abs() <= module.error_bound(x)).all())
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
