@@ -178,7 +178,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     threads = fix_threads(args.threads) if args.threads else fix_threads()
     repeats = 3 if args.quick else 30
-    linear, notes = bench_linear(QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES, repeats)
+    # The same int8 kernel varies by a few percent between rounds; the Linears are quick, so they get 3x the rounds.
+    linear, notes = bench_linear(QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES, 3 * repeats)
     convs = bench_convs(64 if args.quick else 224, (1,) if args.quick else (1, 8), repeats)
     lenet = ("LeNet-5", LeNet5(), (1, 28, 28), (1, 64) if args.quick else (1, 64, 1000))
     resnet = ("ResNet-18", torchvision.models.resnet18(), (3, 64, 64) if args.quick else (3, 224, 224),
@@ -188,9 +189,10 @@ def main(argv=None) -> None:
         return
     notes_text = "".join(f"\nNote: {note}\n" for note in notes)
     body = f"""Speed of each int8 path as a ratio over fp32 (higher is faster), {threads} threads, medians of
-{repeats} interleaved runs (single layers: each timed call follows an untimed call of the same layer, so no
+{repeats} interleaved runs ({3 * repeats} for the Linears; single layers: each timed call follows an untimed call of the same layer, so no
 kernel is timed only with the cache its predecessor flushed). fxreduce's modules run fbgemm through torch's quantized engine: Linear quantizes
-its input per call (7-bit, per tensor), Conv2d with static activation scales (here calibrated on the input).
+its input per call (7-bit, per tensor), Conv2d with static activation scales (here calibrated on the input);
+strided 1x1 convs (the downsample layers) run as an int8 GEMM over the pixels they read, with float32 out.
 fxreduce's int8 weights have a scale per output channel (exact for ADMM's projected weights), so the
 like-for-like reference is quantize_dynamic with torch's per-channel qconfig, the same fbgemm kernel;
 its default packs one scale per tensor. Ratios between int8 kernels vary by about 5% from run to run
