@@ -200,8 +200,8 @@ class _StepRows:
     def groups(self) -> list[tuple[int, Tensor | None]]:
         """The steps that read the same rows, together: (one of them, all of them or None for that one alone).
 
-        Window sets whose steps share an offset (``per_step_blocks`` draws a few evenly spaced ones) then
-        run one GEMM of (steps x N) rows per offset instead of one of N rows per step.
+        Window sets whose steps share an offset (``per_step_window`` with ``offsets=m`` draws from m evenly
+        spaced ones) then run one GEMM of (steps x N) rows per offset instead of one of N rows per step.
         """
         if self.starts is None:
             return [(t, None) for t in range(self.index.shape[0])]
@@ -239,10 +239,8 @@ class _StepRows:
         slices = torch.zeros_like(self.rows)
         for t, steps in self.groups():
             start = self.starts[t]
-            if steps is None:
-                slices[start : start + self.k].addmm_(z[t].t(), dout[t])
-            else:
-                slices[start : start + self.k].addmm_(z[steps].flatten(0, 1).t(), dout[steps].flatten(0, 1))
+            inputs, grads = (z[t], dout[t]) if steps is None else (z[steps].flatten(0, 1), dout[steps].flatten(0, 1))
+            slices[start : start + self.k].addmm_(inputs.t(), grads)
         permuted = slices[: self.width]
         permuted[: self.k - 1] += slices[self.width :]
         return torch.empty_like(permuted).index_copy_(0, self.order[: self.width], permuted).t()
