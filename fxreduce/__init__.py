@@ -3,10 +3,11 @@
 from .cost_models import Certificate, GraphCost, certify, graph_cost as cost
 from .errors import FxReduceError
 from .inspection import inspect
+from .measurement import Measurement, measure
 from .passes import REGISTRY as passes
 from .pipeline import Pipeline, PipelineResult, RewriteReport, apply, parse_spec
 from .tracing import trace
 
 __version__ = "0.1.0"
-__all__ = ["Certificate", "FxReduceError", "GraphCost", "Pipeline", "PipelineResult", "RewriteReport", "apply",
-           "certify", "inspect", "cost", "parse_spec", "passes", "trace"]
+__all__ = ["Certificate", "FxReduceError", "GraphCost", "Measurement", "Pipeline", "PipelineResult", "RewriteReport",
+           "apply", "certify", "inspect", "cost", "measure", "parse_spec", "passes", "trace"]
