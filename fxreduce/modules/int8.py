@@ -77,8 +77,8 @@ class _ConvPlan:
     """What an int8 conv call needs that changes only with the module's tensors, made once: the prepacked
     weight, the activation scales as Python numbers, and the input subsampling of a strided 1x1 conv.
 
-    ``pointwise`` plans run a 1x1 conv as the int8 GEMM it is, over the pixels: ``packed`` is then a Linear's
-    prepacked weight and the kernel returns float32 from its int32 sums (no output requantization).
+    A strided 1x1 conv's plan (``subsample`` set) runs it as the int8 GEMM it is, over the pixels it reads:
+    ``packed`` is then a Linear's prepacked weight and the kernel returns float32 from its int32 sums.
     """
 
     packed: object
@@ -87,7 +87,6 @@ class _ConvPlan:
     output_scale: float
     output_zero: int
     subsample: tuple[int, int] | None
-    pointwise: bool
 
 
 def is_pointwise(kernel_size: Sequence[int], padding: Sequence[int], stride: Sequence[int], groups: int) -> bool:
@@ -113,8 +112,7 @@ def _conv_plan(weight: Tensor, scale: Tensor, bias: Tensor | None, stride: Seque
             packed = torch.ops.quantized.conv2d_prepack(_quantized_weight(weight, scale), bias, list(stride),
                                                         list(padding), list(dilation), groups)
         (in_scale, in_zero), (out_scale, out_zero) = input_qparams.tolist(), output_qparams.tolist()
-        return _ConvPlan(packed, in_scale, int(in_zero), out_scale, int(out_zero),
-                         tuple(stride) if pointwise else None, pointwise)
+        return _ConvPlan(packed, in_scale, int(in_zero), out_scale, int(out_zero), tuple(stride) if pointwise else None)
 
     return _cached_pack(weight, key, plan)
 
@@ -129,7 +127,7 @@ def _run_conv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, str
               padding: Sequence[int], dilation: Sequence[int], groups: int, input_qparams: Tensor,
               output_qparams: Tensor, relu: bool) -> Tensor:
     plan = _conv_plan(weight, scale, bias, stride, padding, dilation, groups, input_qparams, output_qparams)
-    if plan.pointwise:
+    if plan.subsample is not None:
         pixels = x[:, :, :: plan.subsample[0], :: plan.subsample[1]].permute(0, 2, 3, 1)
         n, h, w, channels = pixels.shape
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
@@ -381,10 +379,10 @@ class Int8Conv2d(nn.Module):
             outside = (in_low - x).clamp(min=0) + (x - in_high).clamp(min=0)
             weight = self.dequantized_weight().abs()
             spread = self._conv(outside + in_scale / 2, weight, None)
-            y = self._conv(x, self.dequantized_weight(), self.bias)
             magnitude = self._conv(x.abs(), weight, None if self.bias is None else self.bias.abs())
             if self.pointwise:  # float32 out of the int32 sums: no output requantization
                 return spread * (1 + 1e-4) + 1e-4 * magnitude + 1e-6
+            y = self._conv(x, self.dequantized_weight(), self.bias)
             out_scale, out_low, out_high = self._range(self.output_qparams, OUTPUT_LEVELS)
             above = (y + spread - out_high).clamp(min=0)
             below = torch.zeros_like(y) if self.relu else (out_low - (y - spread)).clamp(min=0)
