@@ -10,11 +10,12 @@ Every module computes ``x @ W'^T + b`` for a structured ``W'`` without ever form
 | ``SparseLowRankLinear("lr_sparse")`` | ``U V``, U block-diagonal | in r + out r / g |
 | ``SparseLowRankLinear("grouped_shuffle")`` | both block-diagonal, r channels shuffled between | (in + out) r / g |
 
-The group products run as one batched GEMM that reads and writes its blocks in place. Each module states its MACs and parameter count
-(``fxreduce_macs``, ``count_params``), multiplies back out to an ``nn.Linear`` (``to_dense``), and is built
-from a dense weight by truncated SVD (``from_linear``; per block for grouped factors). ``LowRankLinear``
-also gives the decomposed LSTM its two GEMM factors, so a low-rank gate projection runs on the LSTM's
-fused kernels; the grouped modules run there through its per-step autograd path.
+The group products run as one batched GEMM that reads and writes its blocks in place. Each module
+states its MACs and parameter count (``fxreduce_macs``, ``count_params``), multiplies back out to an
+``nn.Linear`` (``to_dense``), and is built from a dense weight by truncated SVD (``from_linear``; per
+block for grouped factors). ``LowRankLinear`` also gives the decomposed LSTM its two GEMM factors, so a
+low-rank gate projection runs on the LSTM's fused kernels; the grouped modules run there through its
+per-step autograd path.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _blocks(matrix: Tensor, groups: int) -> Tensor:
 
 
 class _BlockDiagonalLinear(torch.autograd.Function):
-    """``y = x W^T + b`` for a block-diagonal W stored as its (g, out/g, in/g) blocks, as one batched GEMM each way.
+    """``y = x W^T + b`` for a block-diagonal W stored as its (g, out/g, in/g) blocks: one batched GEMM each way.
 
     Every GEMM reads and writes the column blocks of plain (rows, features) matrices in place, through
     strided views that BLAS takes as a leading dimension, and the bias rides in the GEMM's accumulator: no
