@@ -15,16 +15,19 @@ from pathlib import Path
 
 import torch
 
-from fxreduce.measurement import shuffled_rounds, time_side_by_side  # noqa: F401 (re-exported for the scripts)
+from fxreduce.measurement import keep_freed_memory, shuffled_rounds, time_side_by_side  # noqa: F401 (re-exported)
 from fxreduce.serialization import write_markdown_section
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 THREADS = 2
+_allocator = {"keeps freed memory": False}
 
 
 def fix_threads(threads: int = THREADS) -> int:
-    """Pin torch's intra-op threads so figures are comparable between runs and machines."""
+    """Pin torch's intra-op threads and keep freed memory in the process (:func:`keep_freed_memory`), so
+    figures are comparable between runs and machines and do not depend on what ran before in the process."""
     torch.set_num_threads(threads)
+    _allocator["keeps freed memory"] = keep_freed_memory()
     return threads
 
 
@@ -51,6 +54,7 @@ def machine_line() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+        + (", glibc malloc keeping freed memory" if _allocator["keeps freed memory"] else "")
     )
 
 

@@ -8,6 +8,7 @@ in wall-clock on this machine, and what it changes in the outputs, is measured h
 
 from __future__ import annotations
 
+import ctypes
 import random
 import statistics
 import time
@@ -15,6 +16,29 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+
+
+_GLIBC_TRIM_THRESHOLD, _GLIBC_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse (up to 32 MiB blocks) instead of returning it to the
+    OS; returns False where the C library has no ``mallopt`` (not glibc), changing nothing.
+
+    By default a tensor of more than ~128 KiB that is freed may go back to the OS, and the next one is
+    page-faulted in afresh (the kernel zeroes every page): a cost per call proportional to the output
+    size, not to the arithmetic, so it falls hardest on layers rewritten to compute less. Measured for
+    ViT-B's fc1 at 197 tokens: the dense layer 5.4 -> 4.6 ms, the 12x factorised forms 0.60-0.86 ->
+    0.79-0.89 of their MAC reduction. PyTorch's CPU performance guide gets the same effect by swapping in
+    jemalloc or tcmalloc; this is the in-process equivalent the benchmarks use, for every candidate alike.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_GLIBC_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_GLIBC_TRIM_THRESHOLD, 1 << 30))
 
 
 def shuffled_rounds(names: list[str], repeats: int) -> list[list[str]]:

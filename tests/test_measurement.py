@@ -54,3 +54,24 @@ def test_time_side_by_side_gives_a_median_per_candidate():
     calls = []
     times = time_side_by_side({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=5, warmup=1)
     assert set(times) == {"x", "y"} and calls.count("x") == 6 and calls.count("y") == 6
+
+
+def _minor_faults_while(fill) -> int:
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fill()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_keep_freed_memory_reuses_a_freed_tensors_pages():
+    import sys
+
+    import pytest
+    from fxreduce.measurement import keep_freed_memory
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
+    size = 8 << 20  # 8 MiB = 2048 pages of 4 KiB
+    torch.empty(size // 4).fill_(1.0)  # allocated, touched, freed: its pages stay with the process
+    faults = _minor_faults_while(lambda: torch.empty(size // 4).fill_(2.0))
+    assert faults < 256, f"{faults} page faults refilling a freed 8 MiB tensor: its memory went back to the OS"
