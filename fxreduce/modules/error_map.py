@@ -72,21 +72,45 @@ def l1_norms(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
     return tensor.abs().sum(dim=dims)
 
 
+_ROW_BLOCK_BYTES = 1 << 20
+
+
+def row_l1_norms(matrix: Tensor) -> Tensor:
+    """L1 norm of each row of a 2-D tensor, a block of rows (~1 MiB) at a time so that the ``abs``
+    temporary stays in cache: for ResNet-18's 512x4608 conv weight in a backward, one weight-sized
+    temporary cost 1.3 ms, against 0.2 ms for the sum itself."""
+    rows_per_block = max(1, _ROW_BLOCK_BYTES // max(1, matrix.shape[1] * matrix.element_size()))
+    if rows_per_block >= matrix.shape[0]:
+        return l1_norms(matrix, (1,))
+    return torch.cat([l1_norms(block, (1,)) for block in matrix.split(rows_per_block)])
+
+
 def select_channels(weight: Tensor, delta_norms: Tensor, groups: int, per_group: int, score: tuple[float, float],
                     sync: bool) -> Tensor:
     """Sorted indices of the kept output channels: the top ``per_group`` of each group by the EMP score.
 
     ``delta_norms`` holds sum_batch ||delta_j||_1 per output channel. With ``sync`` and an initialised
-    process group, weight and error-map norms are summed over the ranks first, so all ranks agree.
+    process group, weight and error-map norms are summed over the ranks first, so all ranks agree. A
+    term weighted 0 is not computed (the weight norms read the whole weight every backward).
     """
-    weight_norms = l1_norms(weight.detach().reshape(weight.shape[0], -1), (1,))
-    norms = torch.stack([weight_norms.to(delta_norms.dtype), delta_norms])
+    g1, g2 = score
+    weight_norms = row_l1_norms(weight.detach().reshape(weight.shape[0], -1)) if g1 else None
+    if weight_norms is None:
+        norms = delta_norms
+    else:
+        norms = weight_norms if not g2 else torch.stack([weight_norms.to(delta_norms.dtype), delta_norms])
     if sync and torch.distributed.is_available() and torch.distributed.is_initialized() and not _is_fake(norms):
         torch.distributed.all_reduce(norms)
-    shares = norms / norms.sum(dim=1, keepdim=True).clamp_min(torch.finfo(norms.dtype).tiny)
-    scores = (score[0] * shares[0] + score[1] * shares[1]).reshape(groups, -1)
-    local = scores.topk(per_group, dim=1, sorted=False).indices.sort(dim=1).values
-    offsets = torch.arange(groups, device=local.device).unsqueeze(1) * scores.shape[1]
+    if norms.dim() == 2:
+        shares = norms / norms.sum(dim=1, keepdim=True).clamp_min(torch.finfo(norms.dtype).tiny)
+        scores = shares[0].mul_(g1).add_(shares[1], alpha=g2)
+    else:
+        scores = norms  # a single term: its weight and its total do not change the ranking
+    # Few, small ops: in a backward each costs ~20 us (cache-cold after the convolution), not its ~3 us alone.
+    if groups == 1:
+        return scores.topk(per_group, sorted=False).indices.sort().values
+    local = scores.view(groups, -1).topk(per_group, dim=1, sorted=False).indices.sort(dim=1).values
+    offsets = torch.arange(0, scores.numel(), scores.numel() // groups, device=local.device).unsqueeze(1)
     return (local + offsets).reshape(-1)
 
 
