@@ -25,18 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Spinning OpenMP workers collapse when the cores are shared with other processes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import fxreduce as fr  # noqa: E402
-from fxreduce.serialization import write_markdown_section  # noqa: E402
-from fxreduce.blocks import SmallResNet  # noqa: E402
-from fxreduce.training.on_device import OnDeviceTrainer  # noqa: E402
+import fxreduce as fr
+from fxreduce.serialization import write_markdown_section
+from fxreduce.blocks import SmallResNet
+from fxreduce.training.on_device import OnDeviceTrainer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "on-device-training.md"
 SECTION = "MNIST results"
@@ -158,7 +155,7 @@ def main(argv=None) -> list[Run]:
     torch.set_num_threads(args.threads)
     train, test = load_mnist(args.quick)
     models = {"LeNet-5": (LeNet5, 10), "ResNet-8": (lambda: SmallResNet(blocks=1, width=32), 3)}
-    runs = []
+    runs, load_before = [], os.getloadavg()[0]
     for name, (factory, epochs) in models.items():
         for run in train_model(name, factory, 1 if args.quick else (args.epochs or epochs), args, train, test):
             runs.append(run)
@@ -168,7 +165,8 @@ def main(argv=None) -> list[Run]:
     if not args.quick:
         command = "python examples/on_device_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_markdown_section(DOC, SECTION, f"Command: `{command.strip()}`  \nMeasured on: {os.cpu_count()} cores, "
-                               f"{args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+                               f"{args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+                               f"1-minute load average before / after {load_before:.1f} / {os.getloadavg()[0]:.1f}\n\n"
                                f"{table(runs)}\n", "# On-device CNN training")
     return runs
 
