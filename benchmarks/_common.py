@@ -20,6 +20,14 @@ from fxreduce.serialization import write_markdown_section
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 THREADS = 2
+HEADER = (
+    "# Benchmarks\n\nEach section is rewritten by the command it names. The candidates of a table run in one "
+    "process, interleaved in a freshly shuffled order every round (medians reported), with torch's threads fixed. "
+    'Sections whose "Measured on" line says "glibc malloc keeping freed memory" ran with '
+    "`fxreduce.measurement.keep_freed_memory()`: freed tensors stay with the process instead of being "
+    "page-faulted in afresh on the next call (PyTorch's CPU tuning guide gets the same by swapping in jemalloc "
+    "or tcmalloc); it applies to every candidate alike."
+)
 _allocator = {"keeps freed memory": False}
 
 
@@ -68,4 +76,4 @@ def write_section(title: str, body: str, command: str | None = None, path: Path 
     """Replace (or append) the ``## title`` section of docs/benchmarks.md, headed by the command and machine."""
     command = command or "python " + " ".join([os.path.relpath(sys.argv[0], path.parent.parent), *sys.argv[1:]])
     body = f"Command: `{command}`  \nMeasured on: {machine_line()}, {time.strftime('%Y-%m-%d')}\n\n{body.strip()}"
-    write_markdown_section(path, title, body, "# Benchmarks\n\nEach section is rewritten by the command it names.")
+    write_markdown_section(path, title, body, HEADER)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxreduce as fr
 from fxreduce.errors import OptionError
-from fxreduce.modules.error_map import ErrorMapConv2d, ErrorMapLinear, kept_count, select_channels
+from fxreduce.modules.error_map import ErrorMapConv2d, ErrorMapLinear, kept_count, row_l1_norms, select_channels
 from fxreduce.passes.on_device import ErrorMapPruning
 from fxreduce.testing.contracts import check_contract
 from fxreduce.testing.distributed import run_distributed
@@ -122,6 +122,18 @@ def test_scores_rank_weight_and_error_map_shares():
     # Groups: the top channels of each group, even if another group's are all larger.
     norms = torch.arange(12.0)
     assert select_channels(weight, norms, 2, 2, (0.0, 1.0), sync=False).tolist() == [4, 5, 10, 11]
+
+
+def test_a_score_term_weighted_zero_is_not_computed():
+    # score=(0, 1) ranks by the error map alone and never reads the weight (a NaN weight cannot leak in).
+    weight = torch.full((12, 3, 3, 3), float("nan"))
+    norms = torch.arange(12.0)
+    assert select_channels(weight, norms, 1, 3, (0.0, 1.0), sync=False).tolist() == [9, 10, 11]
+
+
+def test_row_l1_norms_in_blocks_equal_the_whole_matrix_norms():
+    matrix = torch.randn(600, 4608)  # 10.5 MiB: summed in blocks of 56 rows
+    torch.testing.assert_close(row_l1_norms(matrix), matrix.abs().sum(dim=1))
 
 
 def test_backward_runs_fewer_multiply_adds_not_a_zeroing_hook():

@@ -387,4 +387,4 @@ class ErrorMapLinear(_ErrorMapPruning):
         return text + (", bias=False" if self.bias is None else "") + self._pruning_repr()
 
 
-__all__ = ["ErrorMapConv2d", "ErrorMapLinear", "kept_count", "select_channels"]
+__all__ = ["ErrorMapConv2d", "ErrorMapLinear", "kept_count", "row_l1_norms", "select_channels"]
