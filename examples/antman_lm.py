@@ -8,7 +8,7 @@ from the dense teacher (same epochs, same optimizer); time inference of the stud
 teacher. Results (mean +- std over seeds) go to the "Measured" section of docs/antman.md, the plot to
 docs/images/antman_perplexity.png.
 
-    python examples/antman_lm.py            # full run (~10 minutes on 2 cores), writes docs/antman.md
+    python examples/antman_lm.py            # full run (~4 minutes on an idle 2-core machine), writes docs/antman.md
     python examples/antman_lm.py --quick    # smoke run on a small model and subset; writes only --output
 """
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seeds, args.epochs, args.finetune_epochs, args.hidden, args.vocabulary = 1, 1, 1, 32, 300
     output = args.output or (None if args.quick else DOC)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     corpus = load_corpus(args.vocabulary)
     if args.quick:
         corpus.train, corpus.valid, corpus.test = corpus.train[:8000], corpus.valid[:2000], corpus.test[:2000]
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = "\n".join(f"| {names[k]} | {mean_std(results[k])} |" for k in labels)
     command = "python " + shlex.join(["examples/antman_lm.py", *(argv if argv is not None else sys.argv[1:])])
     body = f"""Command: `{command}` ({args.seeds} seed(s), {minutes:.1f} min on {torch.get_num_threads()} threads,
-measured while other jobs loaded the machine). Model: Embedding({args.vocabulary}, {args.hidden}) -> LSTM({args.hidden},
+1-minute load average before / after {load_before:.1f} / {os.getloadavg()[0]:.1f}). Model: Embedding({args.vocabulary}, {args.hidden}) -> LSTM({args.hidden},
 {args.hidden}, 2 layers, dropout {args.dropout}) -> Linear({args.hidden}, {args.vocabulary}), teacher trained
 {args.epochs} epochs (Adam, lr {args.lr}); corpus pydoc_data.topics ({corpus.train.numel()} / {corpus.valid.numel()} /
 {corpus.test.numel()} train / valid / test words). Rewrite: `{args.spec}`; MACs of the LSTM and decoder matmuls

@@ -58,43 +58,35 @@ def test_grouped_forms_equal_their_own_dense_form(seed, form, groups, blocks, sh
     assert isinstance(module.to_dense(), nn.Linear)
 
 
-@given(seeds, st.sampled_from((2, 3)), st.booleans(), st.booleans(), st.integers(1, 3), st.booleans())
-def test_group_linear_gradients_equal_autograd_through_its_dense_form(seed, groups, shuffle, bias, leading,
-                                                                     transposed):
-    # The grouped GEMM has its own backward (in-place block views): input, weight and bias gradients must be
-    # those of x @ dense_weight().T + b, where dense_weight() is built from the blocks by differentiable ops,
-    # whichever orientation the forward GEMM runs in.
-    generator = torch.Generator().manual_seed(seed)
-    module = GroupLinear(4 * groups, 6 * groups, groups, bias=bias, shuffle=shuffle, dtype=torch.float64)
-    module.transposed_output = transposed
+def _assert_gradients_equal_the_dense_forms(module, input_shape, generator):
+    """With random float64 parameters and input, the gradients of ``module(x)`` equal autograd through
+    ``x @ module.dense_weight().T + b`` (dense_weight() is built from the factors by differentiable ops)."""
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
-    x = torch.randn(*[2] * leading, 4 * groups, generator=generator, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(*x.shape[:-1], 6 * groups, generator=generator, dtype=torch.float64)
+    x = torch.randn(*input_shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*x.shape[:-1], module.out_features, generator=generator, dtype=torch.float64)
     grads = torch.autograd.grad((module(x) * upstream).sum(), [x, *module.parameters()])
-    reference = x @ module.dense_weight().T + (module.bias if bias else 0)
+    reference = x @ module.dense_weight().T + (0 if module.bias is None else module.bias)
     expected = torch.autograd.grad((reference * upstream).sum(), [x, *module.parameters()])
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@given(seeds, st.sampled_from((2, 3)), st.booleans(), st.booleans(), st.integers(1, 3), st.booleans())
+def test_group_linear_gradients_equal_autograd_through_its_dense_form(seed, groups, shuffle, bias, leading,
+                                                                     transposed):
+    # The grouped GEMM has its own backward (in-place block views), whichever orientation the forward runs in.
+    module = GroupLinear(4 * groups, 6 * groups, groups, bias=bias, shuffle=shuffle, dtype=torch.float64)
+    module.transposed_output = transposed
+    _assert_gradients_equal_the_dense_forms(module, [2] * leading + [4 * groups], torch.Generator().manual_seed(seed))
 
 
 @given(seeds, st.sampled_from(COMPOSED), st.sampled_from((2, 3)), st.integers(1, 2))
 def test_composed_forms_gradients_equal_autograd_through_their_dense_form(seed, form, groups, leading):
-    # The grouped first factor hands its output over column-major (transposed GEMM); the second factor reads it
-    # in place. Gradients must still be those of the dense form.
-    generator = torch.Generator().manual_seed(seed)
+    # A grouped first factor hands its output over column-major (transposed GEMM); the second reads it in place.
     module = SparseLowRankLinear(4 * groups, 6 * groups, 2 * groups, groups, form, dtype=torch.float64)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
-    x = torch.randn(*[3] * leading, 4 * groups, generator=generator, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(*x.shape[:-1], 6 * groups, generator=generator, dtype=torch.float64)
-    grads = torch.autograd.grad((module(x) * upstream).sum(), [x, *module.parameters()])
-    reference = x @ module.dense_weight().T + module.bias
-    expected = torch.autograd.grad((reference * upstream).sum(), [x, *module.parameters()])
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _assert_gradients_equal_the_dense_forms(module, [3] * leading + [4 * groups], torch.Generator().manual_seed(seed))
 
 
 def test_group_init_keeps_the_diagonal_blocks_and_shuffle_permutes_outputs():
