@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # no such symbol (macOS, musl), no CDLL(None) (Windows)
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_GLIBC_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_GLIBC_TRIM_THRESHOLD, 1 << 30))
