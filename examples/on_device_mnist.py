@@ -14,6 +14,7 @@ wall-clock time and its saving. Results go to docs/on-device-training.md.
 
     python examples/on_device_mnist.py            # full run, writes docs/on-device-training.md
     python examples/on_device_mnist.py --quick    # smoke run on a small subset, writes nothing
+    python examples/on_device_mnist.py --models ResNet-8 --epochs 6 --no-write   # one model, longer, print only
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class LeNet5(nn.Module):
         x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc3(torch.relu(self.fc2(x)))
+
+
+# Model name -> (constructor, default epochs).
+MODELS = {"LeNet-5": (LeNet5, 10), "ResNet-8": (lambda: SmallResNet(blocks=1, width=32), 3)}
 
 
 @dataclass
@@ -151,18 +156,20 @@ def main(argv=None) -> list[Run]:
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam's initial learning rate (cosine decay to 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to train")
+    parser.add_argument("--no-write", action="store_true", help="print the table only, leave the docs alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = load_mnist(args.quick)
-    models = {"LeNet-5": (LeNet5, 10), "ResNet-8": (lambda: SmallResNet(blocks=1, width=32), 3)}
     runs, load_before = [], os.getloadavg()[0]
-    for name, (factory, epochs) in models.items():
+    for name in args.models:
+        factory, epochs = MODELS[name]
         for run in train_model(name, factory, 1 if args.quick else (args.epochs or epochs), args, train, test):
             runs.append(run)
             print(f"{name:8s} {run.variant:8s} accuracy {100 * run.accuracy:6.2f}%  FLOPs {run.flops / 1e9:.1f} G  "
                   f"{run.seconds:6.1f} s  kept {100 * run.kept_share:5.1f}%", flush=True)
     print(table(runs))
-    if not args.quick:
+    if not (args.quick or args.no_write):
         command = "python examples/on_device_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_markdown_section(DOC, SECTION, f"Command: `{command.strip()}`  \nMeasured on: {os.cpu_count()} cores, "
                                f"{args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
