@@ -26,9 +26,11 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (up to 32 MiB blocks) instead of returning it to the
     OS; returns False where the C library has no ``mallopt`` (not glibc), changing nothing.
 
-    By default a tensor of more than ~128 KiB that is freed may go back to the OS, and the next one is
-    page-faulted in afresh (the kernel zeroes every page): a cost per call proportional to the output
-    size, not to the arithmetic, so it falls hardest on layers rewritten to compute less. Measured for
+    By default glibc hands large freed blocks back to the OS (unmapping those above its mmap threshold,
+    trimming the heap's free top above its trim threshold; both thresholds move with what the process
+    allocated before), and the next tensor is page-faulted in afresh (the kernel zeroes every page): a
+    cost per call proportional to the output size, not to the arithmetic, so it falls hardest on layers
+    rewritten to compute less, and it changes with what ran earlier in the process. Measured for
     ViT-B's fc1 at 197 tokens: the dense layer 5.4 -> 4.6 ms, the 12x factorised forms 0.60-0.86 ->
     0.79-0.89 of their MAC reduction. PyTorch's CPU performance guide gets the same effect by swapping in
     jemalloc or tcmalloc; this is the in-process equivalent the benchmarks use, for every candidate alike.
@@ -84,7 +86,9 @@ class Measurement:
 
     def lines(self) -> list[str]:
         shapes = ", ".join("x".join(map(str, shape)) for shape in self.input_shapes)
-        relative = f" ({100 * self.max_error / self.max_output:.3g}% of max |output|)" if self.max_output else ""
+        relative = (f" ({100 * self.max_error / self.max_output:.3g}% of max |output|)" if self.max_output else
+                    " (every output of the original is 0 on this input, so this compares nothing: an untrained "
+                    "model with a zero-initialised last layer does that)")
         return [f"measured on the example input ({shapes}), eval mode, {self.threads} thread(s):",
                 f"  output error: max |after - before| {self.max_error:.3g}{relative}",
                 f"  latency: {self.before_seconds * 1e3:.3g} ms -> {self.after_seconds * 1e3:.3g} ms, "
