@@ -1,6 +1,7 @@
 """Tracing: symbolic shapes in the user's dims, fallbacks, the export path, and clear errors."""
 
 import copy
+import time
 
 import pytest
 import sympy
@@ -125,6 +126,38 @@ def test_untraceable_model_names_source_line():
 def test_bad_input_raises_clear_error(model, inputs, dynamic, match):
     with pytest.raises(InputError, match=match):
         fr.trace(model, inputs, dynamic)
+
+
+_ran_symbolically = []
+
+
+def _busy_while_symbolic(x):
+    """One node that runs far past any time limit, but only while its sizes are symbolic."""
+    if isinstance(x.shape[0], torch.SymInt):
+        _ran_symbolically.append(True)
+        deadline = time.process_time() + 20
+        while time.process_time() < deadline:
+            pass
+    return x * 2
+
+
+torch.fx.wrap("_busy_while_symbolic")
+
+
+class _SlowWhenSymbolic(torch.nn.Module):
+    def forward(self, x):
+        return _busy_while_symbolic(x)
+
+
+def test_a_node_running_past_the_time_limit_is_interrupted(monkeypatch):
+    from fxreduce.cost_models import propagation
+    monkeypatch.setattr(propagation, "_OVERRUN_GRACE", 0.1)
+    _ran_symbolically.clear()
+    started = time.process_time()
+    gm = fr.trace(_SlowWhenSymbolic(), (torch.randn(2, 3),), {"N": (0, 0)}, time_limit=1.0)
+    assert _ran_symbolically, "the slow node never ran: setting up the propagation took the whole limit"
+    assert time.process_time() - started < 10
+    assert graph_info(gm).symbolic == () and "did not finish" in graph_info(gm).specialised["N"]
 
 
 def test_propagation_over_time_limit_falls_back_to_concrete_sizes():

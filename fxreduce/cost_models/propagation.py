@@ -113,27 +113,47 @@ class _Timeout(Exception):
     pass
 
 
+_deadline = {"passed": False}
+# CPU seconds one node may run past the time limit before it is interrupted where it stands.
+_OVERRUN_GRACE = 5.0
+
+
+def _check_deadline() -> None:
+    """Between nodes: stop the run once its time limit has passed (see :func:`_time_limit`)."""
+    if _deadline["passed"]:
+        raise _Timeout()
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise _Timeout after ``seconds`` of this process's CPU time (main thread only; elsewhere no limit).
+    """Stop the run after ``seconds`` of this process's CPU time (main thread only; elsewhere no limit).
 
-    CPU time, not wall time, so a busy machine does not turn a symbolic dim concrete.
+    CPU time, not wall time, so a busy machine does not turn a symbolic dim concrete. When the time is up,
+    the run stops at its next node (:func:`_check_deadline`), where nothing is half-done. Only a node that
+    runs on for another max(seconds, _OVERRUN_GRACE) CPU s is interrupted where it stands, by an exception
+    from the signal handler: that can land anywhere (in a half-done import, in a C++ callback that cannot
+    pass it on); raised there on the first signal, it once aborted the whole test process.
     """
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_alarm(signum, frame):
+        if not _deadline["passed"]:
+            _deadline["passed"] = True
+            return
         raise _Timeout()
 
+    _deadline["passed"] = False
     previous = signal.signal(signal.SIGPROF, on_alarm)
     # Re-fire until disarmed: an exception raised where Python ignores it (a finalizer) is not lost.
-    signal.setitimer(signal.ITIMER_PROF, seconds, max(seconds / 10, 0.05))
+    signal.setitimer(signal.ITIMER_PROF, seconds, max(seconds, _OVERRUN_GRACE))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, previous)
+        _deadline["passed"] = False
 
 
 @dataclass
@@ -203,6 +223,7 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
+            _check_deadline()
             counter.current = node.name
             try:
                 out = super().run_node(node)
