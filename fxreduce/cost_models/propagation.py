@@ -130,7 +130,7 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
 
     CPU time, not wall time, so a busy machine does not turn a symbolic dim concrete. When the time is up,
     the run stops at its next node (:func:`_check_deadline`), where nothing is half-done. Only a node that
-    runs on for another max(seconds, _OVERRUN_GRACE) CPU s is interrupted where it stands, by an exception
+    runs on for another _OVERRUN_GRACE CPU s is interrupted where it stands, by an exception
     from the signal handler: that can land anywhere (in a half-done import, in a C++ callback that cannot
     pass it on); raised there on the first signal, it once aborted the whole test process.
     """
@@ -147,7 +147,7 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
     _deadline["passed"] = False
     previous = signal.signal(signal.SIGPROF, on_alarm)
     # Re-fire until disarmed: an exception raised where Python ignores it (a finalizer) is not lost.
-    signal.setitimer(signal.ITIMER_PROF, seconds, max(seconds, _OVERRUN_GRACE))
+    signal.setitimer(signal.ITIMER_PROF, seconds, _OVERRUN_GRACE)
     try:
         yield
     finally:
