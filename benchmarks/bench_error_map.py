@@ -104,8 +104,8 @@ def _rows(prefix: list[object], conv: nn.Conv2d, times: dict[str, float]) -> lis
             kept = ErrorMapConv2d.from_conv(conv, keep=keep, multiple=multiple).kept_channels
             flop_ratio = conv.out_channels / kept
             ours = times["dense"] / times[f"ours {keep} {multiple}"]
-            like_plain = times["dense"] / times[f"ours error-map score {keep}"]
-            like_plain = f"{like_plain:.2f}x ({like_plain / flop_ratio:.2f})" if multiple == 1 else ""
+            by_error_map = times["dense"] / times[f"ours error-map score {keep}"]
+            like_plain = f"{by_error_map:.2f}x ({by_error_map / flop_ratio:.2f})" if multiple == 1 else ""
             plain = f"{times['dense'] / times[f'plain {keep}']:.2f}x" if multiple == 1 else ""
             rows.append(prefix + [keep, multiple, f"{kept}/{conv.out_channels}", f"{times['dense'] * 1e3:.1f}",
                                   f"{flop_ratio:.2f}x", f"{ours:.2f}x", f"{ours / flop_ratio:.2f}", like_plain,
