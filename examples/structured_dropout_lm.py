@@ -243,6 +243,27 @@ which is why the decoder draws its sets per step in the per-step modes.
 
 The speed of one training step at H = 200 / 650 / 1500 against torch.nn.LSTM and our dense LSTM, beside
 the certified MAC reduction: docs/benchmarks.md, section "Structured dropout: LSTM LM training step".
+
+At H = 650 on the quiet 2-core machine, `per_sequence` clears the issue's 0.8 x certified (1.15-1.19x
+against 1.40x); the per-step modes do not (`per_step_window/8` 1.01x, + recurrent 1.06x; uniform
+`per_step` 0.51x). The window modes accumulate their weight gradients in the weight's own (out, in)
+layout with the columns in the permuted order (oneDNN GEMMs for large groups of steps, MKL's addmm_
+into the columns for small ones) and un-permute them with one column gather; before, they were MKL GEMMs
+into a transposed buffer that autograd then copied into the parameter's layout. Measured side by side in
+one process with the old function patched back in (two runs): at H = 650 `per_step_window/8` 4.8-5.5 ms
+faster per step (~4%), + recurrent 7.4-8.8 ms (~7%); at H = 200 the same within noise.
+
+Where `per_step_window/8` still loses to `per_sequence` (torch.profiler over three of the benchmark's
+training steps at H = 650): its input, decoder and input-gradient GEMMs are 8 oneDNN calls of ~88 rows
+instead of one of 700 (~4 ms); each projection makes a transposed, permuted copy of its weight for those
+GEMMs (~1.5 ms each); un-permuting each weight gradient costs a column gather (~1 ms each); and each group
+of steps gathers its rows of the inputs and output gradients (~2.5 ms in all). The smaller GEMMs are the
+price of changing the keep set during the sequence; the copies are the price of a random order per
+sequence. Tried without gain: that gradient accumulated in the weight's layout by a column scatter
+(21 -> 25 ms), oneDNN on a strided weight slice (it falls back to a reference kernel: 179 ms for one
+20-row GEMM), and prepacking each window's slice (118 vs 108 us per step unpacked). The uniform mode's T
+small GEMMs each re-read a gathered weight, where the dense step reads it once for all T steps: on a CPU
+at batch 20 that cannot be made to pay.
 """
 
 

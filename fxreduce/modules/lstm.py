@@ -113,10 +113,11 @@ TORCH_KERNEL_MAX_HIDDEN = 1024
 # more, which its faster kernel only wins back from H ~ 200 on (measured, batch 20, 1 and 2 threads).
 _STEP_DNN_MIN_WEIGHTS = 1 << 17
 
-# From this many rows a window's weight gradient is faster as a oneDNN GEMM plus an add into the gradient's
-# columns than as one addmm_ into them (measured, out 2600, k 325, 2 threads: 20 rows 0.21 vs 0.16 ms,
-# 40 rows 0.29 vs 0.32, 88 rows 0.49 vs 0.71).
+# From this many rows and (out x k) weights a window's weight gradient is faster as a oneDNN GEMM plus an add
+# into the gradient's columns than as one addmm_ into them (measured, 2 threads; out x k x rows: 2600x325x20
+# 0.21 vs 0.16 ms, x40 0.27 vs 0.32, x88 0.51 vs 0.72; 2000x100x88 0.20 vs 0.18, 1600x200x88 0.23 vs 0.27).
 _WINDOW_DNN_MIN_ROWS = 32
+_WINDOW_DNN_MIN_WEIGHTS = 1 << 18
 
 
 def _onednn_ok(tensor: Tensor) -> bool:
@@ -253,7 +254,8 @@ class _StepRows:
             parts = [(permuted[:, start : start + head], slice(0, head))]
             if head < self.k:
                 parts.append((permuted[:, : self.k - head], slice(head, self.k)))
-            if inputs.shape[0] >= _WINDOW_DNN_MIN_ROWS and _onednn_ok(inputs):
+            large = inputs.shape[0] >= _WINDOW_DNN_MIN_ROWS and grads.shape[1] * self.k >= _WINDOW_DNN_MIN_WEIGHTS
+            if large and _onednn_ok(inputs):
                 window = _mm_t(grads.t(), inputs.t())
                 for columns, part in parts:
                     columns += window[:, part]
