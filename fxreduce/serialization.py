@@ -3,7 +3,8 @@
 A pickled GraphModule would carry code that runs on load. An fxreduce save instead holds a manifest
 (format version, model reference, pipeline spec, input shape, seed) and the rewritten graph's
 state_dict, written by torch.save and read by torch.load(weights_only=True), which refuses anything
-but tensors and plain containers. Loading shows the manifest first, then rebuilds the graph the way it
+but tensors and plain containers. The file also carries a SHA-256 digest of the manifest and of every
+tensor, checked on load (torch's own reader checks no checksum). Loading shows the manifest first, then rebuilds the graph the way it
 was made (model reference -> trace -> pipeline, with the same seed) and loads the weights strictly.
 The only code a load runs is the installed package the manifest names: saves refuse file paths.
 
@@ -14,11 +15,11 @@ export; it needs no rebuild because the file holds the graph as aten ops.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import pickle
 import re
 import secrets
 import sys
@@ -31,24 +32,19 @@ import torch.fx as fx
 
 from .cost_models import graph_info
 from .errors import FxReduceError, InputError, LoadError, UnsupportedError
+from .files import digest, first_sentence, load_tensors
 from .models import InputShape, default_example_size, load_model, parse_input_shape, ref_kind
 from .pipeline import Pipeline, PipelineResult
 from .tracing import trace
 
 FORMAT = "fxreduce.rewritten-graph"
-VERSION = 1
+VERSION = 2
 EXPORT_MANIFEST = "fxreduce.json"
 try:
     _FXREDUCE_VERSION = importlib.metadata.version("fxreduce")
 except importlib.metadata.PackageNotFoundError:
     _FXREDUCE_VERSION = "unknown"
 _KEYS = {"model": str, "pipeline": str, "input_shape": str, "seed": int, "fxreduce_version": str, "torch_version": str}
-
-
-def _first_sentence(error: BaseException) -> str:
-    """torch's error messages run to paragraphs; the first sentence says what happened."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text.split(". ")[0]
 
 
 @dataclass(frozen=True)
@@ -165,8 +161,18 @@ def save(path: str | os.PathLike, graph_module: fx.GraphModule, *, model_ref: st
                                    "-o FILE.pt2") from None
     manifest = Manifest(model_ref, spec, shape.text, seed)
     with _atomic(path) as temporary:
-        torch.save({"format": FORMAT, "version": VERSION, **asdict(manifest), "state_dict": state}, temporary)
+        torch.save(seal({"format": FORMAT, "version": VERSION, **asdict(manifest), "state_dict": state}), temporary)
     return manifest
+
+
+def _manifest_digest(contents: dict) -> str:
+    return hashlib.sha256(json.dumps({key: contents[key] for key in _KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def seal(contents: dict) -> dict:
+    """A save's contents with the digests a load checks: of the manifest and of every tensor."""
+    return {**contents, "manifest_digest": _manifest_digest(contents),
+            "digests": {name: digest(tensor) for name, tensor in contents["state_dict"].items()}}
 
 
 def _confirm(confirm: Callable[[Manifest], bool | None] | None, manifest: Manifest, path: str) -> None:
@@ -180,25 +186,9 @@ def _confirm(confirm: Callable[[Manifest], bool | None] | None, manifest: Manife
 
 
 def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise LoadError(f"no such file {path!r}", where=path, fix="check the path; `fxreduce apply MODEL --pipeline "
-                                                                  "SPEC -o FILE.pt` writes one")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines()]
-        code = next((line for line in lines if "GLOBAL" in line), None)
-        detail = code or next((line for line in lines if line.startswith("Unsupported")), "")
-        what = ("it holds objects that would run code when loaded" if code else
-                "it is corrupt, or a pickle that a weights-only load cannot read safely")
-        raise LoadError(f"refusing to load {path!r}: {what}" + (f" ({detail})" if detail else ""), where=path,
-                        fix="only load files written by `fxreduce apply -o`; never unpickle this file") from None
-    except Exception as error:
-        raise LoadError(f"{path!r} is corrupt or truncated: {type(error).__name__}: "
-                        f"{_first_sentence(error)}", where=path,
-                        fix="write it again with `fxreduce apply ... -o FILE.pt`") from None
+    """The file's contents, after checking that they are exactly what :func:`save` wrote."""
+    rewrite = "write it again with `fxreduce apply MODEL --pipeline SPEC -o FILE.pt`"
+    data = load_tensors(path, error=LoadError, what="fxreduce save", fix=rewrite)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         held = (f"a dict with keys {', '.join(map(str, list(data)[:5]))}" if isinstance(data, dict)
                 else type(data).__name__)
@@ -208,10 +198,25 @@ def _read(path: str) -> dict:
     if not isinstance(data.get("version"), int) or data["version"] > VERSION:
         raise LoadError(f"{path!r} has save format version {data.get('version')!r}; this fxreduce reads up to "
                         f"{VERSION}", where=path, fix="upgrade fxreduce")
+    if data["version"] < VERSION:
+        raise LoadError(f"{path!r} has save format version {data['version']}, which carries no digests to check "
+                        f"its weights against", where=path, fix=rewrite)
     wrong = [key for key, kind in _KEYS.items() if not isinstance(data.get(key), kind)]
-    if wrong or not isinstance(data.get("state_dict"), dict):
-        raise LoadError(f"{path!r} is a damaged fxreduce save: fields {', '.join(wrong or ['state_dict'])} are "
-                        f"missing or of the wrong type", where=path, fix="write it again with `fxreduce apply -o`")
+    wrong += [key for key in ("state_dict", "digests") if not isinstance(data.get(key), dict)]
+    if wrong:
+        raise LoadError(f"{path!r} is a damaged fxreduce save: fields {', '.join(wrong)} are missing or of the "
+                        f"wrong type", where=path, fix=rewrite)
+    if data.get("manifest_digest") != _manifest_digest(data):
+        raise LoadError(f"{path!r} is damaged: its manifest does not match the digest saved with it", where=path,
+                        fix=rewrite)
+    state, digests = data["state_dict"], data["digests"]
+    if set(state) != set(digests):
+        raise LoadError(f"{path!r} is damaged: its tensors ({len(state)}) and their digests ({len(digests)}) "
+                        f"do not name the same entries", where=path, fix=rewrite)
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or digest(tensor) != digests[name]:
+            raise LoadError(f"{path!r} is damaged: tensor {name!r} differs from what was saved (digest mismatch)",
+                            where=path, fix=rewrite)
     return data
 
 
@@ -259,7 +264,7 @@ def export(path: str | os.PathLike, graph_module: fx.GraphModule, *, manifest: M
         program = torch.export.export(graph_module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     except Exception as error:
         raise UnsupportedError(f"torch.export cannot export the rewritten graph: {type(error).__name__}: "
-                               f"{_first_sentence(error)}", where="export",
+                               f"{first_sentence(error)}", where="export",
                                fix="save it as an fxreduce .pt file instead") from error
     extra = {"dims": {name: list(position) for name, position in info.spec.dims.items()},
              "manifest": asdict(manifest) if manifest else None}
@@ -305,7 +310,7 @@ def load_export(path: str | os.PathLike, *, trusted: bool = False,
         manifest = Manifest(**recorded["manifest"]) if recorded.get("manifest") else None
     except Exception as error:
         raise LoadError(f"{path!r} is not a readable torch.export file: {type(error).__name__}: "
-                        f"{_first_sentence(error)}", where=path,
+                        f"{first_sentence(error)}", where=path,
                         fix="write it again with `fxreduce apply ... -o FILE.pt2`") from None
     if manifest is not None:
         _confirm(confirm, manifest, path)

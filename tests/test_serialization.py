@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from fxreduce.errors import InputError, LoadError
-from fxreduce.serialization import FORMAT, Manifest, build, export, load, load_export, save
+from fxreduce.cli import main
+from fxreduce.errors import FxReduceError, InputError, LoadError
+from fxreduce.files import load_tensors
+from fxreduce.serialization import FORMAT, VERSION, Manifest, build, export, load, load_export, save, seal
 
 PIPELINE = "fold_batchnorm,remove_dropout,eliminate_dead_code"
 SHAPE = "N,3,H=32,W=32"
@@ -33,7 +37,7 @@ def saved(built, tmp_path_factory) -> Path:
 
 def test_a_save_holds_only_plain_data(saved):
     data = torch.load(saved, weights_only=True)
-    assert data["format"] == FORMAT and data["version"] == 1
+    assert data["format"] == FORMAT and data["version"] == VERSION
     assert data["model"] == "default" and data["input_shape"] == "N=2,3,H=32,W=32" and data["seed"] == 0
     assert data["pipeline"].startswith("fold_batchnorm(")
     assert all(isinstance(value, torch.Tensor) for value in data["state_dict"].values())
@@ -95,9 +99,10 @@ def test_save_is_atomic(built, saved, tmp_path, monkeypatch):
 
 
 def _rewrite(saved: Path, path: Path, **changes) -> Path:
+    """A copy of ``saved`` with ``changes``, digests sealed anew: a consistent file that only later checks catch."""
     data = torch.load(saved, weights_only=True)
     data.update(changes)
-    torch.save(data, path)
+    torch.save(seal(data) if isinstance(data.get("state_dict"), dict) else data, path)
     return path
 
 
@@ -112,7 +117,7 @@ def test_bad_files_raise_load_error(saved, tmp_path):
     renamed = {("renamed." + key if i == 0 else key): value for i, (key, value) in enumerate(state.items())}
     resized = {key: (value[:1] if i == 0 else value) for i, (key, value) in enumerate(state.items())}
     cases = [
-        (tmp_path / "missing.pt", "no such file"),
+        (tmp_path / "missing.pt", "no such fxreduce save"),
         (truncated, "corrupt or truncated"),
         (garbage, "corrupt"),
         (checkpoint, "not an fxreduce save"),
@@ -126,6 +131,73 @@ def test_bad_files_raise_load_error(saved, tmp_path):
     for path, message in cases:
         with pytest.raises(LoadError, match=message):
             load(path, confirm=lambda manifest: True)
+
+
+def test_changed_contents_are_named_by_their_digests(saved, tmp_path):
+    data = torch.load(saved, weights_only=True)
+    name = next(iter(data["state_dict"]))
+    tensor_changed = tmp_path / "tensor.pt"
+    torch.save({**data, "state_dict": {**data["state_dict"], name: data["state_dict"][name] + 1}}, tensor_changed)
+    manifest_changed = tmp_path / "manifest.pt"
+    torch.save({**data, "seed": 1}, manifest_changed)
+    old_format = tmp_path / "version1.pt"
+    torch.save({key: value for key, value in data.items() if "digest" not in key} | {"version": 1}, old_format)
+    for path, message in [(tensor_changed, f"tensor {name!r} differs"), (manifest_changed, "its manifest does not"),
+                          (old_format, "version 1, which carries no digests")]:
+        with pytest.raises(LoadError, match=message):
+            load(path, confirm=lambda manifest: True)
+
+
+def _damage(data: bytes, draw) -> bytes:
+    """``data`` with bytes flipped, cut off, or a run of it copied over another place."""
+    how = draw(st.sampled_from(["flip", "truncate", "splice"]))
+    damaged = bytearray(data)
+    if how == "flip":
+        for _ in range(draw(st.integers(1, 20))):
+            damaged[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    elif how == "truncate":
+        del damaged[draw(st.integers(0, len(data) - 1)):]
+    else:
+        length = draw(st.integers(1, 4096))
+        source, target = (draw(st.integers(0, len(data) - 1)) for _ in range(2))
+        damaged[target:target + length] = data[source:source + length]
+    return bytes(damaged)
+
+
+@given(st.data())
+def test_a_damaged_save_loads_exactly_or_raises_a_clear_error(saved, tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "damaged.pt"
+    path.write_bytes(_damage(saved.read_bytes(), data.draw))
+    expected = torch.load(saved, weights_only=True)["state_dict"]
+    try:
+        loaded = load(path, confirm=lambda manifest: True)
+    except FxReduceError:
+        return
+    state = loaded.graph_module.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[key], expected[key]) for key in state)
+
+
+@given(st.data())
+def test_a_damaged_calibration_file_loads_exactly_or_raises_a_clear_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "calibration.pt"
+    batch = (torch.randn(4, 3, 8, 8), torch.randn(4, 10))
+    torch.save(batch, path)
+    path.write_bytes(_damage(path.read_bytes(), data.draw))
+    try:
+        loaded = load_tensors(path, error=InputError, what="calibration file", fix="save it again")
+    except InputError:
+        return
+    assert all(torch.equal(a, b) for a, b in zip(loaded, batch, strict=True))
+
+
+def test_the_cli_reports_a_damaged_save_in_one_line(saved, tmp_path, capsys):
+    damaged = bytearray(saved.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(damaged))
+    assert main(["inspect", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "damaged" in error[0] and str(path) in error[0]
 
 
 class _Payload:

@@ -15,7 +15,6 @@ even for ADMM's sparsest layers.
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor
 from ..cost_models import graph_info
 from ..cost_models.propagation import set_mode
 from ..errors import InputError
+from ..files import load_tensors
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
@@ -251,16 +251,9 @@ class LowerInt8(Pass):
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
         data = self.options.calibration
         if isinstance(data, str):
-            if not os.path.isfile(data):
-                raise InputError(f"no calibration file {data!r}", where="lower_int8(calibration=...)",
-                                 fix="torch.save a batch of real inputs to that path, or leave it out to "
-                                     "calibrate on random inputs")
-            try:
-                loaded = torch.load(data, map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise InputError(f"cannot read calibration file {data!r}: {type(error).__name__}: "
-                                 f"{str(error).splitlines()[0] if str(error) else ''}", where=data,
-                                 fix="write it with torch.save(tensor_or_tuple_of_tensors, path)") from None
+            loaded = load_tensors(data, error=InputError, what="calibration file",
+                                  fix="write it with torch.save(tensor_or_tuple_of_tensors, path), or leave it "
+                                      "out to calibrate on random inputs")
             batches = _batches(loaded, data)
             return batches, f"calibration file {data} ({len(batches)} batch(es))"
         if data is not None:
