@@ -6,8 +6,9 @@ from .inspection import inspect
 from .measurement import Measurement, measure
 from .passes import REGISTRY as passes
 from .pipeline import Pipeline, PipelineResult, RewriteReport, apply, parse_spec
+from .profiling import calibrate
 from .tracing import trace
 
 __version__ = "0.1.0"
 __all__ = ["Certificate", "FxReduceError", "GraphCost", "Measurement", "Pipeline", "PipelineResult", "RewriteReport",
-           "apply", "certify", "inspect", "cost", "measure", "parse_spec", "passes", "trace"]
+           "apply", "calibrate", "certify", "inspect", "cost", "measure", "parse_spec", "passes", "trace"]

@@ -22,12 +22,14 @@ import torch.fx as fx
 
 from . import __version__
 from .cost_models import GraphCost, certify, graph_cost, graph_info
+from .cost_models.latency import default_profile_path
 from .errors import FxReduceError, InputError, UnsupportedError
 from .inspection import inspect
 from .measurement import measure
 from .models import InputShape, default_example_size, load_model, parse_input_shape
 from .passes import REGISTRY, get_pass
 from .pipeline import Pipeline, RewriteReport, parse_spec
+from .profiling import calibrate
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
 from .testing.contracts import check_contract
 from .tracing import trace
@@ -183,8 +185,32 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     gm = _traced(args.model, args.input_shape)
     cost = graph_cost(gm, training=args.training)
-    document = _cost_document(args.model, gm, cost, _point(gm, args.at))
-    print(json.dumps(document, indent=2) if args.format == "json" else "\n".join(_cost_lines(document)))
+    point = _point(gm, args.at)
+    document = _cost_document(args.model, gm, cost, point)
+    lines = _cost_lines(document)
+    if args.latency:
+        if args.training:
+            raise UsageError("--latency predicts the eval forward, not a training step", where="--latency",
+                             fix="drop --training")
+        latency = cost.latency(args.profile, **{**_example_dims(gm), **point})
+        document["latency"] = {"seconds": latency.seconds, "method": latency.method, "dims": dict(latency.dims),
+                               "nodes": {node.name: {"seconds": node.seconds, "kind": node.kind}
+                                         for node in latency.nodes}}
+        lines += [""] + latency.lines()
+    print(json.dumps(document, indent=2) if args.format == "json" else "\n".join(lines))
+    return 0
+
+
+def _example_dims(gm: fx.GraphModule) -> dict[str, int]:
+    spec = graph_info(gm).spec
+    return {name: spec.hint(name) for name in spec.dims}
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    path = args.output or default_profile_path()
+    profile = calibrate(path, quick=args.quick)
+    machine = profile.machine
+    print(f"wrote {path}: {machine.cpu} ({machine.isa}), {machine.threads} thread(s), torch {machine.torch}")
     return 0
 
 
@@ -361,7 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(cost)
     cost.add_argument("--training", action="store_true", help="count a training step (forward + backward)")
     cost.add_argument("--format", choices=("table", "json"), default="table")
+    cost.add_argument("--latency", action="store_true",
+                      help="also predict the eval latency at --at on this machine (needs `fxreduce calibrate`)")
+    cost.add_argument("--profile", metavar="FILE", help="latency profile to use (default: the one calibrate wrote)")
     cost.set_defaults(run=cmd_cost)
+
+    calib = commands.add_parser("calibrate", help="measure this machine's kernels for the latency model (~1 min)")
+    calib.add_argument("-o", "--output", metavar="FILE", help="where to write the profile "
+                                                             "(default: the user's cache directory)")
+    calib.add_argument("--quick", action="store_true", help="a tiny grid (seconds; for tests, not predictions)")
+    calib.set_defaults(run=cmd_calibrate)
 
     apply = commands.add_parser("apply", help="rewrite a model with a pipeline, report it, optionally save it")
     apply.add_argument("model", metavar="MODEL")

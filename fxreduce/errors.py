@@ -53,5 +53,9 @@ class LoadError(FxReduceError):
     """A saved model is missing, corrupt, or would run code when loaded."""
 
 
+class ProfileError(FxReduceError):
+    """A latency profile is missing, unreadable, or was measured on another machine or setup."""
+
+
 class ContractError(FxReduceError):
     """A rewritten graph breaks the contract its pass claims."""

@@ -1,4 +1,4 @@
-"""Reading tensor files safely: integrity checked before unpickling, weights-only, one clear error.
+"""Files written atomically, and tensor files read safely: integrity checked before unpickling, weights-only.
 
 torch's zip reader does not verify the CRC-32 its writer stores for every record, so flipped bytes in
 a file written by torch.save load without a word and hand back different numbers. Every file fxreduce
@@ -9,16 +9,18 @@ states a tensor's exact contents, for files that carry their own digests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import secrets
 import warnings
 import zipfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .errors import FxReduceError
+from .errors import FxReduceError, InputError
 
 
 def first_sentence(error: BaseException) -> str:
@@ -72,3 +74,23 @@ def load_tensors(path: str | os.PathLike, *, error: type[FxReduceError], what: s
     except Exception as failure:
         raise error(f"{what} {path!r} is corrupt or truncated: {type(failure).__name__}: "
                     f"{first_sentence(failure)}", where=path, fix=fix) from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file beside ``path`` that replaces it only once fully written: a reader sees the old file
+    or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not exist",
+                         where="output path", fix="create the directory first or choose another path")
+    # Created like any new file (mode 0o666 less the umask), and named after the target so that writers
+    # that check the suffix (torch.export.save wants .pt2) accept it.
+    temporary = os.path.join(directory, f".fxreduce-{secrets.token_hex(6)}-{os.path.basename(path)}")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

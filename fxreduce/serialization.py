@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import torch.fx as fx
 
 from .cost_models import graph_info
 from .errors import FxReduceError, InputError, LoadError, UnsupportedError
-from .files import digest, first_sentence, load_tensors
+from .files import atomic_path, digest, first_sentence, load_tensors
 from .models import InputShape, default_example_size, load_model, parse_input_shape, ref_kind
 from .pipeline import Pipeline, PipelineResult
 from .tracing import trace
@@ -111,27 +110,8 @@ def write_markdown_section(path: str | os.PathLike, title: str, body: str, headi
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else heading.rstrip() + "\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    with _atomic(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
-
-
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary file beside ``path`` that replaces it only once fully written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not exist",
-                         where="output path", fix="create the directory first or choose another path")
-    # Created like any new file (mode 0o666 less the umask), and named after the target so that
-    # torch.export.save sees the .pt2 suffix it expects.
-    temporary = os.path.join(directory, f".fxreduce-{secrets.token_hex(6)}-{os.path.basename(path)}")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def save(path: str | os.PathLike, graph_module: fx.GraphModule, *, model_ref: str, pipeline_spec: str,
@@ -160,7 +140,7 @@ def save(path: str | os.PathLike, graph_module: fx.GraphModule, *, model_ref: st
                                fix="give options as literals (not objects such as nn.Modules), or export with "
                                    "-o FILE.pt2") from None
     manifest = Manifest(model_ref, spec, shape.text, seed)
-    with _atomic(path) as temporary:
+    with atomic_path(path) as temporary:
         torch.save(seal({"format": FORMAT, "version": VERSION, **asdict(manifest), "state_dict": state}), temporary)
     return manifest
 
@@ -268,7 +248,7 @@ def export(path: str | os.PathLike, graph_module: fx.GraphModule, *, manifest: M
                                fix="save it as an fxreduce .pt file instead") from error
     extra = {"dims": {name: list(position) for name, position in info.spec.dims.items()},
              "manifest": asdict(manifest) if manifest else None}
-    with _atomic(path) as temporary:
+    with atomic_path(path) as temporary:
         torch.export.save(program, temporary, extra_files={EXPORT_MANIFEST: json.dumps(extra)})
 
 

@@ -482,7 +482,8 @@ def graph_cost(gm: fx.GraphModule, *, training: bool = False) -> GraphCost:
                 raise TraceError("a node has no cost: the graph changed after it was propagated",
                                  where=f"node {node.name}", fix="re-run fxreduce.trace or a Pipeline on it")
             nodes[node.name] = meta.cost
-        return GraphCost(nodes, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints))
+        return GraphCost(nodes, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints),
+                         graph_module=gm)
     run = _run_with_fallback(gm, info.spec, training=True, time_limit=info.time_limit, dynamic=info.symbolic)
     convert = _Converter(run)
     costs = _node_costs(gm, run, convert, training=True)

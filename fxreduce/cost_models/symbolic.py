@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import sympy
 
@@ -88,6 +88,8 @@ class GraphCost:
 
     ``symbols`` are the dims that stayed symbolic; ``specialised`` the dims that were fixed to a value,
     with the reason (the model fixes the size, or symbolic propagation failed and fell back).
+    ``graph_module`` is the graph these costs are of (for :meth:`latency`); ``bound`` the dims :meth:`at`
+    substituted.
     """
 
     nodes: Mapping[str, NodeCost]
@@ -96,6 +98,8 @@ class GraphCost:
     fixed: Mapping[str, sympy.Expr] = field(default_factory=dict)
     constraints: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
     training: bool = False
+    graph_module: Any = field(default=None, compare=False, repr=False)
+    bound: Mapping[str, object] = field(default_factory=dict)
 
     @cached_property
     def total(self) -> NodeCost:
@@ -180,7 +184,25 @@ class GraphCost:
             self,
             nodes={name: cost.subs(values) for name, cost in self.nodes.items()},
             symbols={k: v for k, v in self.symbols.items() if k not in dims},
+            bound={**self.bound, **dims},
         )
+
+    def latency(self, profile: Any = None, **dims: int) -> Any:
+        """The graph's predicted eval-forward latency at ``dims`` (a :class:`~.latency.Latency`: ``.seconds``
+        and a per-node breakdown), priced with ``profile`` (a Profile, a path, or None for the one
+        ``fxreduce calibrate`` wrote)."""
+        from ..errors import CostError
+        from .latency import Profile, load_profile, predict
+
+        if self.graph_module is None:
+            raise CostError("this cost has no graph to predict a latency for", where="GraphCost.latency",
+                            fix="take the cost with fxreduce.cost(graph_module)")
+        if self.training:
+            raise CostError("latency predicts the eval forward; this is a training-step cost",
+                            where="GraphCost.latency", fix="take fxreduce.cost(graph_module) without training=True")
+        if not isinstance(profile, Profile):
+            profile = load_profile(profile)
+        return predict(self.graph_module, profile, {**self.bound, **dims})
 
     def summary(self) -> dict[str, sympy.Expr]:
         """The headline totals, as a dict (for tables, JSON and reports)."""

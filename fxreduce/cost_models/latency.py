@@ -1,0 +1,519 @@
+"""Predicted latency: what a graph will take on this machine, before it runs.
+
+A FLOP cut is not a time cut: a thin GEMM runs far below the machine's peak, int8 pays off on large
+layers and little at batch 1, and every call has an overhead that small layers never amortise. The
+model here prices each kernel a graph will call with throughputs measured on this machine
+(:class:`Profile`, written by ``fxreduce calibrate``):
+
+- the graph runs once on fake tensors at the requested dims (no arithmetic, no timing), and every aten
+  op it dispatches is recorded with its shapes and attributed to its fx node;
+- a matrix product (mm, addmm, bmm, attention and nn.MultiheadAttention's fused kernel, fxreduce's
+  int8 GEMM) costs MACs / throughput, the throughput interpolated in log space over the profile's
+  (M, N, K) grid for its class; a convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the grid of its
+  class (pointwise, spatial, strided, depthwise);
+- every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
+  a view moves nothing;
+- every op pays the profile's dispatch overhead and every fx node its Python call overhead.
+
+The graph's time is the sum along the execution order (one stream; torch's intra-op threads are in
+the measured throughputs). Where the fake run cannot follow a graph (data-dependent control flow), each
+node is priced from its symbolic cost instead, and the result says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import CostError, ProfileError
+from ..files import atomic_path
+
+FORMAT = "fxreduce.latency-profile"
+VERSION = 1
+GEMM_CLASSES = ("gemm", "int8_gemm")
+CONV_CLASSES = ("conv_pointwise", "conv_spatial", "conv_strided", "conv_depthwise", "int8_conv")
+aten = torch.ops.aten
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a profile's numbers hold for: the CPU, the vector ISA torch uses on it, threads, torch."""
+
+    cpu: str
+    isa: str
+    threads: int
+    torch: str
+
+    @classmethod
+    def current(cls, threads: int | None = None) -> "Machine":
+        return cls(cpu_name(), torch.backends.cpu.get_cpu_capability(), threads or torch.get_num_threads(),
+                   torch.__version__.split("+")[0])
+
+    def differences(self, other: "Machine") -> list[str]:
+        """Each field that differs, as 'field: this vs other'."""
+        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+                for name in ("cpu", "isa", "threads", "torch") if getattr(self, name) != getattr(other, name)]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Measured seconds per call over a log-spaced (M, N, K) grid; ``seconds[i][j][k]`` at (ms[i], ns[j], ks[k]).
+
+    Throughput (MACs / (seconds - overhead)) is interpolated in log space, clamped to the grid's range:
+    past its largest sizes a product runs at the largest measured throughput.
+    """
+
+    ms: tuple[int, ...]
+    ns: tuple[int, ...]
+    ks: tuple[int, ...]
+    seconds: tuple[tuple[tuple[float, ...], ...], ...]
+
+    def validate(self, name: str) -> None:
+        shape = (len(self.ms), len(self.ns), len(self.ks))
+        if min(shape) < 1 or any(list(axis) != sorted(set(axis)) or axis[0] < 1 for axis in (self.ms, self.ns, self.ks)):
+            raise ValueError(f"grid {name}: axes must be increasing positive sizes")
+        if (len(self.seconds), len(self.seconds[0]), len(self.seconds[0][0])) != shape or any(
+                len(row) != shape[1] or any(len(cell) != shape[2] for cell in row) for row in self.seconds):
+            raise ValueError(f"grid {name}: seconds do not match its axes {shape}")
+        if any(not (value > 0 and math.isfinite(value)) for row in self.seconds for cell in row for value in cell):
+            raise ValueError(f"grid {name}: every time must be a positive number")
+        if monotone_grid(self.seconds) != self.seconds:
+            raise ValueError(f"grid {name}: times must not fall as M, N or K grow")
+
+    def log_throughput(self, i: int, j: int, k: int, overhead: float) -> float:
+        macs = self.ms[i] * self.ns[j] * self.ks[k]
+        return math.log(macs / max(self.seconds[i][j][k] - overhead, self.seconds[i][j][k] * 0.05))
+
+    def seconds_for(self, m: float, n: float, k: float, overhead: float) -> float:
+        """Predicted seconds of an (m, n, k) product, overhead excluded."""
+        if m * n * k <= 0:
+            return 0.0
+        corners = [_bracket(axis, value) for axis, value in ((self.ms, m), (self.ns, n), (self.ks, k))]
+        log_rate = 0.0
+        for (i, wi) in corners[0]:
+            for (j, wj) in corners[1]:
+                for (l, wl) in corners[2]:
+                    log_rate += wi * wj * wl * self.log_throughput(i, j, l, overhead)
+        return m * n * k / math.exp(log_rate)
+
+
+def monotone_grid(seconds: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    """``seconds`` made non-decreasing along M, N and K (a running maximum on each axis in turn).
+
+    A larger product never takes less time in the model: measurement noise that says otherwise is
+    dropped, and log-space interpolation of a monotone grid stays monotone between its points.
+    """
+    grid = [[list(cell) for cell in row] for row in seconds]
+    for i, row in enumerate(grid):
+        for j, cell in enumerate(row):
+            for k in range(len(cell)):
+                below = [grid[i - 1][j][k]] if i else []
+                below += [row[j - 1][k]] if j else []
+                below += [cell[k - 1]] if k else []
+                cell[k] = max([cell[k], *below])
+    return tuple(tuple(tuple(cell) for cell in row) for row in grid)
+
+
+def _bracket(axis: Sequence[int], value: float) -> list[tuple[int, float]]:
+    """The grid indices around ``value`` and their linear weights in log space (clamped to the ends)."""
+    if value <= axis[0]:
+        return [(0, 1.0)]
+    if value >= axis[-1]:
+        return [(len(axis) - 1, 1.0)]
+    upper = bisect.bisect_right(axis, value)
+    lower = upper - 1
+    weight = (math.log(value) - math.log(axis[lower])) / (math.log(axis[upper]) - math.log(axis[lower]))
+    return [(lower, 1.0 - weight), (upper, weight)]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """This machine's measured kernel speeds: the latency model's only input besides the graph."""
+
+    machine: Machine
+    call_overhead: float
+    op_overhead: float
+    module_overhead: float
+    bandwidth: tuple[tuple[int, float], ...]
+    grids: Mapping[str, Grid]
+    created: str = ""
+
+    def validate(self) -> None:
+        for name in ("call_overhead", "op_overhead", "module_overhead"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not self.bandwidth or any(size <= 0 or not (seconds > 0) for size, seconds in self.bandwidth):
+            raise ValueError("bandwidth needs at least one (bytes, seconds) pair of positive numbers")
+        sizes, times = zip(*self.bandwidth)
+        if list(sizes) != sorted(set(sizes)) or list(times) != sorted(times):
+            raise ValueError("bandwidth sizes must increase, and their times must not fall")
+        missing = [name for name in GEMM_CLASSES + CONV_CLASSES if name not in self.grids]
+        if missing:
+            raise ValueError(f"missing grids: {', '.join(missing)}")
+        for name, grid in self.grids.items():
+            grid.validate(name)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "created": self.created, "machine": asdict(self.machine),
+                "call_overhead": self.call_overhead, "op_overhead": self.op_overhead,
+                "module_overhead": self.module_overhead, "bandwidth": [list(pair) for pair in self.bandwidth],
+                "grids": {name: asdict(grid) for name, grid in self.grids.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Profile":
+        """A profile from its JSON form; ValueError names what is wrong."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("it is not an fxreduce latency profile")
+        if data.get("version") != VERSION:
+            raise ValueError(f"it has profile format version {data.get('version')!r}, this fxreduce reads {VERSION}")
+        try:
+            grids = {name: Grid(tuple(g["ms"]), tuple(g["ns"]), tuple(g["ks"]),
+                                tuple(tuple(tuple(float(v) for v in cell) for cell in row) for row in g["seconds"]))
+                     for name, g in data["grids"].items()}
+            profile = cls(Machine(**data["machine"]), float(data["call_overhead"]), float(data["op_overhead"]),
+                          float(data["module_overhead"]),
+                          tuple((int(size), float(seconds)) for size, seconds in data["bandwidth"]), grids,
+                          str(data.get("created", "")))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+            raise ValueError(f"a field is missing or malformed ({type(error).__name__}: {error})") from None
+        profile.validate()
+        return profile
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the profile as JSON, atomically (a reader sees the old file or the new one, never half)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(self.to_json(), handle, indent=1)
+
+    def bytes_seconds(self, moved: float) -> float:
+        """Seconds to move ``moved`` bytes through memory in one op, overhead excluded."""
+        if moved <= 0:
+            return 0.0
+        sizes = [size for size, _ in self.bandwidth]
+        weights = _bracket(sizes, moved)
+        log_rate = sum(w * math.log(size / max(seconds - self.op_overhead, seconds * 0.05))
+                       for (i, w) in weights for size, seconds in [self.bandwidth[i]])
+        return moved / math.exp(log_rate)
+
+
+def default_profile_path(threads: int | None = None) -> Path:
+    """Where ``fxreduce calibrate`` writes and the latency model reads: one profile per thread count."""
+    root = os.environ.get("FXREDUCE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fxreduce")
+    return Path(root) / f"latency-profile-{threads or torch.get_num_threads()}threads.json"
+
+
+def load_profile(path: str | os.PathLike | None = None, *, check_machine: bool = True) -> Profile:
+    """The profile at ``path`` (default: the one ``fxreduce calibrate`` wrote for torch's thread count).
+
+    A missing, corrupt, or foreign profile (another CPU, ISA, thread count or torch) raises ProfileError
+    naming both sides; it is never used silently.
+    """
+    path = Path(path) if path is not None else default_profile_path()
+    if not path.is_file():
+        raise ProfileError(f"no profile: no latency profile at {str(path)!r}", where=str(path),
+                           fix="run `fxreduce calibrate` (about a minute) to measure this machine")
+    try:
+        profile = Profile.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ProfileError(f"the latency profile {str(path)!r} is unreadable: {error}", where=str(path),
+                           fix="run `fxreduce calibrate` again to rewrite it") from None
+    if check_machine:
+        here = Machine.current()
+        different = profile.machine.differences(here)
+        if different:
+            raise ProfileError(f"the latency profile {str(path)!r} was measured on another setup "
+                               f"({'; '.join(different)}; profile vs now)", where=str(path),
+                               fix="run `fxreduce calibrate` on this machine with this torch and thread count")
+    return profile
+
+
+@dataclass(frozen=True)
+class NodeLatency:
+    """One fx node's predicted seconds, and what it was priced as."""
+
+    name: str
+    seconds: float
+    kind: str
+    ops: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A graph's predicted eval-forward seconds at concrete dims, with the per-node breakdown."""
+
+    seconds: float
+    nodes: tuple[NodeLatency, ...]
+    dims: Mapping[str, int]
+    method: str = "fake run"
+    note: str = ""
+
+    def __float__(self) -> float:
+        return self.seconds
+
+    def by_kind(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for node in self.nodes:
+            totals[node.kind] = totals.get(node.kind, 0.0) + node.seconds
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def lines(self, top: int = 8) -> list[str]:
+        dims = ", ".join(f"{name}={value}" for name, value in self.dims.items())
+        lines = [f"predicted latency{' at ' + dims if dims else ''}: {_format_seconds(self.seconds)} "
+                 f"({self.method}{'; ' + self.note if self.note else ''})"]
+        lines.append("  by kind: " + ", ".join(f"{kind} {_format_seconds(seconds)}"
+                                               for kind, seconds in self.by_kind().items()))
+        for node in sorted(self.nodes, key=lambda n: -n.seconds)[:top]:
+            lines.append(f"  {node.name:<32} {_format_seconds(node.seconds):>10}  {node.kind}")
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(size) for size in value.shape)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _conv_class(weight_shape: Sequence[int], stride: Sequence[int], groups: int, in_channels: int) -> str:
+    if groups > 1 and groups == in_channels:
+        return "conv_depthwise"
+    if any(int(s) > 1 for s in stride):
+        return "conv_strided"
+    return "conv_pointwise" if all(int(k) == 1 for k in weight_shape[2:]) else "conv_spatial"
+
+
+def _conv_gemm(input_shape, weight_shape, output_shape, groups) -> tuple[int, int, int]:
+    """A convolution as its implicit GEMM: M output pixels, N output channels, K reduction length (per group)."""
+    m = output_shape[0] * _numel(output_shape[2:]) * groups
+    return m, weight_shape[0] // groups, weight_shape[1] * _numel(weight_shape[2:])
+
+
+class _Pricer:
+    """Prices one aten op from its shapes with a profile."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+
+    def gemm(self, grid: str, m: int, n: int, k: int) -> float:
+        return self.profile.grids[grid].seconds_for(m, n, k, self.profile.op_overhead)
+
+    def attention(self, rows: int, keys: int, head_dim: int) -> float:
+        """Q K^T then P V: two products over ``rows`` query rows (batch x heads x queries)."""
+        return self.gemm("gemm", rows, keys, head_dim) + self.gemm("gemm", rows, head_dim, keys)
+
+    def price(self, func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
+        packet = getattr(func, "overloadpacket", None)
+        if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
+            first, second = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
+            a, b = _shape(first), _shape(second)
+            batch = a[0] if len(a) == 3 else 1
+            return "gemm", self.gemm("gemm", batch * a[-2], b[-1], a[-1])
+        if packet in (aten.convolution, aten._convolution, aten.mkldnn_convolution):
+            weight, stride, groups = _shape(args[1]), args[3], int(args[-1])
+            x, y = _shape(args[0]), _shape(out)
+            return "conv", self.gemm(_conv_class(weight, stride, groups, x[1]), *_conv_gemm(x, weight, y, groups))
+        if packet in _ATTENTION:
+            q, k = _shape(args[0]), _shape(args[1])
+            return "attention", self.attention(_numel(q[:-1]), k[-2], q[-1])
+        if packet is aten._native_multi_head_attention:
+            query, key = _shape(args[0]), _shape(args[1])
+            embed, heads = int(args[3]), int(args[4])
+            tokens, batch_length = _numel(query[:-1]), _numel(key[:-1])
+            projections = (self.gemm("gemm", tokens, embed, embed) + 2 * self.gemm("gemm", batch_length, embed, embed)
+                           + self.gemm("gemm", tokens, embed, embed))
+            return "attention", projections + self.attention(tokens * heads, key[-2], embed // heads)
+        name = getattr(packet, "__name__", "")
+        if name == "int8_linear":
+            x, weight = _shape(args[0]), _shape(args[1])
+            return "int8_gemm", self.gemm("int8_gemm", _numel(x[:-1]), weight[0], weight[1])
+        if name == "int8_conv2d":
+            x, weight, y = _shape(args[0]), _shape(args[1]), _shape(out)
+            return "int8_conv", self.gemm("int8_conv", *_conv_gemm(x, weight, y, int(args[6])))
+        if getattr(func, "is_view", False) or packet in _METADATA_ONLY:
+            return "view", 0.0
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        moved = sum(t.numel() * t.element_size() for t in tensors + outputs)
+        return "memory", self.profile.bytes_seconds(moved)
+
+
+_ATTENTION = tuple(op for op in (getattr(aten, name, None) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math")) if op is not None)
+_METADATA_ONLY = (aten.detach, aten.lift_fresh, aten.alias, aten.sym_size, aten.sym_stride, aten.sym_numel)
+
+
+class _Recorder(TorchDispatchMode):
+    """Prices every aten op dispatched while an fx node runs, attributed to that node."""
+
+    def __init__(self, pricer: _Pricer):
+        super().__init__()
+        self.pricer = pricer
+        self.node: str = ""
+        self.priced: dict[str, list[tuple[str, float]]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.priced.setdefault(self.node, []).append(self.pricer.price(func, args, kwargs, out))
+        return out
+
+
+class _NodeTracker(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder):
+        super().__init__(gm)
+        self.recorder = recorder
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.recorder.node = node.name
+        return super().run_node(node)
+
+
+_CALLS = ("call_module", "call_function", "call_method")
+
+
+def _node_latency(node: fx.Node, priced: list[tuple[str, float]], profile: Profile) -> NodeLatency:
+    seconds = sum(seconds for _, seconds in priced) + profile.op_overhead * sum(kind != "view" for kind, _ in priced)
+    if node.op in _CALLS:
+        seconds += profile.call_overhead + (profile.module_overhead if node.op == "call_module" else 0.0)
+    weights: dict[str, float] = {}
+    for kind, cost in priced:
+        weights[kind] = weights.get(kind, 0.0) + cost
+    kind = max(weights, key=weights.get) if weights else ("python" if node.op in _CALLS else node.op)
+    return NodeLatency(node.name, seconds, kind, len(priced))
+
+
+def concrete_inputs(gm: fx.GraphModule, dims: Mapping[str, int], make: Callable[..., torch.Tensor]) -> tuple:
+    """The graph's example inputs with each named dim resized to ``dims``; ``make(shape, dtype)`` builds a tensor."""
+    from .propagation import graph_info
+
+    info = graph_info(gm)
+    missing = [name for name in info.symbolic if name not in dims]
+    if missing:
+        example = ", ".join(f"{name}={info.spec.hint(name)}" for name in missing)
+        raise CostError(f"dims {', '.join(missing)} are still symbolic, and a latency needs a number for each",
+                        where="latency", fix=f"give them, e.g. latency({example})")
+    unknown = [name for name in dims if name not in info.spec.dims]
+    if unknown:
+        raise CostError(f"unknown dim name(s) {', '.join(unknown)}", where="latency",
+                        fix=f"the named dims of this graph are: {', '.join(info.spec.dims) or 'none'}")
+    inputs = []
+    for index, value in enumerate(info.spec.example_inputs):
+        if not isinstance(value, torch.Tensor):
+            inputs.append(value)
+            continue
+        shape = list(value.shape)
+        for name, (position, axis) in info.spec.dims.items():
+            if position == index and name in dims:
+                shape[axis] = int(dims[name])
+        inputs.append(make(tuple(shape), value.dtype))
+    return tuple(inputs)
+
+
+def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int]) -> Latency:
+    """``gm``'s predicted eval-forward seconds at ``dims`` on the machine ``profile`` measured."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recorder = _Recorder(_Pricer(profile))
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        inputs = concrete_inputs(gm, dims, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad(), fake, recorder:
+            _NodeTracker(gm, recorder).run(*inputs)
+    except Exception as error:
+        return _predict_from_costs(gm, profile, dims, f"the fake run stopped at node {recorder.node} "
+                                                      f"({type(error).__name__}); priced from symbolic costs")
+    finally:
+        gm.train(was_training)
+    nodes = tuple(_node_latency(node, recorder.priced.get(node.name, []), profile) for node in gm.graph.nodes)
+    return Latency(sum(n.seconds for n in nodes), nodes, dict(dims))
+
+
+def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], note: str) -> Latency:
+    """Each node priced from its symbolic cost at ``dims``: its MACs on the GEMM grid of its dtype, shaped
+    as its output gives (M rows of N columns, K = MACs / (M N)), the rest as bytes moved. Sizes the data
+    decides (a boolean mask's count) have no number: such nodes are priced at their overheads and named."""
+    from .propagation import META_KEY, symbol
+
+    substitutions = {symbol(name): int(value) for name, value in dims.items()}
+    pricer = _Pricer(profile)
+    nodes, unpriced = [], []
+    for node in gm.graph.nodes:
+        meta = node.meta.get(META_KEY)
+        priced: list[tuple[str, float]] = []
+        if meta is not None and node.op in _CALLS:
+            cost = meta.cost.subs(substitutions)
+            macs = {dtype: _number(value) for dtype, value in cost.macs.items()}
+            moved = _number(cost.bytes_read + cost.bytes_written)
+            if None in macs.values() or moved is None:
+                unpriced.append(node.name)
+            elif any(macs.values()):
+                total = sum(macs.values())
+                shape = _numbers(meta.shape, substitutions)
+                n = max(shape[-1], 1) if shape else round(total ** (1 / 3)) or 1
+                m = max(math.prod(shape) // n, 1) if shape else n
+                grid = "int8_gemm" if any("int8" in dtype for dtype in macs) else "gemm"
+                priced.append((grid, pricer.gemm(grid, m, n, max(total / (m * n), 1.0))))
+            elif moved:
+                priced.append(("memory", profile.bytes_seconds(moved)))
+        nodes.append(_node_latency(node, priced, profile))
+    if unpriced:
+        note += f"; sizes the data decides left {', '.join(unpriced)} at their overheads"
+    return Latency(sum(n.seconds for n in nodes), tuple(nodes), dict(dims), method="symbolic costs", note=note)
+
+
+def _number(expr: Any) -> float | None:
+    """``expr`` as a float, or None where it still holds a symbol (a size only the data decides)."""
+    try:
+        return float(expr)
+    except TypeError:
+        return None
+
+
+def _numbers(shape: Any, substitutions: Mapping) -> tuple[int, ...] | None:
+    """A single tensor's shape with the dims substituted, or None (several outputs, or data-decided sizes)."""
+    if not isinstance(shape, tuple) or not shape or isinstance(shape[0], tuple):
+        return None
+    values = [_number(size.subs(substitutions) if hasattr(size, "subs") else size) for size in shape]
+    return None if None in values else tuple(int(value) for value in values)

@@ -1,0 +1,225 @@
+"""The latency model: profiles that round-trip and are refused when foreign or damaged, predictions that are
+deterministic, monotone in work within an op class, and priced by the kernels a graph really calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxreduce as fr
+from fxreduce.cli import main
+from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
+                                          monotone_grid)
+from fxreduce.errors import CostError, ProfileError
+
+RATE = 1e10  # MACs per second of the synthetic profile
+OVERHEAD = 1e-6
+
+
+def _grid(ms=(1, 16, 256), ns=(16, 256, 4096), ks=(16, 256, 4096), rate=RATE) -> Grid:
+    return Grid(ms, ns, ks, tuple(tuple(tuple(OVERHEAD + m * n * k / rate for k in ks) for n in ns) for m in ms))
+
+
+def synthetic_profile(**changes) -> Profile:
+    """A profile of a made-up machine whose kernels all run at RATE (int8 at 4 x RATE), for exact checks."""
+    grids = {name: _grid() for name in GEMM_CLASSES + CONV_CLASSES}
+    grids["int8_gemm"] = _grid(rate=4 * RATE)
+    profile = Profile(Machine.current(), call_overhead=2e-6, op_overhead=OVERHEAD, module_overhead=1e-6,
+                      bandwidth=((1 << 10, OVERHEAD + (1 << 10) / 1e10), (1 << 30, OVERHEAD + (1 << 30) / 1e10)),
+                      grids=grids, created="test")
+    return dataclasses.replace(profile, **changes)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 64, hidden: int = 256):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _mlp_graph(hidden: int = 256):
+    return fr.trace(MLP(hidden=hidden), (torch.randn(4, 64),), {"N": (0, 0)})
+
+
+def test_a_profile_round_trips(tmp_path):
+    profile = synthetic_profile()
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    assert load_profile(path) == profile
+
+
+def test_a_missing_profile_says_to_calibrate(tmp_path):
+    with pytest.raises(ProfileError, match="no profile.*fxreduce calibrate"):
+        load_profile(tmp_path / "none.json")
+
+
+def test_a_profile_from_another_machine_or_torch_is_refused_naming_both(tmp_path):
+    path = tmp_path / "foreign.json"
+    here = Machine.current()
+    synthetic_profile(machine=dataclasses.replace(here, cpu="Other CPU 9000", torch="1.0.0")).save(path)
+    with pytest.raises(ProfileError) as error:
+        load_profile(path)
+    message = str(error.value)
+    assert "'Other CPU 9000' vs " + repr(here.cpu) in message and f"'1.0.0' vs {here.torch!r}" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "field", "falling"])
+def test_a_damaged_profile_is_refused(tmp_path, damage):
+    path = tmp_path / "profile.json"
+    synthetic_profile().save(path)
+    text = path.read_text()
+    data = json.loads(text)
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff not json")
+    elif damage == "field":
+        del data["grids"]["gemm"]
+        path.write_text(json.dumps(data))
+    else:
+        data["grids"]["gemm"]["seconds"][-1][-1][-1] = 1e-9
+        path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="unreadable"):
+        load_profile(path)
+
+
+def test_a_failed_write_leaves_the_old_profile_whole(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    synthetic_profile().save(path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        synthetic_profile(created="new").save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["profile.json"]
+
+
+@given(st.lists(st.lists(st.lists(st.floats(1e-7, 1.0), min_size=3, max_size=3), min_size=3, max_size=3),
+                min_size=3, max_size=3),
+       st.tuples(*[st.floats(1, 8192)] * 3), st.tuples(*[st.floats(1.0, 4.0)] * 3))
+def test_predicted_time_never_falls_as_a_product_grows(seconds, shape, growth):
+    grid = Grid((1, 16, 256), (16, 256, 4096), (16, 256, 4096), monotone_grid(seconds))
+    grid.validate("test")
+    small = grid.seconds_for(*shape, overhead=1e-8)
+    large = grid.seconds_for(*(size * factor for size, factor in zip(shape, growth)), overhead=1e-8)
+    assert large >= small * (1 - 1e-9)
+
+
+@given(st.integers(1, 1 << 28), st.integers(1, 1 << 28))
+def test_memory_time_never_falls_as_bytes_grow(smaller, larger):
+    profile = synthetic_profile()
+    smaller, larger = sorted((smaller, larger))
+    assert profile.bytes_seconds(larger) >= profile.bytes_seconds(smaller) * (1 - 1e-9)
+
+
+def test_a_linear_is_priced_as_its_gemm_and_wider_layers_cost_more():
+    narrow, wide = (fr.cost(_mlp_graph(hidden)).latency(synthetic_profile(), N=64) for hidden in (256, 1024))
+    for latency in (narrow, wide):
+        kinds = {node.name: node.kind for node in latency.nodes}
+        assert kinds["fc1"] == kinds["fc2"] == "gemm" and kinds["relu"] == "memory"
+    fc1 = [next(node for node in latency.nodes if node.name == "fc1") for latency in (narrow, wide)]
+    # At a constant rate a GEMM costs MACs / RATE, plus the overheads of its ops and its module call.
+    overheads = fc1[0].ops * OVERHEAD + 2e-6 + 1e-6
+    assert fc1[0].seconds == pytest.approx(64 * 64 * 256 / RATE + overheads, rel=0.05)
+    assert fc1[1].seconds > 3 * fc1[0].seconds and wide.seconds > narrow.seconds
+
+
+def test_predictions_are_deterministic_for_a_profile():
+    gm, profile = _mlp_graph(), synthetic_profile()
+    assert fr.cost(gm).latency(profile, N=8) == fr.cost(gm).latency(profile, N=8)
+
+
+def test_int8_layers_are_priced_on_the_int8_grid():
+    gm = _mlp_graph(1024)
+    result = fr.apply(gm, "lower_int8")
+    latency = fr.cost(result.graph_module).latency(synthetic_profile(), N=64)
+    assert {node.kind for node in latency.nodes if node.name.startswith("fc")} == {"int8_gemm"}
+    dense = fr.cost(gm).latency(synthetic_profile(), N=64)
+    assert latency.seconds < dense.seconds
+
+
+def test_convolutions_and_attention_are_priced_as_products():
+    conv = fr.trace(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, 2, 1)),
+                    (torch.randn(1, 3, 16, 16),), {"N": (0, 0)})
+    modules = {node.name for node in conv.graph.nodes if node.op == "call_module"}
+    kinds = [node.kind for node in fr.cost(conv).latency(synthetic_profile(), N=1).nodes if node.name in modules]
+    assert kinds == ["conv", "conv", "conv"]
+
+    class SelfAttention(nn.Module):
+        def forward(self, x):
+            return nn.functional.scaled_dot_product_attention(x, x, x)
+
+    gm = fr.trace(SelfAttention(), (torch.randn(1, 2, 8, 64),), {"T": (0, 2)})
+    short, long = (fr.cost(gm).latency(synthetic_profile(), T=t) for t in (64, 256))
+    assert any(node.kind == "attention" for node in long.nodes)
+    assert long.seconds > 8 * short.seconds * 0.9  # quadratic in T: 16x the products, plus linear overheads
+
+
+def test_symbolic_dims_left_without_a_number_are_named():
+    gm = fr.trace(nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 8, 8),), {"N": (0, 0), "H": (0, 2), "W": (0, 3)})
+    with pytest.raises(CostError, match="dims H, W are still symbolic.*H=8, W=8"):
+        fr.cost(gm).latency(synthetic_profile(), N=1)
+    with pytest.raises(CostError, match="unknown dim name"):
+        fr.cost(gm).latency(synthetic_profile(), N=1, H=8, W=8, T=3)
+    assert fr.cost(gm).at(N=1).latency(synthetic_profile(), H=8, W=8).dims == {"N": 1, "H": 8, "W": 8}
+
+
+def test_a_graph_the_fake_run_cannot_follow_is_priced_from_its_symbolic_costs():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x[x[:, 0] > 0])
+
+    gm = fr.trace(DataDependent(), (torch.randn(8, 32),))
+    latency = fr.cost(gm).latency(synthetic_profile())
+    assert latency.method == "symbolic costs" and "fake run stopped" in latency.note and latency.seconds > 0
+
+
+def test_calibrate_writes_a_profile_the_model_reads(tmp_path):
+    path = tmp_path / "profile.json"
+    profile = fr.calibrate(path, quick=True, progress=False)
+    assert load_profile(path) == profile and profile.machine == Machine.current()
+    seconds = fr.cost(_mlp_graph()).latency(path, N=4).seconds
+    assert math.isfinite(seconds) and seconds > 0
+
+
+def test_the_cli_predicts_latency_and_names_a_missing_profile(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    synthetic_profile().save(path)
+    assert main(["cost", "default", "--input-shape", "N,3,H=32,W=32", "--latency", "--profile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted latency at N=1, H=32, W=32" in out and "conv" in out
+    assert main(["cost", "default", "--latency", "--profile", str(tmp_path / "none.json")]) == 2
+    assert "no profile" in capsys.readouterr().err
+
+
+def test_multihead_attentions_fused_kernel_is_priced_as_its_products():
+    attention = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    gm = fr.trace(Block(), (torch.randn(1, 16, 64),), {"T": (0, 1)})
+    short, long = (fr.cost(gm).latency(synthetic_profile(), T=t) for t in (64, 512))
+    node = next(node for node in long.nodes if node.name == "attention")
+    assert node.kind == "attention" and long.seconds > 4 * short.seconds
