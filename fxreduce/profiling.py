@@ -150,10 +150,9 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
     pairs = []
     for elements in plan.bandwidth_elements:
         a, b = torch.randn(elements), torch.randn(elements)
-        seconds = _seconds_per_call(lambda: torch.add(a, b), plan)
-        pairs.append((3 * elements * a.element_size(), max([seconds] + [s for _, s in pairs])))
+        pairs.append((3 * elements * a.element_size(), _seconds_per_call(lambda: torch.add(a, b), plan)))
         step()
-    return tuple(pairs)
+    return tuple((size, min(seconds for _, seconds in pairs[index:])) for index, (size, _) in enumerate(pairs))
 
 
 def _overheads(plan: Plan) -> tuple[float, float, float]:

@@ -121,19 +121,22 @@ class Grid:
 
 
 def monotone_grid(seconds: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[tuple[float, ...], ...], ...]:
-    """``seconds`` made non-decreasing along M, N and K (a running maximum on each axis in turn).
+    """``seconds`` made non-decreasing along M, N and K: each cell at most every cell above it on each axis
+    (a running minimum from the largest sizes down).
 
-    A larger product never takes less time in the model: measurement noise that says otherwise is
-    dropped, and log-space interpolation of a monotone grid stays monotone between its points.
+    A larger product never takes less time in the model, and log-space interpolation of a monotone grid
+    stays monotone between its points. Lowering rather than raising: a noisy measurement is almost
+    always too slow (a preempted thread), and one such stall must not spread to every larger size.
     """
     grid = [[list(cell) for cell in row] for row in seconds]
-    for i, row in enumerate(grid):
-        for j, cell in enumerate(row):
-            for k in range(len(cell)):
-                below = [grid[i - 1][j][k]] if i else []
-                below += [row[j - 1][k]] if j else []
-                below += [cell[k - 1]] if k else []
-                cell[k] = max([cell[k], *below])
+    sizes = (len(grid), len(grid[0]), len(grid[0][0]))
+    for i in reversed(range(sizes[0])):
+        for j in reversed(range(sizes[1])):
+            for k in reversed(range(sizes[2])):
+                above = [grid[i + 1][j][k]] if i + 1 < sizes[0] else []
+                above += [grid[i][j + 1][k]] if j + 1 < sizes[1] else []
+                above += [grid[i][j][k + 1]] if k + 1 < sizes[2] else []
+                grid[i][j][k] = min([grid[i][j][k], *above])
     return tuple(tuple(tuple(cell) for cell in row) for row in grid)
 
 

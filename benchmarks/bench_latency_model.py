@@ -1,0 +1,216 @@
+"""The latency model against the clock: predicted vs measured speedup of rewrites, and whole-model latency.
+
+The profile is calibrated at the start of the run (``fxreduce calibrate``'s full grid), so prediction
+and measurement see the same machine state. Rewrites: int8 Linear and Conv2d (lower_int8) at batch 1 / 8
+/ 64; low-rank, grouped and sparse x low-rank Linear layers (sparse_lowrank) at 2x-12x MAC cuts and
+batch 1-200, ViT-B's MLP, an LSTM LM's gate matrices; fold_batchnorm on ResNet-18. Each rewrite's
+before and after run side by side (interleaved, eval, no_grad); its predicted speedup is
+latency(before) / latency(after). Whole models: ten torchvision models at batch 1 and 8, predicted vs
+measured seconds. Goals (issue 18): median relative error of the speedups <= 10%, >= 90% within 20%;
+whole models within 25%.
+
+    python benchmarks/bench_latency_model.py           # full run, rewrites its section of docs/benchmarks.md
+    python benchmarks/bench_latency_model.py --quick   # a few cases on a tiny grid, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import DOCS, fix_threads, markdown_table, time_side_by_side, write_section  # noqa: E402
+
+import fxreduce as fr  # noqa: E402
+from fxreduce.cost_models.latency import load_profile  # noqa: E402
+
+TITLE = "Latency model: predicted vs measured"
+PLOT = DOCS.parent / "images" / "latency_model.png"
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "alexnet",
+          "squeezenet1_0", "shufflenet_v2_x1_0", "regnet_y_400mf", "mnasnet0_5"]
+
+
+@dataclass
+class Case:
+    label: str
+    before: torch.fx.GraphModule
+    after: torch.fx.GraphModule
+    inputs: tuple
+    dims: dict
+
+
+class MLP(nn.Module):
+    """ViT-B's MLP block: fc1, GELU, fc2."""
+
+    def __init__(self, width: int = 768, hidden: int = 3072):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WordLM(nn.Module):
+    def __init__(self, vocab: int = 2000, hidden: int = 650):
+        super().__init__()
+        self.embedding, self.lstm = nn.Embedding(vocab, hidden), nn.LSTM(hidden, hidden, 2)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        return self.decoder(self.lstm(self.embedding(tokens))[0])
+
+
+def _rewrite(label: str, model: nn.Module, x: torch.Tensor, dim: tuple[str, int, int], spec: str,
+             baseline: str | None = None) -> Case:
+    name, axis, size = dim
+    torch.manual_seed(0)
+    gm = fr.trace(model.eval(), (x,), {name: (0, axis)})
+    before = fr.apply(gm, baseline).graph_module if baseline else gm
+    after = fr.apply(gm, f"{baseline},{spec}" if baseline else spec).graph_module
+    return Case(label, before, after, (x,), {name: size})
+
+
+def rewrite_cases(quick: bool) -> list[Case]:
+    cases = []
+    linears = [(256, 256), (768, 3072)] if quick else [(256, 256), (768, 3072), (1024, 4096)]
+    for (k, n) in linears:
+        for batch in ((1, 8) if quick else (1, 8, 64)):
+            cases.append(_rewrite(f"int8 Linear {k}->{n} batch {batch}", nn.Linear(k, n), torch.randn(batch, k),
+                                  ("N", 0, batch), "lower_int8"))
+    if quick:
+        return cases
+    for channels, size, kernel in ((64, 56, 3), (128, 28, 3), (256, 14, 1)):
+        for batch in (1, 8):
+            conv = nn.Sequential(nn.Conv2d(channels, channels, kernel, padding=kernel // 2))
+            cases.append(_rewrite(f"int8 Conv2d {channels}ch {kernel}x{kernel} {size}px batch {batch}", conv,
+                                  torch.randn(batch, channels, size, size), ("N", 0, batch), "lower_int8"))
+    for reduction in (2, 4, 12):
+        for batch in (1, 20, 200):
+            cases.append(_rewrite(f"low-rank 768->3072 {reduction}x batch {batch}", nn.Linear(768, 3072),
+                                  torch.randn(batch, 768), ("N", 0, batch),
+                                  f"sparse_lowrank(flop_reduction={reduction})"))
+    for form in ("group", "sparse_lr"):
+        for reduction in (4, 12):
+            for batch in (20, 200):
+                cases.append(_rewrite(f"{form} 768->3072 {reduction}x batch {batch}", nn.Linear(768, 3072),
+                                      torch.randn(batch, 768), ("N", 0, batch),
+                                      f"sparse_lowrank(form={form}, flop_reduction={reduction})"))
+    for batch in (1, 20):
+        cases.append(_rewrite(f"low-rank LSTM gates 1500->6000 4x batch {batch}", nn.Linear(1500, 6000),
+                              torch.randn(batch, 1500), ("N", 0, batch), "sparse_lowrank(flop_reduction=4)"))
+    for reduction in (4, 12):
+        cases.append(_rewrite(f"ViT-B MLP {reduction}x, 197 tokens", MLP(), torch.randn(1, 197, 768),
+                              ("T", 1, 197), f"sparse_lowrank(flop_reduction={reduction})"))
+    cases.append(_rewrite("LSTM LM H=650 gates 4x, T=35 B=20", WordLM(), torch.randint(0, 2000, (35, 20)),
+                          ("T", 0, 35), "sparse_lowrank(flop_reduction=4)", baseline="decompose_lstm"))
+    for batch in (1, 8):
+        cases.append(_rewrite(f"fold_batchnorm ResNet-18 batch {batch}", torchvision.models.resnet18(),
+                              torch.randn(batch, 3, 224, 224), ("N", 0, batch), "fold_batchnorm"))
+    return cases
+
+
+def _eval_call(gm: torch.fx.GraphModule, inputs: tuple):
+    def call():
+        with torch.no_grad():
+            return gm(*inputs)
+    return call
+
+
+def measure_rewrites(cases: list[Case], profile, repeats: int) -> list[list[object]]:
+    rows = []
+    for case in tqdm(cases, desc="rewrites", leave=False):
+        case.before.eval(), case.after.eval()
+        times = time_side_by_side({"before": _eval_call(case.before, case.inputs),
+                                   "after": _eval_call(case.after, case.inputs)}, repeats=repeats)
+        predicted = (fr.cost(case.before).latency(profile, **case.dims).seconds
+                     / fr.cost(case.after).latency(profile, **case.dims).seconds)
+        measured = times["before"] / times["after"]
+        rows.append([case.label, f"{measured:.2f}x", f"{predicted:.2f}x", predicted / measured - 1])
+    return rows
+
+
+def measure_models(names: list[str], batches: tuple[int, ...], profile, repeats: int) -> list[list[object]]:
+    rows = []
+    for name in tqdm(names, desc="models", leave=False):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        gm = fr.trace(model, (torch.randn(1, 3, 224, 224),), {"N": (0, 0)})
+        for batch in batches:
+            x = torch.randn(batch, 3, 224, 224)
+            measured = time_side_by_side({"model": _eval_call(gm, (x,))}, repeats=repeats)["model"]
+            predicted = fr.cost(gm).latency(profile, N=batch).seconds
+            rows.append([f"{name} batch {batch}", f"{measured * 1e3:.1f} ms", f"{predicted * 1e3:.1f} ms",
+                         predicted / measured - 1])
+    return rows
+
+
+def _share_within(errors: list[float], bound: float) -> float:
+    return sum(abs(e) <= bound for e in errors) / len(errors)
+
+
+def plot(rewrites: list[list[object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [float(row[1][:-1]) for row in rewrites]
+    predicted = [float(row[2][:-1]) for row in rewrites]
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    axes.scatter(measured, predicted, s=18)
+    top = max(measured + predicted) * 1.1
+    axes.plot([0, top], [0, top], color="grey", linewidth=1, label="predicted = measured")
+    axes.fill_between([0, top], [0, top * 0.8], [0, top * 1.2], color="grey", alpha=0.15, label="within 20%")
+    axes.set_xlabel("measured speedup")
+    axes.set_ylabel("predicted speedup")
+    axes.set_title(f"{len(rewrites)} rewrites, predicted before running")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
+        figure.savefig(handle.name, dpi=110)
+    os.replace(handle.name, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few cases on a tiny grid; writes nothing")
+    parser.add_argument("--profile", help="use this profile instead of calibrating at the start")
+    args = parser.parse_args()
+    fix_threads()
+    with tempfile.TemporaryDirectory() as scratch:
+        profile = (load_profile(args.profile) if args.profile
+                   else fr.calibrate(Path(scratch) / "profile.json", quick=args.quick))
+        rewrites = measure_rewrites(rewrite_cases(args.quick), profile, repeats=5 if args.quick else 15)
+        models = measure_models(MODELS[:1] if args.quick else MODELS, (1,) if args.quick else (1, 8), profile,
+                                repeats=3 if args.quick else 7)
+    errors = [row[3] for row in rewrites]
+    model_errors = [row[3] for row in models]
+    summary = (f"Rewrites: {len(rewrites)}; median |error| of the predicted speedup "
+               f"{100 * statistics.median(abs(e) for e in errors):.1f}%, within 20%: "
+               f"{100 * _share_within(errors, 0.2):.0f}% of cases (goal: median <= 10%, >= 90% within 20%).  \n"
+               f"Whole models: {len(models)}; within 25%: {100 * _share_within(model_errors, 0.25):.0f}%, median "
+               f"|error| {100 * statistics.median(abs(e) for e in model_errors):.1f}%.")
+    for row in rewrites + models:
+        row[3] = f"{100 * row[3]:+.0f}%"
+    body = "\n\n".join([summary, markdown_table(["rewrite", "measured", "predicted", "error"], rewrites),
+                        markdown_table(["model (eval, 224x224)", "measured", "predicted", "error"], models),
+                        f"![predicted vs measured speedup](images/{PLOT.name})"])
+    print(body)
+    if not args.quick:
+        plot(rewrites, PLOT)
+        write_section(TITLE, body)
+
+
+if __name__ == "__main__":
+    main()
