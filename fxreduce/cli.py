@@ -259,7 +259,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     format = _save_format(args.output, args.format, args.pipeline, args.seed) if args.output else None
     built = build(args.model, args.input_shape, args.pipeline, args.seed)
     report = built.result.report
-    report.at = _point(built.original, args.at)
+    report.at, report.profile = _point(built.original, args.at), args.profile
     print("\n".join(report.lines() + _certificates(report)))
     if args.measure:
         print("\n".join(measure(built.original, built.graph_module, built.shape.inputs).lines()))
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--seed", type=int, default=0, help="seed of model init, example inputs and passes")
     apply.add_argument("--calibration", metavar="FILE", help="inputs saved with torch.save for passes that "
                                                             "calibrate (lower_int8); without it they use random inputs")
+    apply.add_argument("--profile", metavar="FILE", help="latency profile for the predicted speedups (default: the "
+                                                         "one `fxreduce calibrate` wrote)")
     apply.add_argument("--no-measure", dest="measure", action="store_false",
                        help="skip running both models on the example input (output error and eval latency)")
     apply.set_defaults(run=cmd_apply)

@@ -17,9 +17,10 @@ import torch
 import torch.fx as fx
 
 from .cost_models import Certificate, GraphCost, certify, graph_cost, graph_info, propagate
+from .cost_models.latency import Latency, Profile, load_profile
 from .cost_models.propagation import META_KEY
 from .cost_models.symbolic import NodeCost
-from .errors import FxReduceError, OptionError, PassError
+from .errors import FxReduceError, OptionError, PassError, ProfileError
 from .passes import Pass, Rewrite, Skipped, get_pass
 
 # What a freshly traced graph may hold; passes that remove such layers invalidate the property.
@@ -88,10 +89,35 @@ class StepReport:
 
 @dataclass
 class RewriteReport:
-    """What a pipeline did: per pass, one line per rewrite, what it skipped and why, and the totals."""
+    """What a pipeline did: per pass, one line per rewrite, what it skipped and why, and the totals.
+
+    Beside each certified FLOP cut stands the predicted speedup on this machine, from the latency
+    profile ``profile`` (a Profile or a path; None: the one ``fxreduce calibrate`` wrote), at ``at`` and
+    the example sizes of the other dims. Without a profile the report says so and shows FLOPs only.
+    """
 
     steps: list[StepReport] = field(default_factory=list)
     at: dict[str, int] = field(default_factory=dict)
+    profile: Any = None
+    _predicted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def predicted(self) -> list[tuple[Latency, Latency]] | str:
+        """Each step's (before, after) predicted latency, or the reason there is none (no usable profile)."""
+        key = (tuple(sorted(self.at.items())), id(self.profile))
+        if key not in self._predicted:
+            try:
+                profile = self.profile if isinstance(self.profile, Profile) else load_profile(self.profile)
+            except ProfileError as error:
+                self._predicted[key] = f"{error.what} ({error.fix})"
+            else:
+                dims = {**_example_sizes(self.before), **self.at}
+                latency = {}
+                for cost in [step.cost_before for step in self.steps] + [self.after]:
+                    if id(cost.graph_module) not in latency:
+                        latency[id(cost.graph_module)] = cost.latency(profile, **dims)
+                self._predicted[key] = [(latency[id(step.cost_before.graph_module)],
+                                         latency[id(step.cost_after.graph_module)]) for step in self.steps]
+        return self._predicted[key]
 
     @property
     def before(self) -> GraphCost:
@@ -111,7 +137,9 @@ class RewriteReport:
     def lines(self) -> list[str]:
         where = ", ".join(f"{k}={v}" for k, v in self.at.items())
         lines = []
-        for step in self.steps:
+        predicted = self.predicted() if self.steps else []
+        for index, step in enumerate(self.steps):
+            latency = predicted[index] if isinstance(predicted, list) else None
             head = f"{step.pass_!r}: {len(step.rewrites)} rewrite(s), {len(step.skipped)} left alone"
             if not step.rewrites and not step.skipped:
                 head += " (nothing to rewrite)"
@@ -124,7 +152,8 @@ class RewriteReport:
                 other_after = _human(sympy.sympify(item.after.other).subs(values))
                 target = _names(item.added) if item.added else "(removed)"
                 lines.append(f"  {_names(item.replaced)} -> {target}: {item.rewrite.what}; "
-                             f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}")
+                             f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}"
+                             + (_predicted_speedup(latency, item) if latency else ""))
             for skipped in step.skipped:
                 lines.append(f"  left alone {skipped.node}: {skipped.reason}")
             for dim in sorted(set(step.cost_before.symbols) - set(step.cost_after.symbols)):
@@ -133,15 +162,42 @@ class RewriteReport:
             flops_b, flops_a = self._value(step.cost_before, "flops"), self._value(step.cost_after, "flops")
             lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {_human(flops_b)} -> {_human(flops_a)}"
                          f"{_percent(flops_b, flops_a)}; {step.certificate}")
+            if latency:
+                lines.append(f"  predicted latency: {_latency_change(*latency)}")
         if self.steps:
             b, a = self._value(self.before, "flops"), self._value(self.after, "flops")
             params_b, params_a = self._value(self.before, "params"), self._value(self.after, "params")
             lines.append(f"pipeline: FLOPs {_human(b)} -> {_human(a)}{_percent(b, a)}, params {_human(params_b)} -> "
                          f"{_human(params_a)}; symbolic FLOPs after: {_shorten(self.after.flops)}")
+            if isinstance(predicted, list):
+                dims = ", ".join(f"{k}={v}" for k, v in predicted[0][0].dims.items())
+                lines.append(f"pipeline: predicted latency{f' at {dims}' if dims else ''}: "
+                             f"{_latency_change(predicted[0][0], predicted[-1][1])}")
+            else:
+                lines.append(f"pipeline: predicted latency: {predicted}")
         return lines
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
+
+
+def _example_sizes(cost: GraphCost) -> dict[str, int]:
+    spec = graph_info(cost.graph_module).spec
+    return {name: spec.hint(name) for name in spec.dims}
+
+
+def _latency_change(before: Latency, after: Latency) -> str:
+    return (f"{before.seconds * 1e3:.3g} ms -> {after.seconds * 1e3:.3g} ms, "
+            f"{before.seconds / after.seconds:.2f}x ({after.method})")
+
+
+def _predicted_speedup(latency: tuple[Latency, Latency], item: RewriteCost) -> str:
+    """The predicted time of the nodes a rewrite replaced against the nodes it added."""
+    before = sum(node.seconds for node in latency[0].nodes if node.name in item.rewrite.replaced)
+    after = sum(node.seconds for node in latency[1].nodes if node.name in item.rewrite.added)
+    if not before:
+        return ""
+    return f"; predicted {before / after:.2f}x" if after else f"; predicted saves {before * 1e6:.3g} us"
 
 
 def _percent(before: sympy.Expr, after: sympy.Expr) -> str:

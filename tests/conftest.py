@@ -1,6 +1,7 @@
 """Test-wide settings: a quick hypothesis profile by default (HYPOTHESIS_PROFILE=thorough for more)."""
 
 import os
+import tempfile
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -9,3 +10,6 @@ settings.register_profile("ci", max_examples=10, deadline=None, suppress_health_
 settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(2)
+# Reports predict latency from the profile `fxreduce calibrate` wrote; tests must not depend on one this
+# machine happens to have, so they start without (tests that need one write their own).
+os.environ["FXREDUCE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxreduce-test-cache-")

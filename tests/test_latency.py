@@ -223,3 +223,22 @@ def test_multihead_attentions_fused_kernel_is_priced_as_its_products():
     short, long = (fr.cost(gm).latency(synthetic_profile(), T=t) for t in (64, 512))
     node = next(node for node in long.nodes if node.name == "attention")
     assert node.kind == "attention" and long.seconds > 4 * short.seconds
+
+
+def test_the_report_shows_predicted_speedups_beside_the_flop_cut():
+    result = fr.apply(_mlp_graph(1024), "lower_int8")
+    assert "pipeline: predicted latency: no profile" in str(result.report)
+    result.report.profile = synthetic_profile()
+    lines = result.report.lines()
+    rewrite = next(line for line in lines if line.startswith("  fc1 (Linear) + relu (relu) -> "))
+    assert "FLOPs" in rewrite and "predicted" in rewrite and float(rewrite.rsplit("predicted ", 1)[1][:-1]) > 1
+    assert any(line.startswith("pipeline: predicted latency at N=4: ") for line in lines)
+
+
+def test_apply_prints_predicted_beside_measured(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    synthetic_profile().save(path)
+    assert main(["apply", "default", "--pipeline", "lower_int8", "--input-shape", "N,3,H=32,W=32",
+                 "--profile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline: predicted latency at N=1, H=32, W=32" in out and "latency:" in out.split("measured on")[1]
