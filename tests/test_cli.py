@@ -218,7 +218,7 @@ def _truncated(saved: Path, tmp_path: Path) -> str:
     (["cost", "default", "--at", "Q=3"], "dim 'Q' is not named"),
     (["cost"], "required: MODEL"),
     (["cost", "default", "--bogus"], "unrecognized arguments"),
-    (["inspect", "missing.pt"], "no such file"),
+    (["inspect", "missing.pt"], "no such fxreduce save"),
     (["inspect", "default", "--diff"], "needs a saved file"),
 ])
 def test_user_errors_print_one_line_and_exit_2(capsys, argv, message):

@@ -209,7 +209,7 @@ def test_calibration_from_a_file_and_bad_calibration_input(tmp_path):
     assert "1 given calibration batch" in given_tensor.report.steps[0].rewrites[0].rewrite.what
     x = torch.randn(4, 3, 14, 14)
     assert torch.equal(from_file.graph_module(x), given_tensor.graph_module(x))
-    with pytest.raises(InputError, match="no calibration file"):
+    with pytest.raises(InputError, match="no such calibration file"):
         fr.apply(_traced(), f"lower_int8(calibration={str(tmp_path / 'missing.pt')!r})")
     with pytest.raises(InputError, match="does not run on calibration inputs of shape"):
         fr.apply(_traced(), fr.Pipeline([fr.passes["lower_int8"](calibration=torch.randn(2, 5, 14, 14))]))
