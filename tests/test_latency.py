@@ -16,7 +16,7 @@ from torch import nn
 import fxreduce as fr
 from fxreduce.cli import main
 from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
-                                          monotone_grid)
+                                          module_seconds, monotone_grid)
 from fxreduce.errors import CostError, ProfileError
 
 RATE = 1e10  # MACs per second of the synthetic profile
@@ -242,3 +242,9 @@ def test_apply_prints_predicted_beside_measured(tmp_path, capsys):
                  "--profile", str(path)]) == 0
     out = capsys.readouterr().out
     assert "pipeline: predicted latency at N=1, H=32, W=32" in out and "latency:" in out.split("measured on")[1]
+
+
+def test_a_module_is_priced_alone_like_inside_a_graph():
+    profile = synthetic_profile()
+    fc1 = next(node for node in fr.cost(_mlp_graph()).latency(profile, N=32).nodes if node.name == "fc1")
+    assert module_seconds(profile, nn.Linear(64, 256), (32, 64)) == pytest.approx(fc1.seconds)

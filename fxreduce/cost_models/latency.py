@@ -473,6 +473,28 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int]) -> La
     return Latency(sum(n.seconds for n in nodes), nodes, dict(dims))
 
 
+def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Sequence[int],
+                   dtype: torch.dtype = torch.float32) -> float:
+    """Predicted eval seconds of one call of ``module`` on inputs of ``input_shapes``: how a pass weighs
+    candidate rewrites of a layer (its ops priced like a graph's, plus one module call)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recorder = _Recorder(_Pricer(profile))
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        inputs = [torch.empty(tuple(shape), dtype=dtype) for shape in input_shapes]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), fake, recorder:
+            module(*inputs)
+    finally:
+        module.train(was_training)
+    priced = recorder.priced.get("", [])
+    return (sum(seconds for _, seconds in priced) + profile.op_overhead * sum(kind != "view" for kind, _ in priced)
+            + profile.call_overhead + profile.module_overhead)
+
+
 def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], note: str) -> Latency:
     """Each node priced from its symbolic cost at ``dims``: its MACs on the GEMM grid of its dtype, shaped
     as its output gives (M rows of N columns, K = MACs / (M N)), the rest as bytes moved. Sizes the data
