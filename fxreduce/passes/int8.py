@@ -15,7 +15,6 @@ even for ADMM's sparsest layers.
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..calibration import as_calibration, is_calibration, load_calibration
 from ..cost_models import graph_info
 from ..cost_models.propagation import set_mode
 from ..errors import InputError
@@ -92,36 +92,6 @@ def to_int8(weight: Tensor, per_channel: bool = True) -> Int8Weights:
     return Int8Weights(values, scales.contiguous(), error == 0.0, error, grid)
 
 
-class CalibrationData:
-    """Calibration batches given as tensors (Python API): a list of input tuples, shown briefly in reports."""
-
-    def __init__(self, batches: list[tuple]):
-        self.batches = batches
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(str(tuple(t.shape)) for t in self.batches[0] if isinstance(t, Tensor))
-        return f"<{len(self.batches)} calibration batch(es) of shape {shapes}>"
-
-
-def _batches(data: Any, where: str) -> list[tuple]:
-    """Tensor -> one batch of one input; tuple of tensors -> one batch; list -> several batches."""
-    if isinstance(data, CalibrationData):
-        return data.batches
-    if isinstance(data, Tensor):
-        return [(data,)]
-    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
-        return [data]
-    if isinstance(data, list) and data:
-        return [batch for item in data for batch in _batches(item, where)]
-    raise InputError(f"calibration data must be a tensor, a tuple of input tensors or a list of those, got "
-                     f"{type(data).__name__}", where=where,
-                     fix="torch.save(batch_tensor, 'calibration.pt') for a model with one input")
-
-
-def _is_calibration(value: Any) -> bool:
-    return value is None or isinstance(value, (str, Tensor, tuple, list, CalibrationData))
-
-
 @dataclass
 class LowerInt8Options:
     layers: str = option("*", "glob over layer names (module paths or node names) to lower, e.g. 'features.*'",
@@ -131,14 +101,13 @@ class LowerInt8Options:
     calibration: Any = option(None, "inputs that set Conv2d activation scales: a file saved with torch.save "
                                     "(a tensor or a tuple of input tensors), or tensors in Python; None: random "
                                     "inputs shaped like the example inputs",
-                              check=("a file path, tensors, or None", _is_calibration))
+                              check=("a file path, tensors, or None", is_calibration))
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
 
     def __post_init__(self) -> None:
-        if self.calibration is not None and not isinstance(self.calibration, (str, CalibrationData)):
-            self.calibration = CalibrationData(_batches(self.calibration, "lower_int8(calibration=...)"))
+        self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
 
     def selects(self, layer: Layer) -> bool:
         return fnmatch.fnmatchcase(layer.name, self.layers) or fnmatch.fnmatchcase(layer.node.name, self.layers)
@@ -250,21 +219,10 @@ class LowerInt8(Pass):
 
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
         data = self.options.calibration
-        if isinstance(data, str):
-            if not os.path.isfile(data):
-                raise InputError(f"no calibration file {data!r}", where="lower_int8(calibration=...)",
-                                 fix="torch.save a batch of real inputs to that path, or leave it out to "
-                                     "calibrate on random inputs")
-            try:
-                loaded = torch.load(data, map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise InputError(f"cannot read calibration file {data!r}: {type(error).__name__}: "
-                                 f"{str(error).splitlines()[0] if str(error) else ''}", where=data,
-                                 fix="write it with torch.save(tensor_or_tuple_of_tensors, path)") from None
-            batches = _batches(loaded, data)
-            return batches, f"calibration file {data} ({len(batches)} batch(es))"
         if data is not None:
-            return data.batches, f"{len(data.batches)} given calibration batch(es)"
+            return load_calibration(data, "lower_int8(calibration=...)",
+                                    "torch.save a batch of real inputs to that path, or leave it out to "
+                                    "calibrate on random inputs")
         spec = graph_info(gm).spec
         batches = []
         for _ in range(self.options.calibration_batches):
