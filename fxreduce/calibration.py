@@ -73,30 +73,30 @@ def load_calibration(data: str | CalibrationData, where: str, missing_fix: str) 
 
 
 class _Watcher(fx.Interpreter):
-    """Runs a graph and hands the value of each watched node to its callback."""
+    """Runs a graph and hands the value of each watched node to ``on_value(node, value)``."""
 
-    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, Callable[[Any], None]]):
+    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], on_value: Callable[[fx.Node, Any], None]):
         super().__init__(gm)
-        self.watched = watched
+        self.watched, self.on_value = watched, on_value
 
     def run_node(self, node: fx.Node) -> Any:
         out = super().run_node(node)
-        callback = self.watched.get(node)
-        if callback is not None:
-            callback(out)
+        if node in self.watched:
+            self.on_value(node, out)
         return out
 
 
-def run_calibration(gm: fx.GraphModule, batches: list[tuple], source: str,
-                    watched: dict[fx.Node, Callable[[Any, int], None]]) -> None:
-    """Run every batch through ``gm`` in eval mode without gradients; ``watched[node](value, batch_index)``
-    sees each watched node's value. A batch the model does not take is an InputError naming its shapes."""
+def run_calibration(gm: fx.GraphModule, batches: list[tuple], source: str, watched: set[fx.Node],
+                    on_value: Callable[[fx.Node, Any, int], None]) -> None:
+    """Run every batch through ``gm`` in eval mode without gradients; ``on_value(node, value, batch_index)``
+    sees each watched node's value in graph order. A batch the model does not take is an InputError naming
+    its shapes."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for index, batch in enumerate(batches):
         if len(batch) != len(placeholders):
             raise InputError(f"calibration batch {index} holds {len(batch)} input(s), the model takes "
                              f"{len(placeholders)}", where=source, fix="save one tensor per model input")
-        watcher = _Watcher(gm, {node: (lambda value, call=call: call(value, index)) for node, call in watched.items()})
+        watcher = _Watcher(gm, watched, lambda node, value, index=index: on_value(node, value, index))
         was_training = gm.training
         set_mode(gm, False)
         try:
@@ -106,7 +106,7 @@ def run_calibration(gm: fx.GraphModule, batches: list[tuple], source: str,
             raise
         except Exception as error:
             shapes = ", ".join(str(tuple(t.shape)) for t in batch if isinstance(t, Tensor))
-            raise InputError(f"the model does not run on calibration batch {index} of shape {shapes}: "
+            raise InputError(f"the model does not run on calibration inputs of shape {shapes}: "
                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                              where=source, fix="give inputs of the shape and dtype the model expects") from None
         finally:

@@ -23,9 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..calibration import as_calibration, is_calibration, load_calibration
+from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
-from ..cost_models.propagation import set_mode
 from ..errors import InputError
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
@@ -144,25 +143,6 @@ def _relu_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-class _RangeRecorder(fx.Interpreter):
-    """Runs the float graph and records min/max of each watched conv's input and output."""
-
-    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, fx.Node]):
-        super().__init__(gm)
-        self.watched = watched
-        self.ranges: dict[str, list[float]] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        out = super().run_node(node)
-        if node in self.watched:
-            x = self.env[self.watched[node]]
-            seen = [float(x.min()), float(x.max()), float(out.min()), float(out.max())]
-            old = self.ranges.get(node.name)
-            self.ranges[node.name] = seen if old is None else [min(old[0], seen[0]), max(old[1], seen[1]),
-                                                               min(old[2], seen[2]), max(old[3], seen[3])]
-        return out
-
-
 @register
 class LowerInt8(Pass):
     name = "lower_int8"
@@ -236,26 +216,23 @@ class LowerInt8(Pass):
         return batches, f"{len(batches)} random batch(es) (no calibration data given)"
 
     def _calibrate(self, gm: fx.GraphModule, convs: list[Layer]) -> tuple[dict[str, list[float]], str]:
+        """min/max of each conv's input and output over the calibration batches."""
         batches, source = self._calibration_inputs(gm)
-        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-        recorder = _RangeRecorder(gm, {layer.node: layer.input for layer in convs})
-        for batch in batches:
-            if len(batch) != len(placeholders):
-                raise InputError(f"a calibration batch holds {len(batch)} input(s), the model takes "
-                                 f"{len(placeholders)}", where=source, fix="save one tensor per model input")
-            was_training = gm.training
-            set_mode(gm, False)
-            try:
-                with torch.no_grad():
-                    recorder.run(*batch)
-            except Exception as error:
-                shapes = ", ".join(str(tuple(t.shape)) for t in batch if isinstance(t, Tensor))
-                raise InputError(f"the model does not run on calibration inputs of shape {shapes}: "
-                                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                                 where=source, fix="give inputs of the shape and dtype the model expects") from None
-            finally:
-                set_mode(gm, was_training)
-        return recorder.ranges, source
+        inputs = {layer.node: layer.input for layer in convs}
+        latest: dict[fx.Node, Tensor] = {}
+        ranges: dict[str, list[float]] = {}
+
+        def record(node: fx.Node, value: Any, batch: int) -> None:
+            latest[node] = value
+            if node in inputs:
+                x = latest[inputs[node]]
+                seen = [float(x.min()), float(x.max()), float(value.min()), float(value.max())]
+                old = ranges.get(node.name)
+                ranges[node.name] = seen if old is None else [min(old[0], seen[0]), max(old[1], seen[1]),
+                                                              min(old[2], seen[2]), max(old[3], seen[3])]
+
+        run_calibration(gm, batches, source, set(inputs) | set(inputs.values()), record)
+        return ranges, source
 
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
         originals = {layer.node.name: layer for layer in find_layers(before, ["linear", "conv2d"])}
