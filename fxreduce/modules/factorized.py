@@ -195,8 +195,14 @@ class LowRankLinear(nn.Module):
         """Truncated SVD of the weight (``W ~ (P sqrt(S)) (sqrt(S) Q^T)``), whitened by the inputs' second
         moment X X^T when given (the rank-r W' closest on those inputs); the bias is copied."""
         weight, bias = _weight_and_bias(source, bias)
-        module = cls(weight.shape[1], weight.shape[0], rank, bias is not None, weight.device, weight.dtype)
-        second, first = _truncated_svd(weight, rank, second_moment, damping)
+        return cls.from_truncation(Truncation(weight, second_moment, damping), rank, bias)
+
+    @classmethod
+    def from_truncation(cls, truncation: Truncation, rank: int, bias: Tensor | None = None) -> "LowRankLinear":
+        """The rank-``rank`` factors of an existing decomposition (one decomposition serves every rank)."""
+        weight = truncation.weight
+        module = cls(weight.shape[1], weight.shape[0], rank, bias is not None, weight.device, truncation.dtype)
+        second, first = truncation.factors(rank)
         with torch.no_grad():
             module.first.copy_(first)
             module.second.copy_(second)
