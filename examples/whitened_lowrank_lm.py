@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         corpus.train, corpus.valid, corpus.test = corpus.train[:8000], corpus.valid[:2000], corpus.test[:2000]
     results: dict = {kind: {"teacher": []} for kind in kinds}
+    results["corpus"] = f"{corpus.train.numel()} / {corpus.test.numel()} train / test words"
     reductions: dict = {}
     reports: dict = {}
     progress = tqdm(total=args.seeds * len(kinds) * len(cuts) * len(METHODS), desc="students", unit="student")
@@ -229,17 +230,24 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"seed {seed} {kind}: teacher {results[kind]['teacher'][-1]:.2f}, " + ", ".join(
                 f"{cut:g}x {name} {results[kind][(cut, name, 'before')][-1]:.2f} -> "
                 f"{results[kind][(cut, name, 'after')][-1]:.2f}" for cut in cuts for name in METHODS), flush=True)
+        record(args, kinds, cuts, results, reductions, reports, seed + 1, started, load_before, argv, output)
     progress.close()
+    return results
+
+
+def record(args, kinds: list[str], cuts: list[float], results: dict, reductions: dict, reports: dict, seeds_done: int,
+           started: float, load_before: float, argv: list[str] | None, output: Path | None) -> None:
+    """Print and (with ``output``) write the table of the seeds run so far: a run stopped early keeps them."""
     minutes = (time.perf_counter() - started) / 60
     command = "python " + shlex.join(["examples/whitened_lowrank_lm.py", *(argv if argv is not None else sys.argv[1:])])
-    header = f"""Command: `{command}` ({args.seeds} seed(s), {minutes:.1f} min on {torch.get_num_threads()} thread(s),
-1-minute load average before / after {load_before:.1f} / {os.getloadavg()[0]:.1f}; the machine was shared with
-other jobs). Corpus pydoc_data.topics ({corpus.train.numel()} / {corpus.test.numel()} train / test words,
-{args.vocabulary}-word vocabulary). Teachers: {args.epochs} epochs of Adam (LSTM lr {args.lr['lstm']}, GPT
-lr {args.lr['gpt']}). Calibration: {args.calibration_batches} training batches of {BATCH} x {STEPS} words.
-Distillation budget, the same for every student: {args.finetune_epochs} epoch(s), Adam (LSTM lr
-{args.finetune_lr['lstm']}, GPT lr {args.finetune_lr['gpt']}), 0.5 CE + 0.5 T^2 KL, T = 2. MACs fewer: the
-whole model's, by the cost model (`fr.cost`) at batch {BATCH} x {STEPS}, first seed."""
+    header = f"""Command: `{command}` ({seeds_done} of {args.seeds} seed(s) done, {minutes:.1f} min on
+{torch.get_num_threads()} thread(s), 1-minute load average at start / now {load_before:.1f} / {os.getloadavg()[0]:.1f};
+the machine was shared with other jobs). Corpus pydoc_data.topics ({results['corpus']}, {args.vocabulary}-word
+vocabulary). Teachers: {args.epochs} epochs of Adam (LSTM lr {args.lr['lstm']}, GPT lr {args.lr['gpt']}).
+Calibration: {args.calibration_batches} training batches of {BATCH} x {STEPS} words. Distillation budget, the same
+for every student: {args.finetune_epochs} epoch(s), Adam (LSTM lr {args.finetune_lr['lstm']}, GPT lr
+{args.finetune_lr['gpt']}), 0.5 CE + 0.5 T^2 KL, T = 2. MACs fewer: the whole model's, by the cost model
+(`fr.cost`) at batch {BATCH} x {STEPS}, first seed."""
     for kind in kinds:
         model = {"lstm": f"Embedding({args.vocabulary}, {args.hidden}) -> LSTM({args.hidden}, 2 layers) -> "
                          f"Linear({args.vocabulary})",
@@ -275,7 +283,8 @@ The pass's report at {cuts[-1]:g}x, whitened + global (first seed):
         if output is not None:
             plot(results, kind, cuts, output.parent / "images" / image)
             write_markdown_section(output, f"{SECTION}: {TITLES[kind]}", body, "# AntMan")
-    return results
+
+
 
 
 if __name__ == "__main__":
