@@ -8,6 +8,7 @@ sigma_{r+1}. Goal (issue 17): AlexNet <= 10 s, VGG-16 <= 30 s, errors equal to 1
 
     python benchmarks/bench_lowrank_pass.py           # AlexNet and VGG-16, rewrites its section of docs/benchmarks.md
     python benchmarks/bench_lowrank_pass.py --quick   # a small MLP, writes nothing
+    python benchmarks/bench_lowrank_pass.py --models alexnet --threads 1   # one model
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small MLP only, no docs written")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as every benchmark)")
+    parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated torchvision model names")
     args = parser.parse_args()
     fix_threads(args.threads)
-    names = ["mlp"] if args.quick else ["alexnet", "vgg16"]
+    names = ["mlp"] if args.quick else args.models.split(",")
     load_before = os.getloadavg()[0]
     rows = [bench(name) for name in names]
     load = f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}"

@@ -4,6 +4,10 @@ errors for calibration data that cannot be used."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -217,3 +221,15 @@ def test_a_calibration_set_smaller_than_the_layer_is_damped_and_stated():
 def test_bad_calibration_options_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
         get_pass("sparse_lowrank")(**options)
+
+
+def test_example_runs_quick(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "examples" / "whitened_lowrank_lm.py"), "--quick", "--cuts", "4",
+                          "--output", str(tmp_path / "antman.md")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "antman.md").read_text()
+    for title in ("Data-aware low rank: LSTM LM", "Data-aware low rank: GPT-style LM"):
+        assert f"## {title}" in text
+    assert text.count("| 4x, whitened, global |") == 2 and "whitened + global recovers" in text
+    assert (tmp_path / "images" / "antman_whitened_gpt.png").exists()

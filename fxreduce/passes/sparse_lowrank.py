@@ -295,12 +295,13 @@ class SparseLowRank(Pass):
         where = "sparse_lowrank(calibration=...)"
         batches, source = load_calibration(self.options.calibration, where,
                                            "torch.save a batch (or a list of batches) of real inputs to that path")
+        layer_inputs = {layer.node: layer.input for layer in find_layers(gm, ["linear"])}
         linear: dict[fx.Node, SecondMoment] = {}
         lstms: dict[fx.Node, list[tuple[fx.Node, Slot]]] = {}
         for slot in slots:
             n = slot.weight.shape[1]
             if slot.projection is None:
-                slot.moment = linear.setdefault(slot.node.args[0], SecondMoment(n, f"layer {slot.name}"))
+                slot.moment = linear.setdefault(layer_inputs[slot.node], SecondMoment(n, f"layer {slot.name}"))
             else:
                 slot.moment = SecondMoment(n, f"LSTM gate {slot.name}")
                 lstms.setdefault(slot.node.args[0], []).append((slot.node, slot))
