@@ -1,17 +1,22 @@
 """sparse_lowrank: AntMan's factorisation of Linear layers and LSTM gate matrices (arXiv 1910.01740).
 
 Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's modules — low-rank
-``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncated SVD, with
+``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncation, with
 its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
 reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
-(shared out evenly over the layers the pass can reach). LSTMs are rewritten through fxreduce's
+(ranks allocated over the layers the pass can reach to minimise the summed relative truncation error,
+or shared out evenly). Truncation is plain (closest in weight norms) or, given calibration inputs,
+whitened by each layer's input second moment X X^T (closest on those inputs: fxreduce.calibration
+collects the statistics, fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition
+per weight). LSTMs are rewritten through fxreduce's
 decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the conversion decompose_lstm
 makes; the pipeline does not insert passes, so this pass needs none before it), then each of its gate
 projections is swapped with ``set_projection``.
 
 A layer whose chosen rank would not cost less than the dense product (r >= m n / (m + n) for the
 low-rank form) is left alone and the report says why. Every rewrite states its weight error
-e = ||W - W'||_2 (sigma_{r+1} for a rank-r truncation), the bound its contract promises.
+e = ||W - W'||_2 (sigma_{r+1} for a plain rank-r truncation), the bound its contract promises, and with
+calibration its data error ||(W - W') X||_F / ||W X||_F on the calibration inputs.
 """
 
 from __future__ import annotations
