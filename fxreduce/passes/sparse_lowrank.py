@@ -91,7 +91,7 @@ class SparseLowRankOptions:
                          check=("'whitened', 'svd' or None", lambda v: v in (None, "whitened", "svd")))
     damping: float = option(DEFAULT_DAMPING, "ridge added to X X^T where a solve needs it (a Cholesky factor, a "
                                              "grouped block's fit), relative to its mean diagonal",
-                            check=("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1))
+                            check=("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1))
     allocation: str = option(None, "model_flop_reduction's ranks: 'global' (minimise the summed relative "
                                    "truncation error under the MAC budget; the default for form 'lr') or "
                                    "'even' (one per-layer reduction for every layer)",
