@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..errors import OptionError
+from .truncation import DEFAULT_DAMPING, Truncation, damping_for
 
 FORMS = ("lr", "group", "sparse_lr", "lr_sparse", "grouped_shuffle")
 
@@ -67,17 +68,12 @@ def _check_divides(groups: int, sizes: dict[str, int], where: str) -> None:
                               fix=f"choose groups among the common divisors of {', '.join(sizes)}")
 
 
-def _truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(A, B) with A (m, rank), B (rank, n) and A B the best rank-``rank`` approximation of ``weight``;
-    ranks beyond min(m, n) are padded with zeros."""
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    kept = min(rank, s.numel())
-    root = s[:kept].sqrt()
-    a = weight.new_zeros(weight.shape[0], rank, dtype=torch.float64)
-    b = weight.new_zeros(rank, weight.shape[1], dtype=torch.float64)
-    a[:, :kept] = u[:, :kept] * root
-    b[:kept] = root[:, None] * vh[:kept]
-    return a.to(weight.dtype), b.to(weight.dtype)
+def _truncated_svd(weight: Tensor, rank: int, second_moment: Tensor | None = None,
+                   damping: float = DEFAULT_DAMPING) -> tuple[Tensor, Tensor]:
+    """(A, B) with A (m, rank), B (rank, n) and A B the best rank-``rank`` approximation of ``weight``
+    (plain, or on inputs with second moment ``second_moment`` when given); ranks beyond min(m, n) are
+    padded with zeros."""
+    return Truncation(weight, second_moment, damping).factors(rank)
 
 
 def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -194,11 +190,19 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.second, a=5 ** 0.5)
 
     @classmethod
-    def from_linear(cls, source: nn.Linear | Tensor, rank: int, bias: Tensor | None = None) -> "LowRankLinear":
-        """Truncated SVD of the weight (``W ~ (P sqrt(S)) (sqrt(S) Q^T)``); the bias is copied."""
+    def from_linear(cls, source: nn.Linear | Tensor, rank: int, bias: Tensor | None = None,
+                    second_moment: Tensor | None = None, damping: float = DEFAULT_DAMPING) -> "LowRankLinear":
+        """Truncated SVD of the weight (``W ~ (P sqrt(S)) (sqrt(S) Q^T)``), whitened by the inputs' second
+        moment X X^T when given (the rank-r W' closest on those inputs); the bias is copied."""
         weight, bias = _weight_and_bias(source, bias)
-        module = cls(weight.shape[1], weight.shape[0], rank, bias is not None, weight.device, weight.dtype)
-        second, first = _truncated_svd(weight, rank)
+        return cls.from_truncation(Truncation(weight, second_moment, damping), rank, bias)
+
+    @classmethod
+    def from_truncation(cls, truncation: Truncation, rank: int, bias: Tensor | None = None) -> "LowRankLinear":
+        """The rank-``rank`` factors of an existing decomposition (one decomposition serves every rank)."""
+        weight = truncation.weight
+        module = cls(weight.shape[1], weight.shape[0], rank, bias is not None, weight.device, truncation.dtype)
+        second, first = truncation.factors(rank)
         with torch.no_grad():
             module.first.copy_(first)
             module.second.copy_(second)
@@ -256,8 +260,12 @@ class GroupLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, source: nn.Linear | Tensor, groups: int, bias: Tensor | None = None,
-                    shuffle: bool = False) -> "GroupLinear":
-        """The diagonal blocks of the weight (of its un-shuffled rows): the closest block-diagonal matrix."""
+                    shuffle: bool = False, second_moment: Tensor | None = None,
+                    damping: float = DEFAULT_DAMPING) -> "GroupLinear":
+        """The diagonal blocks of the weight (of its un-shuffled rows): the closest block-diagonal matrix.
+        Given the inputs' second moment C = X X^T, block i is instead the least-squares fit on those
+        inputs, W_i C[:, B_i] (C[B_i, B_i] + delta I)^-1 (delta the stated damping): it absorbs what the
+        dropped blocks contributed through inputs correlated with its own."""
         weight, bias = _weight_and_bias(source, bias)
         module = cls(weight.shape[1], weight.shape[0], groups, bias is not None, shuffle, weight.device, weight.dtype)
         out_block, in_block = weight.shape[0] // groups, weight.shape[1] // groups
@@ -265,7 +273,14 @@ class GroupLinear(nn.Module):
             weight = weight.reshape(out_block, groups, -1).transpose(0, 1).reshape(weight.shape)
         with torch.no_grad():
             for i in range(groups):
-                module.weight[i].copy_(weight[i * out_block:(i + 1) * out_block, i * in_block:(i + 1) * in_block])
+                rows, cols = slice(i * out_block, (i + 1) * out_block), slice(i * in_block, (i + 1) * in_block)
+                block = weight[rows, cols]
+                if second_moment is not None:
+                    c = second_moment.double()
+                    own = c[cols, cols]
+                    ridge = damping_for(own, damping) * torch.eye(in_block, dtype=torch.float64, device=c.device)
+                    block = torch.linalg.solve(own + ridge, (weight[rows].double() @ c[:, cols]).T).T
+                module.weight[i].copy_(block)
             if bias is not None:
                 module.bias.copy_(bias)
         return module
@@ -345,10 +360,16 @@ class SparseLowRankLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, source: nn.Linear | Tensor, rank: int, groups: int, form: str = "grouped_shuffle",
-                    bias: Tensor | None = None) -> "SparseLowRankLinear":
+                    bias: Tensor | None = None, second_moment: Tensor | None = None,
+                    damping: float = DEFAULT_DAMPING) -> "SparseLowRankLinear":
         """Truncated SVD per block: of each column block of W (sparse_lr), each row block (lr_sparse), or,
         with both grouped, of each block W_ij at the rank the shuffle routes from input group j to output
-        group i."""
+        group i. Given the inputs' second moment, each block is whitened by the statistics of the inputs it
+        reads: all of them for a row block (lr_sparse, whose data error splits over row blocks, so the
+        whitened result is the optimum of that form), input group j's own for a column block."""
+        def moment(cols: slice) -> Tensor | None:
+            return None if second_moment is None else second_moment[cols, cols]
+
         weight, bias = _weight_and_bias(source, bias)
         m, n = weight.shape
         module = cls(n, m, rank, groups, form, bias is not None, weight.device, weight.dtype)
@@ -358,12 +379,12 @@ class SparseLowRankLinear(nn.Module):
         if form == "sparse_lr":
             for j in range(g):
                 cols = slice(j * n // g, (j + 1) * n // g)
-                a, b = _truncated_svd(weight[:, cols], width)
+                a, b = _truncated_svd(weight[:, cols], width, moment(cols), damping)
                 second[:, j * width:(j + 1) * width], first[j * width:(j + 1) * width, cols] = a, b
         elif form == "lr_sparse":
             for i in range(g):
                 rows = slice(i * m // g, (i + 1) * m // g)
-                a, b = _truncated_svd(weight[rows], width)
+                a, b = _truncated_svd(weight[rows], width, moment(slice(None)), damping)
                 second[rows, i * width:(i + 1) * width], first[i * width:(i + 1) * width] = a, b
         else:
             # The shuffle sends V's channel k of input group j to position k*g + j, read by output group
@@ -375,7 +396,7 @@ class SparseLowRankLinear(nn.Module):
                     if not positions:
                         continue
                     cols = slice(j * n // g, (j + 1) * n // g)
-                    a, b = _truncated_svd(weight[rows, cols], len(positions))
+                    a, b = _truncated_svd(weight[rows, cols], len(positions), moment(cols), damping)
                     second[rows, positions] = a
                     first[positions, cols] = b
         with torch.no_grad():
@@ -430,10 +451,12 @@ class SparseLowRankLinear(nn.Module):
 
 
 def factorize(source: nn.Linear | Tensor, form: str, rank: int | None = None, groups: int = 1,
-              bias: Tensor | None = None) -> nn.Module:
-    """The module of ``form`` initialised from a dense weight (truncated SVD, per block where grouped)."""
+              bias: Tensor | None = None, second_moment: Tensor | None = None,
+              damping: float = DEFAULT_DAMPING) -> nn.Module:
+    """The module of ``form`` initialised from a dense weight (truncated SVD, per block where grouped),
+    whitened by the inputs' second moment X X^T when given."""
     if form == "lr":
-        return LowRankLinear.from_linear(source, rank, bias)
+        return LowRankLinear.from_linear(source, rank, bias, second_moment, damping)
     if form == "group":
-        return GroupLinear.from_linear(source, groups, bias)
-    return SparseLowRankLinear.from_linear(source, rank, groups, form, bias)
+        return GroupLinear.from_linear(source, groups, bias, second_moment=second_moment, damping=damping)
+    return SparseLowRankLinear.from_linear(source, rank, groups, form, bias, second_moment, damping)

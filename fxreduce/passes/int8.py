@@ -23,10 +23,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
-from ..cost_models.propagation import set_mode
 from ..errors import InputError
-from ..files import load_tensors
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
@@ -92,36 +91,6 @@ def to_int8(weight: Tensor, per_channel: bool = True) -> Int8Weights:
     return Int8Weights(values, scales.contiguous(), error == 0.0, error, grid)
 
 
-class CalibrationData:
-    """Calibration batches given as tensors (Python API): a list of input tuples, shown briefly in reports."""
-
-    def __init__(self, batches: list[tuple]):
-        self.batches = batches
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(str(tuple(t.shape)) for t in self.batches[0] if isinstance(t, Tensor))
-        return f"<{len(self.batches)} calibration batch(es) of shape {shapes}>"
-
-
-def _batches(data: Any, where: str) -> list[tuple]:
-    """Tensor -> one batch of one input; tuple of tensors -> one batch; list -> several batches."""
-    if isinstance(data, CalibrationData):
-        return data.batches
-    if isinstance(data, Tensor):
-        return [(data,)]
-    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
-        return [data]
-    if isinstance(data, list) and data:
-        return [batch for item in data for batch in _batches(item, where)]
-    raise InputError(f"calibration data must be a tensor, a tuple of input tensors or a list of those, got "
-                     f"{type(data).__name__}", where=where,
-                     fix="torch.save(batch_tensor, 'calibration.pt') for a model with one input")
-
-
-def _is_calibration(value: Any) -> bool:
-    return value is None or isinstance(value, (str, Tensor, tuple, list, CalibrationData))
-
-
 @dataclass
 class LowerInt8Options:
     layers: str = option("*", "glob over layer names (module paths or node names) to lower, e.g. 'features.*'",
@@ -131,14 +100,13 @@ class LowerInt8Options:
     calibration: Any = option(None, "inputs that set Conv2d activation scales: a file saved with torch.save "
                                     "(a tensor or a tuple of input tensors), or tensors in Python; None: random "
                                     "inputs shaped like the example inputs",
-                              check=("a file path, tensors, or None", _is_calibration))
+                              check=("a file path, tensors, or None", is_calibration))
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
 
     def __post_init__(self) -> None:
-        if self.calibration is not None and not isinstance(self.calibration, (str, CalibrationData)):
-            self.calibration = CalibrationData(_batches(self.calibration, "lower_int8(calibration=...)"))
+        self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
 
     def selects(self, layer: Layer) -> bool:
         return fnmatch.fnmatchcase(layer.name, self.layers) or fnmatch.fnmatchcase(layer.node.name, self.layers)
@@ -173,25 +141,6 @@ def _relu_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if user.op == "call_method" and user.target in ("relu", "relu_"):
         return user
     return None
-
-
-class _RangeRecorder(fx.Interpreter):
-    """Runs the float graph and records min/max of each watched conv's input and output."""
-
-    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, fx.Node]):
-        super().__init__(gm)
-        self.watched = watched
-        self.ranges: dict[str, list[float]] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        out = super().run_node(node)
-        if node in self.watched:
-            x = self.env[self.watched[node]]
-            seen = [float(x.min()), float(x.max()), float(out.min()), float(out.max())]
-            old = self.ranges.get(node.name)
-            self.ranges[node.name] = seen if old is None else [min(old[0], seen[0]), max(old[1], seen[1]),
-                                                               min(old[2], seen[2]), max(old[3], seen[3])]
-        return out
 
 
 @register
@@ -250,14 +199,10 @@ class LowerInt8(Pass):
 
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
         data = self.options.calibration
-        if isinstance(data, str):
-            loaded = load_tensors(data, error=InputError, what="calibration file",
-                                  fix="write it with torch.save(tensor_or_tuple_of_tensors, path), or leave it "
-                                      "out to calibrate on random inputs")
-            batches = _batches(loaded, data)
-            return batches, f"calibration file {data} ({len(batches)} batch(es))"
         if data is not None:
-            return data.batches, f"{len(data.batches)} given calibration batch(es)"
+            return load_calibration(data, "lower_int8(calibration=...)",
+                                    "torch.save a batch of real inputs to that path, or leave it out to "
+                                    "calibrate on random inputs")
         spec = graph_info(gm).spec
         batches = []
         for _ in range(self.options.calibration_batches):
@@ -271,26 +216,23 @@ class LowerInt8(Pass):
         return batches, f"{len(batches)} random batch(es) (no calibration data given)"
 
     def _calibrate(self, gm: fx.GraphModule, convs: list[Layer]) -> tuple[dict[str, list[float]], str]:
+        """min/max of each conv's input and output over the calibration batches."""
         batches, source = self._calibration_inputs(gm)
-        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-        recorder = _RangeRecorder(gm, {layer.node: layer.input for layer in convs})
-        for batch in batches:
-            if len(batch) != len(placeholders):
-                raise InputError(f"a calibration batch holds {len(batch)} input(s), the model takes "
-                                 f"{len(placeholders)}", where=source, fix="save one tensor per model input")
-            was_training = gm.training
-            set_mode(gm, False)
-            try:
-                with torch.no_grad():
-                    recorder.run(*batch)
-            except Exception as error:
-                shapes = ", ".join(str(tuple(t.shape)) for t in batch if isinstance(t, Tensor))
-                raise InputError(f"the model does not run on calibration inputs of shape {shapes}: "
-                                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                                 where=source, fix="give inputs of the shape and dtype the model expects") from None
-            finally:
-                set_mode(gm, was_training)
-        return recorder.ranges, source
+        inputs = {layer.node: layer.input for layer in convs}
+        latest: dict[fx.Node, Tensor] = {}
+        ranges: dict[str, list[float]] = {}
+
+        def record(node: fx.Node, value: Any, batch: int) -> None:
+            latest[node] = value
+            if node in inputs:
+                x = latest[inputs[node]]
+                seen = [float(x.min()), float(x.max()), float(value.min()), float(value.max())]
+                old = ranges.get(node.name)
+                ranges[node.name] = seen if old is None else [min(old[0], seen[0]), max(old[1], seen[1]),
+                                                              min(old[2], seen[2]), max(old[3], seen[3])]
+
+        run_calibration(gm, batches, source, set(inputs) | set(inputs.values()), record)
+        return ranges, source
 
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
         originals = {layer.node.name: layer for layer in find_layers(before, ["linear", "conv2d"])}

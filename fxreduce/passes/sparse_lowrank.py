@@ -1,17 +1,22 @@
 """sparse_lowrank: AntMan's factorisation of Linear layers and LSTM gate matrices (arXiv 1910.01740).
 
 Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's modules — low-rank
-``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncated SVD, with
+``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncation, with
 its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
 reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
-(shared out evenly over the layers the pass can reach). LSTMs are rewritten through fxreduce's
+(ranks allocated over the layers the pass can reach to minimise the summed relative truncation error,
+or shared out evenly). Truncation is plain (closest in weight norms) or, given calibration inputs,
+whitened by each layer's input second moment X X^T (closest on those inputs: fxreduce.calibration
+collects the statistics, fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition
+per weight). LSTMs are rewritten through fxreduce's
 decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the conversion decompose_lstm
 makes; the pipeline does not insert passes, so this pass needs none before it), then each of its gate
 projections is swapped with ``set_projection``.
 
 A layer whose chosen rank would not cost less than the dense product (r >= m n / (m + n) for the
 low-rank form) is left alone and the report says why. Every rewrite states its weight error
-e = ||W - W'||_2 (sigma_{r+1} for a rank-r truncation), the bound its contract promises.
+e = ||W - W'||_2 (sigma_{r+1} for a plain rank-r truncation), the bound its contract promises, and with
+calibration its data error ||(W - W') X||_F / ||W X||_F on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from tqdm.auto import tqdm
+
+from ..calibration import SecondMoment, as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_cost, graph_info, symbol
 from ..cost_models.propagation import META_KEY
 from ..errors import OptionError
 from ..graph import REWRITTEN_BY, Layer, find_layers, replace_layer
-from ..modules.factorized import FORMS, factorize, macs_per_row
+from ..modules.factorized import FORMS, LowRankLinear, factorize, macs_per_row
 from ..modules.lstm import LSTM
+from ..modules.truncation import DEFAULT_DAMPING, Truncation, data_error, spectral_norm
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
 
 SOURCE = "fxreduce_sparse_lowrank"  # node meta: {"source": original node name, "errors": {slot: e}}
@@ -73,6 +82,20 @@ class SparseLowRankOptions:
                                  lambda v: bool(v) and set(v) <= {"linear", "lstm"}))
     min_size: int = option(0, "leave weights with fewer than this many elements alone",
                            check=("an int >= 0", lambda v: isinstance(v, int) and v >= 0))
+    calibration: object = option(None, "inputs whose layer statistics X X^T whiten the truncation: a file saved "
+                                       "with torch.save (a tensor or a tuple of input tensors, or a list of "
+                                       "those), or tensors in Python (the CLI: --calibration FILE)",
+                                 check=("a file path, tensors, or None", is_calibration))
+    method: str = option(None, "'whitened' (the rank-r W' closest on the calibration inputs; the default when "
+                               "calibration is given) or 'svd' (closest in weight norms; the default without)",
+                         check=("'whitened', 'svd' or None", lambda v: v in (None, "whitened", "svd")))
+    damping: float = option(DEFAULT_DAMPING, "ridge added to X X^T where a solve needs it (a Cholesky factor, a "
+                                             "grouped block's fit), relative to its mean diagonal",
+                            check=("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1))
+    allocation: str = option(None, "model_flop_reduction's ranks: 'global' (minimise the summed relative "
+                                   "truncation error under the MAC budget; the default for form 'lr') or "
+                                   "'even' (one per-layer reduction for every layer)",
+                             check=("'global', 'even' or None", lambda v: v in (None, "global", "even")))
 
     def __post_init__(self) -> None:
         given = [name for name in SIZINGS if getattr(self, name) is not None]
@@ -81,6 +104,19 @@ class SparseLowRankOptions:
                               where="sparse_lowrank(...)", fix=f"give one of {', '.join(SIZINGS)}")
         if not given:
             self.flop_reduction = DEFAULT_FLOP_REDUCTION
+        self.calibration = as_calibration(self.calibration, "sparse_lowrank(calibration=...)")
+        if self.method is None:
+            self.method = "svd" if self.calibration is None else "whitened"
+        if self.method == "whitened" and self.calibration is None:
+            raise OptionError("method='whitened' needs calibration inputs", where="sparse_lowrank(...)",
+                              fix="give calibration='inputs.pt' (or tensors; the CLI's --calibration FILE), "
+                                  "or method='svd'")
+        if self.allocation is None:
+            self.allocation = "global" if self.form == "lr" else "even"
+        if self.allocation == "global" and self.form != "lr":
+            raise OptionError(f"allocation='global' ranks the singular values of one factorisation; form "
+                              f"{self.form!r} truncates block by block", where=f"sparse_lowrank(form={self.form!r})",
+                              fix="use form='lr' for a global allocation, or allocation='even'")
         if self.form == "group":
             if set(given) & {"rank", "rank_ratio", "energy"}:
                 raise OptionError(f"form 'group' has no rank, got {given[0]}", where="sparse_lowrank(form='group')",
@@ -99,6 +135,7 @@ class Slot:
     rows: float  # input rows per call at the example sizes
     node: fx.Node
     projection: tuple[str, int, bool] | None = None  # (kind, layer, reverse) of an LSTM
+    moment: SecondMoment | None = None  # its inputs' X X^T on the calibration set (whitened method)
 
     @property
     def dense_macs(self) -> float:
@@ -109,6 +146,7 @@ class Slot:
 class Choice:
     rank: int | None
     groups: int
+    why: str = ""  # the global allocation's reason for this rank
 
     def describe(self, form: str) -> str:
         parts = [form] + ([f"r={self.rank}"] if self.rank is not None else []) + (
@@ -154,6 +192,48 @@ class _Rows:
         return float(rows.subs(self.values))
 
 
+def _projection_weights(lstm: nn.Module, kind: str, layer: int, reverse: bool) -> tuple[Tensor, Tensor | None]:
+    """The weight (dense, multiplied out if factorised) and bias of one gate projection."""
+    if isinstance(lstm, LSTM):
+        projection = lstm.projection(kind, layer, reverse)
+        weight = projection.weight if type(projection) is nn.Linear else projection.dense_weight()
+        return weight.detach(), None if projection.bias is None else projection.bias.detach()
+    name = _slot_name(kind, layer, reverse)
+    bias = getattr(lstm, "bias_" + name, None)
+    return getattr(lstm, "weight_" + name).detach(), None if bias is None else bias.detach()
+
+
+def _gate_inputs(lstm: nn.Module, x: Tensor) -> dict[tuple[str, int, bool], Tensor]:
+    """What each gate projection of ``lstm`` reads over the sequence ``x`` (eval mode, zero initial state):
+    the layer's input for ih, the previous step's hidden state for hh."""
+    seq = x.unsqueeze(0) if x.dim() == 2 else (x if lstm.batch_first else x.transpose(0, 1))
+    seq = seq.double()
+    hidden = lstm.hidden_size
+    inputs: dict[tuple[str, int, bool], Tensor] = {}
+    directions = (False, True) if lstm.bidirectional else (False,)
+    for layer in range(lstm.num_layers):
+        outputs = []
+        for reverse in directions:
+            (w_ih, b_ih), (w_hh, b_hh) = (_projection_weights(lstm, kind, layer, reverse) for kind in ("ih", "hh"))
+            steps = seq.flip(1) if reverse else seq
+            pre = steps @ w_ih.double().T + (0 if b_ih is None else b_ih.double())
+            h = seq.new_zeros(seq.shape[0], hidden)
+            c = torch.zeros_like(h)
+            states = []
+            for t in range(seq.shape[1]):
+                gates = pre[:, t] + h @ w_hh.double().T + (0 if b_hh is None else b_hh.double())
+                i, f, g, o = gates.chunk(4, -1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states.append(h)
+            out = torch.stack(states, 1)
+            inputs[("ih", layer, reverse)] = seq
+            inputs[("hh", layer, reverse)] = torch.cat([out.new_zeros(out.shape[0], 1, hidden), out[:, :-1]], 1)
+            outputs.append(out.flip(1) if reverse else out)
+        seq = torch.cat(outputs, -1)
+    return inputs
+
+
 def _break_even(form: str, m: int, n: int, groups: int) -> sympy.Expr:
     """The rank at which ``form`` costs as much as the dense product (the cost model solves it)."""
     r = sympy.Symbol("r", positive=True)
@@ -171,29 +251,81 @@ class SparseLowRank(Pass):
     contract = Contract("bounded", "each rewritten weight W' (its module's to_dense()) satisfies ||W x - W' x|| <= "
                                    "e ||x|| for every x, with e = ||W - W'||_2 as the report states (sigma_{r+1}(W) "
                                    "for a rank-r truncation; 0 at full rank with groups=1), and each module "
-                                   "computes its own to_dense()", tolerance=1e-4)
+                                   "computes its own to_dense(); with calibration inputs X, each rewrite's "
+                                   "||(W - W') X||_F / ||W X||_F on them is as the report states (for form 'lr' "
+                                   "the smallest of any rank-r W')", tolerance=1e-4)
     Options = SparseLowRankOptions
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         options = self.options
         slots, lstm_nodes = self._slots(gm, outcome)
+        self._truncations: dict[str, Truncation] = {}
+        if options.method == "whitened":
+            self._collect(gm, slots)
         reduction = options.flop_reduction
         if options.model_flop_reduction is not None:
             reduction = self._per_layer_reduction(gm, slots)
         choices = {}
-        for slot in slots:
-            choice = self._choose(slot, reduction)
-            if isinstance(choice, str):
-                outcome.skipped.append(Skipped(slot.name, choice))
-            else:
-                choices[slot.name] = choice
+        if options.model_flop_reduction is not None and options.allocation == "global":
+            choices = self._allocate(gm, slots, reduction, outcome)
+        else:
+            for slot in slots:
+                choice = self._choose(slot, reduction)
+                if isinstance(choice, str):
+                    outcome.skipped.append(Skipped(slot.name, choice))
+                else:
+                    choices[slot.name] = choice
+        progress = tqdm(total=len(choices), desc="sparse_lowrank", unit="layer", leave=False,
+                        disable=len(choices) < 4 or None)
         for slot in slots:
             if slot.projection is None and slot.name in choices:
                 self._rewrite_linear(gm, slot, choices[slot.name], outcome)
+                progress.update()
         for node, slot_list in lstm_nodes.items():
             chosen = [slot for slot in slot_list if slot.name in choices]
             if chosen:
                 self._rewrite_lstm(gm, node, chosen, choices, outcome)
+                progress.update(len(chosen))
+        progress.close()
+
+    def _truncation(self, slot: Slot) -> Truncation:
+        """The slot's (whitened) Gram decomposition, made once and shared by sizing, allocation and factors."""
+        if slot.name not in self._truncations:
+            moment = None if slot.moment is None else slot.moment.gram
+            self._truncations[slot.name] = Truncation(slot.weight, moment, self.options.damping)
+        return self._truncations[slot.name]
+
+    def _collect(self, gm: fx.GraphModule, slots: list[Slot]) -> None:
+        """Each slot's input second moment X X^T over the calibration batches (streamed, float64)."""
+        where = "sparse_lowrank(calibration=...)"
+        batches, source = load_calibration(self.options.calibration, where,
+                                           "torch.save a batch (or a list of batches) of real inputs to that path")
+        layer_inputs = {layer.node: layer.input for layer in find_layers(gm, ["linear"])}
+        linear: dict[fx.Node, SecondMoment] = {}
+        lstms: dict[fx.Node, list[tuple[fx.Node, Slot]]] = {}
+        for slot in slots:
+            n = slot.weight.shape[1]
+            if slot.projection is None:
+                slot.moment = linear.setdefault(layer_inputs[slot.node], SecondMoment(n, f"layer {slot.name}"))
+            else:
+                slot.moment = SecondMoment(n, f"LSTM gate {slot.name}")
+                lstms.setdefault(slot.node.args[0], []).append((slot.node, slot))
+
+        def on_value(node: fx.Node, value, batch: int) -> None:
+            if node in linear:
+                linear[node].add(value, batch)
+            gates: dict[fx.Node, dict] = {}
+            for lstm_node, slot in lstms.get(node, []):
+                if lstm_node not in gates:
+                    gates[lstm_node] = _gate_inputs(gm.get_submodule(lstm_node.target), value)
+                slot.moment.add(gates[lstm_node][slot.projection], batch)
+
+        run_calibration(gm, batches, source, set(linear) | set(lstms), on_value)
+        self._calibration_source = source
+        for slot in slots:
+            if slot.moment.rows == 0:
+                raise OptionError(f"no calibration batch reached {slot.name}", where=source,
+                                  fix="give inputs that run through every layer, or leave the layer out (layers=...)")
 
     def _slots(self, gm: fx.GraphModule, outcome: PassOutcome) -> tuple[list[Slot], dict[fx.Node, list[Slot]]]:
         options, rows = self.options, _Rows(gm)
@@ -262,16 +394,87 @@ class SparseLowRank(Pass):
                 fix=f"ask for less than {ceiling:.2f}x, or flop_reduction=... for a per-layer reduction")
         return reachable / budget
 
+    def _unfit(self, slot: Slot) -> str | None:
+        """Why no factorisation of this weight is considered, or None."""
+        m, n = slot.weight.shape
+        if slot.weight.numel() < self.options.min_size:
+            return f"{m}x{n} weight is below min_size={self.options.min_size}"
+        if not slot.weight.is_floating_point():
+            return f"its weight is {slot.weight.dtype}; the factorised modules are floating point"
+        return None
+
+    def _allocate(self, gm: fx.GraphModule, slots: list[Slot], reduction: float,
+                  outcome: PassOutcome) -> dict[str, Choice]:
+        """Global ranks for model_flop_reduction: every layer starts at rank 1, then rank steps are taken in
+        order of relative squared truncation error removed per MAC added (each layer's next singular value
+        lambda_{r+1} / its total, over rows (in + out)) while the model's MACs stay within total / target.
+        The even ranks are the fallback: whichever has the smaller summed relative error is used."""
+        target = self.options.model_flop_reduction
+        info = graph_info(gm)
+        total = float(graph_cost(gm).at(**{name: info.spec.hint(name) for name in info.symbolic}).macs)
+        eligible = []
+        for slot in slots:
+            reason = self._unfit(slot)
+            if reason:
+                outcome.skipped.append(Skipped(slot.name, reason))
+            else:
+                eligible.append(slot)
+        budget = total / target - (total - sum(slot.dense_macs for slot in eligible))
+        unit = {slot.name: slot.rows * sum(slot.weight.shape) for slot in eligible}
+        scale = {slot.name: self._truncation(slot).total() or 1.0 for slot in eligible}
+        caps = {slot.name: min(self._truncation(slot).max_rank,
+                               (slot.weight.shape[0] * slot.weight.shape[1] - 1) // sum(slot.weight.shape))
+                for slot in eligible}
+        where = f"sparse_lowrank(model_flop_reduction={target:g})"
+        if any(cap < 1 for cap in caps.values()) or sum(unit.values()) > budget:
+            raise OptionError(f"no ranks meet a {target:g}x smaller model: rank 1 in every layer already costs "
+                              f"more than the budget of {budget:.4g} MACs for the rewritable layers", where=where,
+                              fix="ask for a smaller model_flop_reduction")
+        ranks = {name: 1 for name in unit}
+        spend = sum(unit.values())
+        steps = sorted(((float(self._truncation(slot).values[r]) / scale[slot.name] / unit[slot.name], r, slot.name)
+                        for slot in eligible for r in range(1, caps[slot.name])), key=lambda step: (-step[0], step[1]))
+        admitted = 0.0
+        for rate, rank, name in steps:
+            if ranks[name] == rank and spend + unit[name] <= budget:
+                ranks[name], spend, admitted = rank + 1, spend + unit[name], rate
+        even = {}
+        for slot in eligible:
+            choice = self._choose(slot, reduction)
+            even[slot.name] = choice.rank if isinstance(choice, Choice) else None
+
+        def summed(chosen: dict[str, int | None]) -> float:
+            return sum(self._truncation(slot).squared_error(chosen[slot.name]) / scale[slot.name]
+                       for slot in eligible if chosen[slot.name] is not None)
+
+        global_error, even_error = summed(ranks), summed(even)
+        use_even = even_error < global_error and all(rank is not None for rank in even.values())
+        chosen = even if use_even else ranks
+        kind = "data" if self.options.method == "whitened" else "Frobenius"
+        summary = (f"{'even ranks kept' if use_even else 'global allocation'}: summed relative squared {kind} "
+                   f"error {global_error:.4g} (global) vs {even_error:.4g} (even ranks)")
+        choices = {}
+        for slot in eligible:
+            rank = chosen[slot.name]
+            truncation = self._truncation(slot)
+            kept = math.sqrt(truncation.squared_error(rank) / scale[slot.name])
+            following = (float(truncation.values[rank]) / scale[slot.name] / unit[slot.name]
+                         if rank < caps[slot.name] else 0.0)
+            why = (f"{summary}; r={rank} (even: r={even[slot.name]}) leaves {100 * kept:.2f}% relative {kind} "
+                   f"error; rank {rank + 1} would remove {following:.3g} of it per MAC, the last step taken removed "
+                   f"{admitted:.3g}")
+            choices[slot.name] = Choice(rank, 1, why)
+        return choices
+
     def _choose(self, slot: Slot, reduction: float | None) -> Choice | str:
         """The (rank, groups) for one weight; a string says why the layer is left alone."""
         options = self.options
         form = options.form
         m, n = slot.weight.shape
         where = f"layer {slot.name} ({n} -> {m})"
-        if slot.weight.numel() < options.min_size:
-            return f"{m}x{n} weight is below min_size={options.min_size}"
-        if not slot.weight.is_floating_point():
-            return f"its weight is {slot.weight.dtype}; the factorised modules are floating point"
+        reason = self._unfit(slot)
+        if reason:
+            return reason
         dims = {"in": n, "out": m}
         groups = 1 if form == "lr" else options.groups
         if form == "group":
@@ -298,7 +501,7 @@ class SparseLowRank(Pass):
         elif options.rank_ratio is not None:
             rank = max(groups, _multiple_at_most(round(options.rank_ratio * min(m, n)), groups))
         elif options.energy is not None:
-            values = torch.linalg.svdvals(slot.weight.double()) ** 2
+            values = self._truncation(slot).values
             kept = torch.cumsum(values, 0) / values.sum()
             needed = int(torch.searchsorted(kept, torch.tensor(options.energy, dtype=kept.dtype) - 1e-12)) + 1
             rank = min(largest, math.ceil(needed / groups) * groups)
@@ -326,51 +529,79 @@ class SparseLowRank(Pass):
                 raise OptionError(f"groups={groups} does not divide the layer's {name}_features={size}", where=where,
                                   fix=f"choose groups dividing {' and '.join(str(s) for s in sizes.values())}")
 
-    def _factorised(self, slot: Slot, choice: Choice) -> tuple[nn.Module, str, float]:
-        """The module for one slot, the report's text for it, and its weight error e = ||W - W'||_2."""
-        weight = slot.weight
-        module = factorize(weight, self.options.form, choice.rank, choice.groups, slot.bias)
+    def _factorised(self, slot: Slot, choice: Choice) -> tuple[nn.Module, str, float, float | None]:
+        """The module for one slot, the report's text for it, its weight error e = ||W - W'||_2 and, with
+        calibration, its relative data error ||(W - W') X||_F / ||W X||_F."""
+        options, weight = self.options, slot.weight
+        moment = None if slot.moment is None else slot.moment.gram
+        if options.form == "lr":
+            truncation = self._truncation(slot)
+            module = LowRankLinear.from_truncation(truncation, choice.rank, slot.bias)
+            approximation = truncation.dense(choice.rank)
+            error = truncation.spectral_error(choice.rank)
+        else:
+            module = factorize(weight, options.form, choice.rank, choice.groups, slot.bias, moment, options.damping)
+            approximation = module.dense_weight().detach().double()
+            error = spectral_norm(weight.double() - approximation)
         with torch.no_grad():
-            residual = (weight.double() - module.dense_weight().double())
-            error = float(torch.linalg.matrix_norm(residual, ord=2))
-            relative = float(residual.norm() / weight.double().norm()) if weight.norm() > 0 else 0.0
+            norm = float(weight.double().norm())
+            relative = float((weight.double() - approximation).norm()) / norm if norm > 0 else 0.0
         m, n = weight.shape
-        ratio = m * n / macs_per_row(self.options.form, n, m, choice.rank, choice.groups)
+        ratio = m * n / macs_per_row(options.form, n, m, choice.rank, choice.groups)
         params = sum(p.numel() for p in module.parameters())
         dense_params = weight.numel() + (0 if slot.bias is None else slot.bias.numel())
-        text = (f"{choice.describe(self.options.form)}: {float(ratio):.2f}x fewer MACs, params {dense_params} -> "
+        text = (f"{choice.describe(options.form)}: {float(ratio):.2f}x fewer MACs, params {dense_params} -> "
                 f"{params}, ||W - W'||_2 = {error:.3g} (relative Frobenius error {100 * relative:.1f}%)")
-        return module, text, error
+        data = None
+        if moment is not None:
+            residual, reference = data_error(weight, approximation, moment)
+            data = residual / reference if reference > 0 else 0.0
+            rows = slot.moment.rows
+            text += (f", whitened: ||(W - W')X||_F / ||WX||_F = {100 * data:.2f}% on {rows} calibration rows")
+            if rows < n:
+                text += (f" (X X^T rank-deficient: {rows} rows < {n} inputs; solves add {options.damping:g} x its "
+                         f"mean diagonal)")
+        if choice.why:
+            text += f"; {choice.why}"
+        return module, text, error, data
 
     def _rewrite_linear(self, gm: fx.GraphModule, slot: Slot, choice: Choice, outcome: PassOutcome) -> None:
         layer = next(layer for layer in find_layers(gm, ["linear"]) if layer.node is slot.node)
-        module, text, error = self._factorised(slot, choice)
+        module, text, error, data = self._factorised(slot, choice)
         new = replace_layer(gm, layer, module, pass_name=self.name)
-        new.meta[SOURCE] = {"source": slot.node.name, "errors": {"": error}}
+        new.meta[SOURCE] = {"source": slot.node.name, "errors": {"": error},
+                            "data_errors": {} if data is None else {slot.name: data}}
         outcome.rewrites.append(Rewrite([slot.node.name], [new.name], text, self.contract))
 
     def _rewrite_lstm(self, gm: fx.GraphModule, node: fx.Node, slots: list[Slot], choices: dict[str, Choice],
                       outcome: PassOutcome) -> None:
         original = gm.get_submodule(node.target)
         lstm = LSTM.from_torch(original) if isinstance(original, nn.LSTM) else copy.deepcopy(original)
-        errors, texts = {}, []
+        errors, data_errors, texts = {}, {}, []
         for slot in slots:
-            module, text, error = self._factorised(slot, choices[slot.name])
+            module, text, error, data = self._factorised(slot, choices[slot.name])
             lstm.set_projection(*slot.projection, module.to(slot.weight.device))
             key = _slot_name(*slot.projection)
             errors[key] = error
+            if data is not None:
+                data_errors[slot.name] = data
             texts.append(f"{key} {text}")
         name = node.name
         layer = Layer("lstm", node, "module", node.target, module=original)
         new = replace_layer(gm, layer, lstm, pass_name=self.name, args=tuple(node.args), kwargs=dict(node.kwargs))
-        new.meta[SOURCE] = {"source": name, "errors": errors}
+        new.meta[SOURCE] = {"source": name, "errors": errors, "data_errors": data_errors}
         new.meta[REWRITTEN_BY] = self.name
         head = "nn.LSTM decomposed; " if isinstance(original, nn.LSTM) else ""
         outcome.rewrites.append(Rewrite([name], [new.name], head + "; ".join(texts), self.contract))
 
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
         """Each rewritten weight is within its stated spectral error of the original (the bound for every
-        x at once), and on these inputs each module's output is within e ||x|| of the dense layer's."""
+        x at once), and on these inputs each module's output is within e ||x|| of the dense layer's; with
+        calibration, the stated data errors hold on statistics collected afresh from ``before``."""
+        if self.options.method == "whitened":
+            failure = self._check_data_errors(before, after)
+            if failure:
+                return failure
         originals = {node.name: node for node in before.graph.nodes}
         rewritten = {node: after.get_submodule(node.target) for node in after.graph.nodes
                      if node.op == "call_module" and SOURCE in node.meta}
@@ -421,6 +652,29 @@ class SparseLowRank(Pass):
                 if bool((excess > allowed).any()):
                     return (f"{node.name}: ||Wx - W'x|| exceeds e ||x|| (e = {errors['']:.3g}) by "
                             f"{float((excess - allowed).max()):.3g}")
+        return None
+
+    def _check_data_errors(self, before: fx.GraphModule, after: fx.GraphModule) -> str | None:
+        """Each stated ||(W - W') X||_F / ||W X||_F, recomputed from X X^T collected again on ``before``."""
+        slots, _ = self._slots(before, PassOutcome(before, [], []))
+        self._collect(before, slots)
+        by_name = {slot.name: slot for slot in slots}
+        tolerance = self.contract.tolerance
+        for node in after.graph.nodes:
+            if node.op != "call_module" or SOURCE not in node.meta:
+                continue
+            module = after.get_submodule(node.target)
+            for name, stated in node.meta[SOURCE].get("data_errors", {}).items():
+                slot = by_name.get(name)
+                if slot is None:  # rewritten by an earlier pass of the pipeline, not by this one
+                    continue
+                part = module if slot.projection is None else module.projection(*slot.projection)
+                with torch.no_grad():
+                    residual, reference = data_error(slot.weight, part.dense_weight(), slot.moment.gram)
+                actual = residual / reference if reference > 0 else 0.0
+                if abs(actual - stated) > tolerance * (1 + stated):
+                    return (f"{name}: ||(W - W')X||_F / ||WX||_F = {actual:.6g} on the calibration inputs, the "
+                            f"report states {stated:.6g}")
         return None
 
 
