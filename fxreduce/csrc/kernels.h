@@ -58,13 +58,17 @@ struct KernelTable {
   void (*rows_gemm_d)(const RowsGemm<double>&, int64_t c_begin, int64_t c_end);
   void (*row_dots_f)(const RowDots<float>&, int64_t j_begin, int64_t j_end);
   void (*row_dots_d)(const RowDots<double>&, int64_t j_begin, int64_t j_end);
-  // One LSTM cell row: gates (4H, in: pre-activations i f g o, out: activations), c_prev, -> c, tanh(c), h.
-  void (*cell_forward_f)(int64_t H, float* gates, const float* c_prev, float* c, float* tanh_c, float* h);
-  void (*cell_forward_d)(int64_t H, double* gates, const double* c_prev, double* c, double* tanh_c, double* h);
-  // Its backward: acts, c_prev, tanh_c, dh -> dgates (4H); dc (in: from the next step, out: to the previous).
-  void (*cell_backward_f)(int64_t H, const float* acts, const float* c_prev, const float* tanh_c, const float* dh,
-                          float* dc, float* dgates);
-  void (*cell_backward_d)(int64_t H, const double* acts, const double* c_prev, const double* tanh_c,
+  // `units` LSTM cells of one row: gate g of unit u at gates[g*H + u] (in: pre-activations i f g o, out:
+  // activations), c_prev[u] -> c, tanh(c), h.
+  void (*cell_forward_f)(int64_t H, int64_t units, float* gates, const float* c_prev, float* c, float* tanh_c,
+                         float* h);
+  void (*cell_forward_d)(int64_t H, int64_t units, double* gates, const double* c_prev, double* c, double* tanh_c,
+                         double* h);
+  // Their backward: acts, c_prev, tanh_c, dh -> dgates (same layout); dc (in: from the next step, out: to the
+  // previous one).
+  void (*cell_backward_f)(int64_t H, int64_t units, const float* acts, const float* c_prev, const float* tanh_c,
+                          const float* dh, float* dc, float* dgates);
+  void (*cell_backward_d)(int64_t H, int64_t units, const double* acts, const double* c_prev, const double* tanh_c,
                           const double* dh, double* dc, double* dgates);
 };
 

@@ -265,11 +265,11 @@ inline float stanh(float x) {
   return vtanh(v)[0];
 }
 
-void cell_forward_f(int64_t H, float* gates, const float* c_prev, float* c, float* tanh_c, float* h) {
+void cell_forward_f(int64_t H, int64_t units, float* gates, const float* c_prev, float* c, float* tanh_c, float* h) {
   constexpr int L = Vec<float>::lanes;
   float *gi = gates, *gf = gates + H, *gg = gates + 2 * H, *go = gates + 3 * H;
   int64_t u = 0;
-  for (; u + L <= H; u += L) {
+  for (; u + L <= units; u += L) {
     const VF i = vsigmoid(load<VF>(gi + u)), f = vsigmoid(load<VF>(gf + u));
     const VF g = vtanh(load<VF>(gg + u)), o = vsigmoid(load<VF>(go + u));
     const VF cell = f * load<VF>(c_prev + u) + i * g;
@@ -282,7 +282,7 @@ void cell_forward_f(int64_t H, float* gates, const float* c_prev, float* c, floa
     store(tanh_c + u, tc);
     store(h + u, o * tc);
   }
-  for (; u < H; ++u) {
+  for (; u < units; ++u) {
     const float i = ssigmoid(gi[u]), f = ssigmoid(gf[u]), g = stanh(gg[u]), o = ssigmoid(go[u]);
     const float cell = f * c_prev[u] + i * g;
     const float tc = stanh(cell);
@@ -293,8 +293,9 @@ void cell_forward_f(int64_t H, float* gates, const float* c_prev, float* c, floa
 
 inline double dsigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-void cell_forward_d(int64_t H, double* gates, const double* c_prev, double* c, double* tanh_c, double* h) {
-  for (int64_t u = 0; u < H; ++u) {
+void cell_forward_d(int64_t H, int64_t units, double* gates, const double* c_prev, double* c, double* tanh_c,
+                    double* h) {
+  for (int64_t u = 0; u < units; ++u) {
     const double i = dsigmoid(gates[u]), f = dsigmoid(gates[H + u]);
     const double g = std::tanh(gates[2 * H + u]), o = dsigmoid(gates[3 * H + u]);
     const double cell = f * c_prev[u] + i * g;
@@ -305,10 +306,11 @@ void cell_forward_d(int64_t H, double* gates, const double* c_prev, double* c, d
 }
 
 template <typename T>
-void cell_backward(int64_t H, const T* acts, const T* c_prev, const T* tanh_c, const T* dh, T* dc, T* dgates) {
+void cell_backward(int64_t H, int64_t units, const T* acts, const T* c_prev, const T* tanh_c, const T* dh, T* dc,
+                   T* dgates) {
   const T *i = acts, *f = acts + H, *g = acts + 2 * H, *o = acts + 3 * H;
   T *di = dgates, *df = dgates + H, *dg = dgates + 2 * H, *d_o = dgates + 3 * H;
-  for (int64_t u = 0; u < H; ++u) {
+  for (int64_t u = 0; u < units; ++u) {
     const T tc = tanh_c[u];
     const T total = dc[u] + dh[u] * o[u] * (T(1) - tc * tc);
     di[u] = total * g[u] * i[u] * (T(1) - i[u]);

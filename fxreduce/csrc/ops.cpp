@@ -113,14 +113,27 @@ const int64_t* index_data(const std::optional<Tensor>& index) {
 constexpr int64_t kWorkPerTask = 1 << 16;  // multiply-adds below which a thread is not worth waking
 
 template <typename T>
+void (*rows_gemm_fn())(const RowsGemm<T>&, int64_t, int64_t) {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_f)
+                                       : reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_d);
+}
+
+template <typename T>
+void (*row_dots_fn())(const RowDots<T>&, int64_t, int64_t) {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_f)
+                                       : reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_d);
+}
+
+template <typename T>
 void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
   const KernelTable& k = kernels();
   const int64_t tile = k.column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
   const int64_t blocks = (columns + tile - 1) / tile;
   const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
-  auto fn = std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_f)
-                                          : reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_d);
+  auto fn = rows_gemm_fn<T>();
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     fn(args, b0 * tile, std::min(b1 * tile, columns));
   });
@@ -128,11 +141,9 @@ void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
 
 template <typename T>
 void run_row_dots(const RowDots<T>& args) {
-  const KernelTable& k = kernels();
   const int64_t per_j = std::max<int64_t>(1, args.groups * args.M * args.K);
   const int64_t grain = std::max<int64_t>(4, kWorkPerTask / per_j);
-  auto fn = std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_f)
-                                          : reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_d);
+  auto fn = row_dots_fn<T>();
   at::parallel_for(0, args.J, grain, [&](int64_t j0, int64_t j1) { fn(args, j0, j1); });
 }
 
@@ -234,12 +245,46 @@ void check_lstm(const char* op, const Tensor& xp, const Tensor& h0, const Tensor
                   "), got " + c10::str(wt.sizes()));
 }
 
+// How a layer's time loop is split across threads. The recurrence of each batch row depends on that row
+// only, so with enough rows per thread each thread runs the whole sequence for its rows: one parallel
+// region per call, no synchronisation per step; every thread then reads all of W^T per step, which pays
+// while W^T stays in cache. Otherwise every step splits the hidden units (forward: the four gate columns
+// of a unit range and their cells in one region) and, backward, the state gradient's columns.
+constexpr int64_t kRowSplitMaxWeightBytes = 8 << 20;
+constexpr int64_t kMinRowsPerThread = 5;
+constexpr int64_t kUnitBlock = 16;
+
+bool split_rows(int64_t N, int64_t H, int64_t element_size) {
+  const int64_t threads = at::get_num_threads();
+  return threads == 1 || (N >= kMinRowsPerThread * threads && 4 * H * H * element_size <= kRowSplitMaxWeightBytes);
+}
+
 template <typename T>
-void parallel_rows(int64_t rows, int64_t work_per_row, const std::function<void(int64_t)>& fn) {
-  const int64_t grain = std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, 16 * work_per_row));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) fn(r);
-  });
+using CellForward = void (*)(int64_t, int64_t, T*, const T*, T*, T*, T*);
+template <typename T>
+using CellBackward = void (*)(int64_t, int64_t, const T*, const T*, const T*, const T*, T*, T*);
+
+template <typename T>
+CellForward<T> cell_forward() {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<CellForward<T>>(k.cell_forward_f)
+                                       : reinterpret_cast<CellForward<T>>(k.cell_forward_d);
+}
+
+template <typename T>
+CellBackward<T> cell_backward() {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<CellBackward<T>>(k.cell_backward_f)
+                                       : reinterpret_cast<CellBackward<T>>(k.cell_backward_d);
+}
+
+// Rows [r0, r1) of the state entering a step, kept units gathered and scaled into z (or h itself).
+template <typename T>
+const T* step_input(const T* h_prev, int64_t H, const int64_t* kept, int64_t k, T scale, int64_t r0, int64_t r1, T* z) {
+  if (!kept) return h_prev + r0 * H;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < k; ++j) z[(r - r0) * k + j] = h_prev[r * H + kept[j]] * scale;
+  return z;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_in, const Tensor& h0_in,
@@ -254,38 +299,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
   Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
   Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({T, N, 4 * H}, xp.options());
   Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
-  Tensor z = at::empty({N, k}, xp.options());
   if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
   const Layer L{T, N, H, k, reverse};
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fxreduce", [&] {
-    const KernelTable& kt = kernels();
-    auto cell = std::is_same<scalar_t, float>::value
-                    ? reinterpret_cast<void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*)>(kt.cell_forward_f)
-                    : reinterpret_cast<void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*)>(kt.cell_forward_d);
+    auto gemm = rows_gemm_fn<scalar_t>();
+    auto cell = cell_forward<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(scale);
     scalar_t *hs_p = hs.data_ptr<scalar_t>(), *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>();
-    scalar_t *tcs_p = tcs.data_ptr<scalar_t>(), *z_p = z.data_ptr<scalar_t>();
+    scalar_t* tcs_p = tcs.data_ptr<scalar_t>();
     const scalar_t *xp_p = xp.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>();
+    const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
     const int64_t* index_p = index_data(idx);
     const int64_t index_stride = index_group_stride(idx);
+    // Step n's pieces: the state it reads, its keep set, its gate buffer and the projection it adds.
+    auto prev_of = [&](int64_t n) { return n == 0 ? int64_t(-1) : L.step(n - 1); };
+    auto h_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? h0_p : hs_p + prev_of(n) * N * H; };
+    auto c_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? c0_p : cs_p + prev_of(n) * N * H; };
+    auto kept_of = [&](int64_t t) { return index_p ? index_p + t * index_stride : nullptr; };
+    if (split_rows(N, H, sizeof(scalar_t))) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        std::vector<scalar_t> z((r1 - r0) * k);
+        for (int64_t n = 0; n < T; ++n) {
+          const int64_t t = L.step(n);
+          const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, r0, r1, z.data());
+          scalar_t* gates = acts_p + (t * N + r0) * 4 * H;
+          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0,
+                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1)};
+          gemm(g, 0, 4 * H);
+          const scalar_t* c_prev = c_prev_of(n);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = (t * N + r) * H;
+            cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+          }
+        }
+      });
+      return;
+    }
+    std::vector<scalar_t> z(N * k);
+    const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
     for (int64_t n = 0; n < T; ++n) {
-      const int64_t t = L.step(n), prev = n == 0 ? -1 : L.step(n - 1);
-      const scalar_t* h_prev = prev < 0 ? h0.data_ptr<scalar_t>() : hs_p + prev * N * H;
-      const scalar_t* c_prev = prev < 0 ? c0.data_ptr<scalar_t>() : cs_p + prev * N * H;
-      const int64_t* kept = index_p ? index_p + t * index_stride : nullptr;
-      const scalar_t* a = h_prev;
-      if (kept) {
-        for (int64_t r = 0; r < N; ++r)
-          for (int64_t j = 0; j < k; ++j) z_p[r * k + j] = h_prev[r * H + kept[j]] * s;
-        a = z_p;
-      }
+      const int64_t t = L.step(n);
+      const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, 0, N, z.data());
+      const scalar_t* c_prev = c_prev_of(n);
       scalar_t* gates = acts_p + t * N * 4 * H;
-      RowsGemm<scalar_t> g{1, N, k, a, 0, k, 1, w_p, 0, 4 * H, kept, 0, gates, 0, 4 * H, nullptr, 0,
-                           xp_p + t * N * 4 * H, 0, 4 * H, false, scalar_t(1)};
-      run_rows_gemm(g, 4 * H);
-      parallel_rows<scalar_t>(N, 16 * H, [&](int64_t r) {
-        const int64_t o = (t * N + r) * H;
-        cell(H, gates + r * 4 * H, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+      RowsGemm<scalar_t> g{1, N, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0, 4 * H,
+                           nullptr, 0, xp_p + t * N * 4 * H, 0, 4 * H, false, scalar_t(1)};
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        const int64_t u0 = b0 * kUnitBlock, u1 = std::min(b1 * kUnitBlock, H);
+        for (int64_t gate = 0; gate < 4; ++gate) gemm(g, gate * H + u0, gate * H + u1);
+        for (int64_t r = 0; r < N; ++r) {
+          const int64_t o = (t * N + r) * H + u0;
+          cell(H, u1 - u0, gates + r * 4 * H + u0, c_prev + r * H + u0, cs_p + o, tcs_p + o, hs_p + o);
+        }
       });
     }
   });
@@ -304,7 +369,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   for (auto [t, name] : {std::pair<const Tensor&, const char*>{dhs_in, "dhs"}, {cs_in, "cs"}, {tcs_in, "tanh_cs"},
                          {hs_in, "hs"}}) {
     check_float(t, op, name, acts_in.scalar_type());
-    check_shape(t.sizes() == c10::IntArrayRef(seq), op, std::string(name) + " must be " + c10::str(seq) + ", got " + c10::str(t.sizes()));
+    check_shape(t.sizes() == c10::IntArrayRef(seq), op,
+                std::string(name) + " must be " + c10::str(seq) + ", got " + c10::str(t.sizes()));
   }
   check_float(dc_last, op, "dc_last", acts_in.scalar_type());
   check_shape(dc_last.sizes() == c10::IntArrayRef({N, H}), op, "dc_last must be (N, H)");
@@ -318,43 +384,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   Tensor dwt = at::zeros({H, 4 * H}, acts.options());
   if (T == 0) return {dgates, dh, dc, dwt};
   const Layer L{T, N, H, k, reverse};
-  // The state each step read, as the weight gradient's left operand: (T, N, H), or its kept, scaled units.
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+    auto cell = cell_backward<scalar_t>();
+    auto dots = row_dots_fn<scalar_t>();
+    const scalar_t *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>(), *tcs_p = tcs.data_ptr<scalar_t>();
+    const scalar_t *dhs_p = dhs.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
+    scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>(), *dc_p = dc.data_ptr<scalar_t>();
+    const int64_t* index_p = index_data(idx);
+    const int64_t index_stride = index_group_stride(idx);
+    const scalar_t alpha = static_cast<scalar_t>(index_p ? scale : 1.0);
+    // Rows [r0, r1) of step n: the cells' backward, then dh for the step before: that step's own output
+    // gradient plus the recurrence's, scattered to the kept units.
+    auto cells = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n), prev = n == 0 ? -1 : L.step(n - 1);
+      const scalar_t* c_prev = prev < 0 ? c0_p : cs_p + prev * N * H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = (t * N + r) * H;
+        cell(H, H, acts_p + o * 4, c_prev + r * H, tcs_p + o, dh_p + r * H, dc_p + r * H, dg_p + o * 4);
+      }
+      if (prev >= 0) {
+        std::copy(dhs_p + (prev * N + r0) * H, dhs_p + (prev * N + r1) * H, dh_p + r0 * H);
+      } else {
+        std::fill(dh_p + r0 * H, dh_p + r1 * H, scalar_t(0));
+      }
+    };
+    auto recurrent = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n);
+      const int64_t* kept = index_p ? index_p + t * index_stride : nullptr;
+      return RowDots<scalar_t>{1, r1 - r0, k, 4 * H, dg_p + (t * N + r0) * 4 * H, 0, 4 * H, w_p, 0, 4 * H, kept, 0,
+                               dh_p + r0 * H, 0, H, kept, 0, true, alpha};
+    };
+    if (split_rows(N, H, sizeof(scalar_t))) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t n = T - 1; n >= 0; --n) {
+          cells(n, r0, r1);
+          dots(recurrent(n, r0, r1), 0, k);
+        }
+      });
+      return;
+    }
+    for (int64_t n = T - 1; n >= 0; --n) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
+      run_row_dots(recurrent(n, 0, N));
+    }
+  });
+  // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step).
   Tensor h_prev = reverse ? at::cat({hs.slice(0, 1), h0.unsqueeze(0)}) : at::cat({h0.unsqueeze(0), hs.slice(0, 0, T - 1)});
   Tensor z = h_prev;
   if (idx.has_value()) {
     Tensor gather = idx->dim() == 2 ? idx->unsqueeze(1).expand({T, N, k}) : idx->view({1, 1, k}).expand({T, N, k});
     z = at::gather(h_prev, 2, gather).mul_(scale);
   }
-  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
-    const KernelTable& kt = kernels();
-    using Cell = void (*)(int64_t, const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*);
-    auto cell = std::is_same<scalar_t, float>::value ? reinterpret_cast<Cell>(kt.cell_backward_f)
-                                                     : reinterpret_cast<Cell>(kt.cell_backward_d);
-    const scalar_t *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>(), *tcs_p = tcs.data_ptr<scalar_t>();
-    const scalar_t *dhs_p = dhs.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>();
-    scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>(), *dc_p = dc.data_ptr<scalar_t>();
-    const int64_t* index_p = index_data(idx);
-    const int64_t index_stride = index_group_stride(idx);
-    for (int64_t n = T - 1; n >= 0; --n) {
-      const int64_t t = L.step(n), prev = n == 0 ? -1 : L.step(n - 1);
-      const scalar_t* c_prev = prev < 0 ? c0.data_ptr<scalar_t>() : cs_p + prev * N * H;
-      scalar_t* dg = dg_p + t * N * 4 * H;
-      parallel_rows<scalar_t>(N, 4 * H, [&](int64_t r) {
-        const int64_t o = (t * N + r) * H;
-        cell(H, acts_p + o * 4, c_prev + r * H, tcs_p + o, dh_p + r * H, dc_p + r * H, dg + r * 4 * H);
-      });
-      // dh for the previous step: its own output's gradient plus the recurrence's, scattered to kept units.
-      if (prev >= 0) {
-        std::copy(dhs_p + prev * N * H, dhs_p + (prev + 1) * N * H, dh_p);
-      } else {
-        std::fill(dh_p, dh_p + N * H, scalar_t(0));
-      }
-      const int64_t* kept = index_p ? index_p + t * index_stride : nullptr;
-      RowDots<scalar_t> d{1, N, k, 4 * H, dg, 0, 4 * H, w_p, 0, 4 * H, kept, 0, dh_p, 0, H, kept, 0, true,
-                          static_cast<scalar_t>(kept ? scale : 1.0)};
-      run_row_dots(d);
-    }
-  });
   const bool one_group = !idx.has_value() || idx->dim() == 1;
   Tensor zc = z.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
