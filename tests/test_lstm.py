@@ -577,7 +577,7 @@ def test_declared_macs_hand_count_and_symbols():
 
 
 @pytest.mark.parametrize("bidirectional, batch_first", [(False, True), (True, False)])
-def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batch_first):
+def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batch_first, torch_path):
     monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 1024)
 
     def decomposed(*args):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils.rnn import PackedSequence
 
+from ... import native
 from ...errors import CostError, InputError, OptionError, UnsupportedError
 from .factors import gemm_factors
 from .keep_sets import KeepSet
@@ -18,8 +19,9 @@ from .step_projection import input_projection
 
 KINDS = ("ih", "hh")
 
-# A dense LSTM with hidden_size below this runs torch's fused LSTM kernel; at and above it the decomposed
-# recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads, training and inference).
+# Without the native kernels, a dense LSTM with hidden_size below this runs torch's fused LSTM kernel; at and
+# above it the decomposed recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads,
+# training and inference).
 TORCH_KERNEL_MAX_HIDDEN = 1024
 
 
@@ -249,10 +251,13 @@ class LSTM(nn.Module):
         return (output.transpose(0, 1) if self.batch_first else output), (h_n, c_n)
 
     def _torch_kernel_serves(self, x: Tensor) -> bool:
-        """A dense LSTM (no replaced projections, no keep sets in use) below TORCH_KERNEL_MAX_HIDDEN runs
-        nn.LSTM's own fused kernel: there it is faster than the decomposed recurrence (measured), and the
-        numbers are nn.LSTM's exactly. Shape propagation and graph capture always see the decomposition."""
+        """Without the native kernels, a dense LSTM (no replaced projections, no keep sets in use) below
+        TORCH_KERNEL_MAX_HIDDEN runs nn.LSTM's own fused kernel: there it is faster than the torch path's
+        decomposed recurrence (measured), and the numbers are nn.LSTM's exactly. The native time loop
+        serves every size. Shape propagation and graph capture always see the decomposition."""
         if self.hidden_size >= TORCH_KERNEL_MAX_HIDDEN or (self.training and self._keep_sets):
+            return False
+        if native.serves_eagerly(x, self._parameters.get("weight_hh_l0")):
             return False
         if any(name.startswith("proj_") for name in self._modules):
             return False
