@@ -8,6 +8,7 @@ recurrence (batch 20 rows times W_hh^T) against torch.mm on the same operands.
 
     python benchmarks/bench_native_kernels.py          # full run, rewrites its docs/benchmarks.md section
     python benchmarks/bench_native_kernels.py --quick  # smoke run, prints only
+    python benchmarks/bench_native_kernels.py --threads 1  # its own section: steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def kernel_pairs(hidden: int, keep: float, generator: torch.Generator) -> dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="H=200 only, few repeats, no docs written")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2, the issue's setting, by default)")
     args = parser.parse_args()
     if not native.available():
         raise SystemExit(f"the native kernels are not built: {native.MISSING}")
-    threads = fix_threads(2)
+    threads = fix_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     sizes = (200,) if args.quick else (200, 650)
     keeps = (0.5,) if args.quick else (1.0, 0.5, 0.3)
@@ -84,7 +86,8 @@ def main() -> None:
             f"{load_before:.1f} / {os.getloadavg()[0]:.1f} (above 0.5, other jobs shared the cores and the "
             "figures are noisy)."
         )
-        write_section("Native kernels vs dense MKL GEMMs", note + "\n\n" + table)
+        title = "Native kernels vs dense MKL GEMMs" + ("" if threads == 2 else f", {threads} thread(s)")
+        write_section(title, note + "\n\n" + table)
 
 
 if __name__ == "__main__":
