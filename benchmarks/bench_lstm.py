@@ -3,7 +3,8 @@
 Workload: a 2-layer word-level language model (Embedding(2000) -> LSTM -> Linear decoder ->
 cross-entropy), T=35, batch 20, at H = 200 / 650 / 1500. "train step" is zero_grad + forward +
 backward + SGD step; "inference" is the eval-mode forward under no_grad. Both models hold the same
-weights; the ratio nn/ours > 1 means ours is faster.
+weights; the ratio nn/ours > 1 means ours is faster. Ours runs fxreduce's native LSTM loop where it is
+built (fxreduce doctor says which kernels are active), else the torch path.
 
     python benchmarks/bench_lstm.py            # full run, rewrites its section of docs/benchmarks.md
     python benchmarks/bench_lstm.py --quick    # smoke run, prints only
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from _common import fix_threads, markdown_table, time_side_by_side, write_section
+from fxreduce import native
 from fxreduce.modules.lstm import LSTM
 
 VOCAB, STEPS, BATCH, LAYERS = 2000, 35, 20, 2
@@ -93,7 +95,8 @@ def main() -> None:
     if not args.quick:
         note = (
             f"2-layer LM (Embedding({VOCAB}) -> LSTM -> Linear -> cross-entropy), T={STEPS}, batch {BATCH}, "
-            "float32. Train step = zero_grad + forward + backward + SGD step; inference = eval forward under "
+            f"float32, kernels: {'native ' + native.active_isa() if native.available() else 'torch path'}. "
+            "Train step = zero_grad + forward + backward + SGD step; inference = eval forward under "
             "no_grad. Median seconds per call, candidates interleaved in one run. 1-minute load average "
             f"before / after the run: {load_before:.1f} / {os.getloadavg()[0]:.1f} (above 0.5, other jobs "
             "shared the cores and the figures are noisy)."

@@ -11,6 +11,9 @@ far as the GEMMs dominate the step.
 
     python benchmarks/bench_structured_dropout.py          # full run, rewrites its docs/benchmarks.md section
     python benchmarks/bench_structured_dropout.py --quick  # smoke run at H=200, prints only
+    python benchmarks/bench_structured_dropout.py --masks per_step --configs 650:0.5  # some rows only
+
+The LSTMs run on fxreduce's native kernels where they are built (fxreduce doctor says which).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from bench_lstm import train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import fxreduce  # noqa: E402
+from fxreduce import native  # noqa: E402
 from fxreduce.modules.lstm import LSTM  # noqa: E402
 from structured_dropout_lm import MASKS, OFFSETS  # noqa: E402  (the example's mask variants, measured here)
 from word_lm import WordLanguageModel  # noqa: E402
@@ -64,22 +68,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="H=200 only, few repeats, no docs written")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)")
+    parser.add_argument("--masks", default=",".join(MASKS), help=f"comma-separated mask modes of {', '.join(MASKS)}")
+    parser.add_argument("--configs", default=",".join(f"{h}:{p}" for h, p in CONFIGS),
+                        help="comma-separated H:p pairs")
     args = parser.parse_args()
+    masks = {label: MASKS[label] for label in args.masks.split(",")}
+    configs = [(int(h), float(p)) for h, p in (pair.split(":") for pair in args.configs.split(","))]
     fix_threads(args.threads)
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (BATCH, STEPS), generator=generator)
     targets = torch.randint(0, VOCAB, (BATCH, STEPS), generator=generator)
     rows = []
     load_before = os.getloadavg()[0]
-    for hidden, p in tqdm(CONFIGS[:1] if args.quick else CONFIGS, desc="configurations"):
+    for hidden, p in tqdm(configs[:1] if args.quick else configs, desc="configurations"):
         model = baseline(hidden, p)
         traced = fxreduce.trace(model, (tokens,), {"N": (0, 0), "T": (0, 1)})
         candidates = {"nn.LSTM": model, "ours dense": ours_dense(model)}
         certified = {}
         for recurrent in (False, True):
-            for label, masks in MASKS.items():
+            for label, mask in masks.items():
                 name = f"{label}{' +h' if recurrent else ''}"
-                candidates[name], certified[name] = structured(traced, p, masks, recurrent)
+                candidates[name], certified[name] = structured(traced, p, mask, recurrent)
         repeats = 3 if args.quick else 9 if hidden < 1000 else 5
         times = time_side_by_side({name: train_step(m, tokens, targets) for name, m in candidates.items()},
                                   repeats=repeats, warmup=1)
@@ -93,8 +102,8 @@ def main() -> None:
     if not args.quick:
         note = (
             f"One training step (zero_grad + forward + backward + SGD) of examples/word_lm.py's 2-layer LSTM LM, "
-            f"vocabulary {VOCAB}, embedding = H, T={STEPS}, batch {BATCH}, float32, {args.threads} thread(s); median "
-            "seconds, "
+            f"vocabulary {VOCAB}, embedding = H, T={STEPS}, batch {BATCH}, float32, {args.threads} thread(s), "
+            f"kernels: {'native ' + native.active_isa() if native.available() else 'torch path'}; median seconds, "
             "all candidates of a row interleaved in one run. Masks: per_sequence = one batch-shared set per "
             "sequence; per_step = a uniform set per time step (the paper's case); per_step_window = per step a "
             "random cyclic window in a per-sequence permutation (not uniform over subsets, see "

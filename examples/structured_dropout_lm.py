@@ -182,9 +182,9 @@ certified for every N and T; `fxreduce.cost(gm, training=True)` gives the whole 
 
 Mask modes (all batch-shared):
 
-| mode | a step's keep set | cost of selecting the kept columns |
+| mode | a step's keep set | cost of selecting the kept columns (torch path; the native kernels read kept rows of W^T in place) |
 |---|---|---|
-| `per_step` (the paper) | uniform over all k-subsets, independent per step | gathers k weight columns per step (T copies) |
+| `per_step` (the paper, the default) | uniform over all k-subsets, independent per step | gathers k weight columns per step (T copies) |
 | `per_step_window` | a random cyclic window of k units in a per-sequence random permutation | one permuted copy of each weight per training step; per step a slice |
 | `per_step_window`, `offsets=m` (`per_step_window/{offsets}` below) | the same, the window starting at one of m evenly spaced places | as above, and the steps sharing a start run their input, decoder and weight-gradient GEMMs as one |
 | `per_sequence` | one uniform k-subset for all steps (variational) | one gather of k columns per training step, then full-size GEMMs |
@@ -244,7 +244,22 @@ which is why the decoder draws its sets per step in the per-step modes.
 The speed of one training step at H = 200 / 650 / 1500 against torch.nn.LSTM and our dense LSTM, beside
 the certified MAC reduction: docs/benchmarks.md, section "Structured dropout: LSTM LM training step".
 
-At H = 650 on the quiet 2-core machine, `per_sequence` clears the issue's 0.8 x certified (1.15-1.19x
+## Native kernels
+
+With fxreduce's native CPU kernels built (`fxreduce doctor` says so; ./dev builds them), a per-step keep
+set costs no copy at all: W^T is transposed once per call, so a kept unit is one contiguous row, and one
+"indirect-K" GEMM per projection runs every step over its own kept rows (forward, input gradient, and a
+weight gradient that scatter-adds into the kept rows), with W^T's column panels reused across all T steps.
+The recurrence is one C++ time loop per layer and direction (the per-step GEMM over the kept units of h on
+W_hh^T, then the fused cell): while W_hh^T fits in cache each thread runs the whole sequence for its batch
+rows, so no step waits on another thread; for larger weights each step splits the hidden units across
+threads. The backward is the same loop reversed, and the recurrent weight gradient one GEMM at the end.
+The uniform `per_step` mode, the paper's, stays the default. Kernel speeds and the
+training-step speed: docs/benchmarks.md, sections "Native kernels vs dense MKL GEMMs" and "Structured
+dropout: LSTM LM training step". Without the extension (no compiler, another CPU, CUDA tensors,
+float16/bfloat16) the torch path below serves, with the same results.
+
+On the torch path (before the native kernels; H = 650, the quiet 2-core machine), `per_sequence` clears the issue's 0.8 x certified (1.15-1.19x
 against 1.40x); the per-step modes do not (`per_step_window/8` 1.01x, + recurrent 1.06x; uniform
 `per_step` 0.51x). The window modes accumulate their weight gradients in the weight's own (out, in)
 layout with the columns in the permuted order (oneDNN GEMMs for large groups of steps, MKL's addmm_
@@ -261,9 +276,9 @@ of steps gathers its rows of the inputs and output gradients (~2.5 ms in all). T
 price of changing the keep set during the sequence; the copies are the price of a random order per
 sequence. Tried without gain: that gradient accumulated in the weight's layout by a column scatter
 (21 -> 25 ms), oneDNN on a strided weight slice (it falls back to a reference kernel: 179 ms for one
-20-row GEMM), and prepacking each window's slice (118 vs 108 us per step unpacked). The uniform mode's T
-small GEMMs each re-read a gathered weight, where the dense step reads it once for all T steps: on a CPU
-at batch 20 that cannot be made to pay.
+20-row GEMM), and prepacking each window's slice (118 vs 108 us per step unpacked). On the torch path the
+uniform mode's T small GEMMs each re-read a gathered weight, where the dense step reads it once for all T
+steps; the native indirect-K kernels remove exactly that.
 """
 
 

@@ -371,6 +371,15 @@ def _model_options(parser: argparse.ArgumentParser, shape_default: str | None = 
                                                          "(default: axis-0 dims at 1, others at their example size)")
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Which kernels this installation runs: fxreduce's native layer (and its ISA) or the torch fallback."""
+    from . import native
+
+    print(f"fxreduce {__version__}, torch {torch.__version__}")
+    print("\n".join(native.report()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxreduce", description="Computation-reducing compiler passes on torch.fx. "
                      "MODEL is default (the demo CNN), torchvision:NAME, package.module:factory or file.py:factory.")
@@ -381,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     passes = commands.add_parser("passes", help="list every registered pass with its contract and options")
     passes.add_argument("--format", choices=("table", "json"), default="table")
     passes.set_defaults(run=cmd_passes)
+
+    doctor = commands.add_parser("doctor", help="which kernels run here: native (and on which ISA) or torch fallback")
+    doctor.set_defaults(run=cmd_doctor)
 
     cost = commands.add_parser("cost", help="symbolic FLOPs, MACs, params and bytes of a model")
     cost.add_argument("model", metavar="MODEL")

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxreduce.errors import CostError, InputError, OptionError, UnsupportedError
-from fxreduce.modules import lstm as lstm_module
+from fxreduce import native
+from fxreduce.modules.lstm import module as lstm_module, onednn, recurrence
 from fxreduce.modules.lstm import LSTM, KeepSet
 
 
@@ -23,6 +24,13 @@ from fxreduce.modules.lstm import LSTM, KeepSet
 def decomposed_kernels(monkeypatch):
     """Every test here checks the decomposed kernels, also where dense inference would take nn.LSTM's."""
     monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 0)
+
+
+@pytest.fixture
+def torch_path():
+    """The torch path (the reference and the fallback), also where the native kernels are built."""
+    with native.disabled():
+        yield
 
 
 class Chain(nn.Module):
@@ -195,7 +203,7 @@ def test_gradients_equal_nn_lstm(cfg):
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")
-def test_float32_without_onednn_uses_addmm_and_matches():
+def test_float32_without_onednn_uses_addmm_and_matches(torch_path):
     torch.manual_seed(0)
     ref = nn.LSTM(7, 9, 2, bidirectional=True)
     ours = LSTM.from_torch(ref)
@@ -213,9 +221,9 @@ def test_float32_without_onednn_uses_addmm_and_matches():
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_packed_onednn_steps_match(monkeypatch, bidirectional):
+def test_packed_onednn_steps_match(monkeypatch, bidirectional, torch_path):
     """Small test sizes keep per-step GEMMs on addmm; force oneDNN's packed kernel to check it too."""
-    monkeypatch.setattr(lstm_module, "_STEP_DNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(onednn, "_STEP_DNN_MIN_WEIGHTS", 0)
     cfg = dict(input_size=5, hidden_size=6, num_layers=2, bias=True, batch_first=False, bidirectional=bidirectional,
                steps=17, batch=3, unbatched=False, with_state=True, dtype=torch.float32, seed=4)
     ref, ours = make_pair(cfg)
@@ -250,7 +258,7 @@ def test_packed_onednn_steps_match(monkeypatch, bidirectional):
         assert_near(params[name], params_ref[name], torch.float32)
 
 
-def test_inference_saves_nothing_for_backward(monkeypatch):
+def test_inference_saves_nothing_for_backward(monkeypatch, torch_path):
     torch.manual_seed(0)
     ours = LSTM(4, 5, 2, bidirectional=True)
     x = torch.randn(6, 2, 4)
@@ -259,7 +267,7 @@ def test_inference_saves_nothing_for_backward(monkeypatch):
     def fail(*args):
         raise AssertionError("the training kernel ran under no_grad")
 
-    monkeypatch.setattr(lstm_module._Recurrence, "apply", fail)
+    monkeypatch.setattr(recurrence._Recurrence, "apply", fail)
     with torch.no_grad():
         assert_near(ours(x)[0], expected, torch.float32)
     ours.requires_grad_(False)
@@ -384,8 +392,8 @@ def test_swapped_projections_match_the_reference(case):
 
 def test_fast_path_for_gemm_factors_and_autograd_loop_for_opaque(monkeypatch):
     calls = []
-    original = lstm_module._Recurrence.apply
-    monkeypatch.setattr(lstm_module._Recurrence, "apply", lambda *a: calls.append(1) or original(*a))
+    original = recurrence._Recurrence.apply
+    monkeypatch.setattr(recurrence._Recurrence, "apply", lambda *a: calls.append(1) or original(*a))
     ours = LSTM(3, 4, dtype=torch.float64)
     ours.set_projection("hh", 0, False, Chain([4, 2, 16]))
     ours(torch.randn(5, 2, 3, dtype=torch.float64))
@@ -569,13 +577,13 @@ def test_declared_macs_hand_count_and_symbols():
 
 
 @pytest.mark.parametrize("bidirectional, batch_first", [(False, True), (True, False)])
-def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batch_first):
+def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batch_first, torch_path):
     monkeypatch.setattr(lstm_module, "TORCH_KERNEL_MAX_HIDDEN", 1024)
 
     def decomposed(*args):
         raise AssertionError("the decomposed recurrence ran")
 
-    monkeypatch.setattr(lstm_module, "_fast_recurrence", decomposed)
+    monkeypatch.setattr(lstm_module, "fast_recurrence", decomposed)
     torch.manual_seed(0)
     reference = nn.LSTM(5, 8, 2, batch_first=batch_first, bidirectional=bidirectional)
     ours = LSTM.from_torch(reference)

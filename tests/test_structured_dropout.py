@@ -19,7 +19,8 @@ from torch import nn
 
 import fxreduce
 from fxreduce.errors import OptionError
-from fxreduce.modules import lstm as lstm_module
+from fxreduce import native
+from fxreduce.modules.lstm import step_projection
 from fxreduce.modules.lstm import KeepSet
 from fxreduce.modules.structured_dropout import (MODES, StructuredDropoutLinear, StructuredDropoutLSTM,
                                                  draw_keep_set, keep_count)
@@ -137,13 +138,17 @@ def test_training_equals_the_dense_lstm_with_the_same_masks(case):
             assert torch.all(grads[f"weight_{kind}_l{layer}"][:, dropped] == 0)
 
 
-@pytest.mark.parametrize("offsets, onednn_gradients", [(None, False), (2, False), (2, True)])
-def test_float32_training_within_relative_tolerance(offsets, onednn_gradients, monkeypatch):
-    # float32 takes the oneDNN kernels. The window weight gradients of grouped steps are oneDNN GEMMs only for
-    # large windows; the size limit is lifted (or raised) here so both ways run. p=0.3 makes a window wrap.
+@pytest.mark.parametrize("offsets, onednn_gradients, torch_path", [
+    (None, False, True), (2, False, True), (2, True, True), (None, False, False), (2, False, False)])
+def test_float32_training_within_relative_tolerance(offsets, onednn_gradients, torch_path, monkeypatch):
+    # float32 takes the native kernels where built, else the oneDNN ones. The torch path's window weight gradients
+    # of grouped steps are oneDNN GEMMs only for large windows; the size limit is lifted (or raised) here so both
+    # ways run. p=0.3 makes a window wrap.
     limit = 0 if onednn_gradients else 1 << 40
-    monkeypatch.setattr(lstm_module, "_WINDOW_DNN_MIN_ROWS", limit)
-    monkeypatch.setattr(lstm_module, "_WINDOW_DNN_MIN_WEIGHTS", limit)
+    monkeypatch.setattr(step_projection, "WINDOW_DNN_MIN_ROWS", limit)
+    monkeypatch.setattr(step_projection, "WINDOW_DNN_MIN_WEIGHTS", limit)
+    if torch_path:
+        monkeypatch.setattr(native, "_DISABLED", [True])
     case = dict(input_size=40, hidden_size=48, num_layers=2, bidirectional=False, steps=9, batch=5, p=0.3,
                 mode="per_step_window", offsets=offsets, recurrent=True, mask_input=True, between=0.5, seed=3)
     original, module, x = build(case, dtype=torch.float32)
@@ -246,7 +251,7 @@ def test_steps_sharing_an_offset_run_as_one_gemm_and_match_the_contract():
                             trials=1)
     assert result.ok, str(result)
     keep = draw_keep_set(torch.Generator().manual_seed(0), 12, 6, 2.0, 9, "per_step_window", offsets=2)
-    groups = lstm_module._StepRows(torch.randn(48, 12), keep.index, (keep.order, keep.offsets.tolist())).groups()
+    groups = step_projection.StepRows(torch.randn(48, 12), keep.index, (keep.order, keep.offsets.tolist())).groups()
     covered = [t for first, steps in groups for t in ([first] if steps is None else steps.tolist())]
     assert len(groups) <= 2 and sorted(covered) == list(range(9))
 
@@ -256,9 +261,10 @@ def test_contract_check_catches_a_kernel_reading_the_wrong_step(monkeypatch):
     traced = fxreduce.trace(LanguageModel().eval(), (tokens(),))
     result = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_step_window', recurrent=True)")
     pass_ = result.report.steps[0].pass_
+    monkeypatch.setattr(native, "_DISABLED", [True])  # the torch path's per-step kernels
     assert pass_.check(traced, result.graph_module, (tokens(),)) is None
-    correct = lstm_module._StepRows.__call__
-    monkeypatch.setattr(lstm_module._StepRows, "__call__", lambda self, t: correct(self, (t + 1) % len(self.index)))
+    correct = step_projection.StepRows.__call__
+    monkeypatch.setattr(step_projection.StepRows, "__call__", lambda self, t: correct(self, (t + 1) % len(self.index)))
     assert "training" in pass_.check(traced, result.graph_module, (tokens(),))
 
 

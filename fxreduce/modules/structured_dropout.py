@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import OptionError
-from .lstm import LSTM, KeepSet, _input_projection
+from .lstm import LSTM, KeepSet, input_projection
 
 MODES = ("per_step", "per_sequence", "per_step_window")
 
@@ -252,7 +252,7 @@ class StructuredDropoutLinear(nn.Linear):
             if self.reference:
                 out = F.linear(steps_first * keep.mask(self.in_features, x), self.weight, self.bias)
             else:
-                out = _input_projection(steps_first.contiguous(), [self.weight], self.bias, keep)
+                out = input_projection(steps_first.contiguous(), [self.weight], self.bias, keep)
             return out.movedim(0, self.time_dim)
         index = keep.index.to(x.device)
         if self.reference:

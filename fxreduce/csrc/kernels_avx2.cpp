@@ -1,0 +1,12 @@
+// The AVX2 + FMA kernels (built with -mavx2 -mfma); 16 registers, so a 6 x 2-vector tile.
+#if defined(__x86_64__)
+#define FXR_ISA avx2
+#define FXR_ISA_NAME "avx2"
+#define FXR_TABLE avx2_table
+#define FXR_VEC_BYTES 32
+#define FXR_MR 6
+#define FXR_NV 2
+#define FXR_DM 3
+#define FXR_DJ 3
+#include "kernels_impl.h"
+#endif

@@ -1,0 +1,340 @@
+// The kernels, written once with GCC vector extensions and compiled once per ISA: the including unit
+// defines FXR_ISA (its namespace), FXR_TABLE (the table's name), FXR_VEC_BYTES (register width), FXR_MR x
+// FXR_NV (the rows_gemm register tile: rows x vectors) and FXR_DM x FXR_DJ (the row_dots tile). Everything
+// lives in the per-ISA namespace and nothing from the standard library is instantiated here, so no code
+// built for one ISA can be picked by the linker for another.
+#include <cmath>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace fxreduce {
+namespace native {
+namespace FXR_ISA {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(FXR_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(FXR_VEC_BYTES)));
+  static constexpr int lanes = FXR_VEC_BYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(FXR_VEC_BYTES)));
+  static constexpr int lanes = FXR_VEC_BYTES / 8;
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Heap scratch owned by one call (no static buffers: calls may run concurrently).
+template <typename T>
+struct Scratch {
+  T* data;
+  explicit Scratch(int64_t n) : data(new T[n > 0 ? n : 1]()) {}
+  ~Scratch() { delete[] data; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// rows_gemm: an MRt x (NVt vectors) register tile; B rows read through the index, the next ones prefetched.
+constexpr int kPrefetchDistance = 8;
+
+template <typename T, int MRt, int NVt>
+inline void row_tile(const RowsGemm<T>& a, const T* A, const T* b_base, int64_t ldb, const int64_t* b_index,
+                     T* const* c_rows, const T* const* d_rows) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::lanes;
+  V acc[MRt][NVt];
+  for (int r = 0; r < MRt; ++r)
+    for (int v = 0; v < NVt; ++v) acc[r][v] = V();
+  const int64_t K = a.K;
+  for (int64_t j = 0; j < K; ++j) {
+    const T* b = b_base + (b_index ? b_index[j] : j) * ldb;
+    if (b_index && j + kPrefetchDistance < K) {
+      const char* next = reinterpret_cast<const char*>(b_base + b_index[j + kPrefetchDistance] * ldb);
+      for (int byte = 0; byte < NVt * FXR_VEC_BYTES; byte += 64) __builtin_prefetch(next + byte);
+    }
+    V bv[NVt];
+    for (int v = 0; v < NVt; ++v) bv[v] = load<V>(b + v * L);
+    for (int r = 0; r < MRt; ++r) {
+      const T s = A[r * a.a_row + j * a.a_col];
+      for (int v = 0; v < NVt; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+  for (int r = 0; r < MRt; ++r)
+    for (int v = 0; v < NVt; ++v) {
+      V out = acc[r][v] * a.alpha;
+      if (d_rows[r]) out += load<V>(d_rows[r] + v * L);
+      store(c_rows[r] + v * L, out);
+    }
+}
+
+template <typename T, int NVt, int MRt>
+inline void row_tile_of(int rows, const RowsGemm<T>& a, const T* A, const T* b_base, int64_t ldb,
+                        const int64_t* b_index, T* const* c_rows, const T* const* d_rows) {
+  if constexpr (MRt > 0) {
+    if (rows == MRt) return row_tile<T, MRt, NVt>(a, A, b_base, ldb, b_index, c_rows, d_rows);
+    row_tile_of<T, NVt, MRt - 1>(rows, a, A, b_base, ldb, b_index, c_rows, d_rows);
+  }
+}
+
+// All rows of group g for the columns [c, c + width). With `tail` > 0 the B columns come packed in b_base
+// (zero-padded to one vector) and the tile is written through a local buffer, `tail` columns back.
+template <typename T, int NVt>
+inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b_base, int64_t ldb,
+                          const int64_t* b_index, int64_t tail) {
+  constexpr int L = Vec<T>::lanes;
+  T local[FXR_MR * L];
+  for (int64_t m = 0; m < a.M; m += FXR_MR) {
+    const int rows = static_cast<int>(smaller(FXR_MR, a.M - m));
+    T* c_rows[FXR_MR];
+    const T* d_rows[FXR_MR];
+    T* out_rows[FXR_MR];
+    const T* add_rows[FXR_MR];
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = m + r;
+      const int64_t c_row = a.c_index ? a.c_index[g * a.c_index_group + row] : row;
+      out_rows[r] = a.C + g * a.c_group + c_row * a.ldc + c;
+      add_rows[r] = a.accumulate ? out_rows[r] : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
+      c_rows[r] = tail ? local + r * L : out_rows[r];
+      d_rows[r] = tail ? nullptr : add_rows[r];
+    }
+    row_tile_of<T, NVt, FXR_MR>(rows, a, a.A + g * a.a_group + m * a.a_row, b_base, ldb, b_index, c_rows, d_rows);
+    if (tail) {
+      for (int r = 0; r < rows; ++r)
+        for (int64_t e = 0; e < tail; ++e) out_rows[r][e] = local[r * L + e] + (add_rows[r] ? add_rows[r][e] : T(0));
+    }
+  }
+}
+
+template <typename T>
+void rows_gemm(const RowsGemm<T>& a, int64_t c_begin, int64_t c_end) {
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t W = FXR_NV * L;
+  int64_t c = c_begin;
+  // Column tiles outer, groups inner: a (K x W) panel of B stays in cache across every group (time step).
+  for (; c + W <= c_end; c += W)
+    for (int64_t g = 0; g < a.groups; ++g)
+      group_columns<T, FXR_NV>(a, g, c, a.B + g * a.b_group + c, a.ldb,
+                               a.b_index ? a.b_index + g * a.b_index_group : nullptr, 0);
+  for (; c + L <= c_end; c += L)
+    for (int64_t g = 0; g < a.groups; ++g)
+      group_columns<T, 1>(a, g, c, a.B + g * a.b_group + c, a.ldb,
+                          a.b_index ? a.b_index + g * a.b_index_group : nullptr, 0);
+  if (c < c_end) {
+    const int64_t tail = c_end - c;
+    Scratch<T> packed(a.K * L);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t* index = a.b_index ? a.b_index + g * a.b_index_group : nullptr;
+      for (int64_t j = 0; j < a.K; ++j) {
+        const T* b = a.B + g * a.b_group + (index ? index[j] : j) * a.ldb + c;
+        for (int64_t e = 0; e < tail; ++e) packed.data[j * L + e] = b[e];
+      }
+      group_columns<T, 1>(a, g, c, packed.data, L, nullptr, tail);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// row_dots: an FXR_DM x FXR_DJ tile of dot products over contiguous rows.
+template <typename T>
+inline T horizontal_sum(typename Vec<T>::V v) {
+  T s = 0;
+  for (int e = 0; e < Vec<T>::lanes; ++e) s += v[e];
+  return s;
+}
+
+template <typename T, int DMt, int DJt>
+inline void dot_tile(const RowDots<T>& a, int64_t g, int64_t m, int64_t j) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::lanes;
+  const T* A[DMt];
+  const T* B[DJt];
+  for (int r = 0; r < DMt; ++r) A[r] = a.A + g * a.a_group + (m + r) * a.lda;
+  for (int s = 0; s < DJt; ++s) {
+    const int64_t row = a.b_index ? a.b_index[g * a.b_index_group + j + s] : j + s;
+    B[s] = a.B + g * a.b_group + row * a.ldb;
+  }
+  V acc[DMt][DJt];
+  for (int r = 0; r < DMt; ++r)
+    for (int s = 0; s < DJt; ++s) acc[r][s] = V();
+  int64_t c = 0;
+  for (; c + L <= a.K; c += L) {
+    V av[DMt];
+    for (int r = 0; r < DMt; ++r) av[r] = load<V>(A[r] + c);
+    for (int s = 0; s < DJt; ++s) {
+      const V bv = load<V>(B[s] + c);
+      for (int r = 0; r < DMt; ++r) acc[r][s] += av[r] * bv;
+    }
+  }
+  for (int r = 0; r < DMt; ++r)
+    for (int s = 0; s < DJt; ++s) {
+      T sum = horizontal_sum<T>(acc[r][s]);
+      for (int64_t e = c; e < a.K; ++e) sum += A[r][e] * B[s][e];
+      const int64_t col = a.c_cols ? a.c_cols[g * a.c_cols_group + j + s] : j + s;
+      T* out = a.C + g * a.c_group + (m + r) * a.ldc + col;
+      *out = a.accumulate ? *out + a.alpha * sum : a.alpha * sum;
+    }
+}
+
+template <typename T, int DMt>
+inline void dot_rows(const RowDots<T>& a, int64_t g, int64_t m, int64_t j_begin, int64_t j_end) {
+  int64_t j = j_begin;
+  for (; j + FXR_DJ <= j_end; j += FXR_DJ) dot_tile<T, DMt, FXR_DJ>(a, g, m, j);
+  for (; j < j_end; ++j) dot_tile<T, DMt, 1>(a, g, m, j);
+}
+
+template <typename T, int DMt>
+inline void dot_rows_of(int rows, const RowDots<T>& a, int64_t g, int64_t m, int64_t j_begin, int64_t j_end) {
+  if constexpr (DMt > 0) {
+    if (rows == DMt) return dot_rows<T, DMt>(a, g, m, j_begin, j_end);
+    dot_rows_of<T, DMt - 1>(rows, a, g, m, j_begin, j_end);
+  }
+}
+
+template <typename T>
+void row_dots(const RowDots<T>& a, int64_t j_begin, int64_t j_end) {
+  for (int64_t g = 0; g < a.groups; ++g)
+    for (int64_t m = 0; m < a.M; m += FXR_DM)
+      dot_rows_of<T, FXR_DM>(static_cast<int>(smaller(FXR_DM, a.M - m)), a, g, m, j_begin, j_end);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The LSTM cell. float32: vectorised exp (Cephes' expf: range reduction by ln 2, degree-6 polynomial,
+// about 1 ulp) and a tanh that keeps its relative accuracy near 0; float64: libm, scalar.
+typedef typename Vec<float>::V VF;
+typedef typename Vec<float>::I VI;
+
+inline VF splat(float s) { return VF() + s; }
+
+inline VF vexp(VF x) {
+  x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
+  x = x < splat(-87.3365447504f) ? splat(-87.3365447504f) : x;
+  const VF magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  VF n = (x * 1.44269504088896341f + magic) - magic;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  VF y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * (x * x) + x + 1.0f;
+  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF scale;
+  __builtin_memcpy(&scale, &bits, sizeof(VF));
+  return y * scale;
+}
+
+inline VF vsigmoid(VF x) { return 1.0f / (1.0f + vexp(-x)); }
+
+inline VF vtanh(VF x) {
+  const VF ax = x < 0.0f ? -x : x;
+  const VF e = vexp(-2.0f * ax);
+  VF big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  const VF z = x * x;  // Cephes' tanhf polynomial below 0.625
+  VF small = splat(-5.70498872745E-3f);
+  small = small * z + 2.06390887954E-2f;
+  small = small * z - 5.37397155531E-2f;
+  small = small * z + 1.33314422036E-1f;
+  small = small * z - 3.33332819422E-1f;
+  small = small * z * x + x;
+  return ax < 0.625f ? small : big;
+}
+
+inline float ssigmoid(float x) {
+  VF v = splat(x);
+  return vsigmoid(v)[0];
+}
+inline float stanh(float x) {
+  VF v = splat(x);
+  return vtanh(v)[0];
+}
+
+void cell_forward_f(int64_t H, int64_t units, float* gates, const float* c_prev, float* c, float* tanh_c, float* h) {
+  constexpr int L = Vec<float>::lanes;
+  float *gi = gates, *gf = gates + H, *gg = gates + 2 * H, *go = gates + 3 * H;
+  int64_t u = 0;
+  for (; u + L <= units; u += L) {
+    const VF i = vsigmoid(load<VF>(gi + u)), f = vsigmoid(load<VF>(gf + u));
+    const VF g = vtanh(load<VF>(gg + u)), o = vsigmoid(load<VF>(go + u));
+    const VF cell = f * load<VF>(c_prev + u) + i * g;
+    const VF tc = vtanh(cell);
+    store(gi + u, i);
+    store(gf + u, f);
+    store(gg + u, g);
+    store(go + u, o);
+    store(c + u, cell);
+    store(tanh_c + u, tc);
+    store(h + u, o * tc);
+  }
+  for (; u < units; ++u) {
+    const float i = ssigmoid(gi[u]), f = ssigmoid(gf[u]), g = stanh(gg[u]), o = ssigmoid(go[u]);
+    const float cell = f * c_prev[u] + i * g;
+    const float tc = stanh(cell);
+    gi[u] = i, gf[u] = f, gg[u] = g, go[u] = o;
+    c[u] = cell, tanh_c[u] = tc, h[u] = o * tc;
+  }
+}
+
+inline double dsigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+void cell_forward_d(int64_t H, int64_t units, double* gates, const double* c_prev, double* c, double* tanh_c,
+                    double* h) {
+  for (int64_t u = 0; u < units; ++u) {
+    const double i = dsigmoid(gates[u]), f = dsigmoid(gates[H + u]);
+    const double g = std::tanh(gates[2 * H + u]), o = dsigmoid(gates[3 * H + u]);
+    const double cell = f * c_prev[u] + i * g;
+    const double tc = std::tanh(cell);
+    gates[u] = i, gates[H + u] = f, gates[2 * H + u] = g, gates[3 * H + u] = o;
+    c[u] = cell, tanh_c[u] = tc, h[u] = o * tc;
+  }
+}
+
+template <typename T>
+void cell_backward(int64_t H, int64_t units, const T* acts, const T* c_prev, const T* tanh_c, const T* dh, T* dc,
+                   T* dgates) {
+  const T *i = acts, *f = acts + H, *g = acts + 2 * H, *o = acts + 3 * H;
+  T *di = dgates, *df = dgates + H, *dg = dgates + 2 * H, *d_o = dgates + 3 * H;
+  for (int64_t u = 0; u < units; ++u) {
+    const T tc = tanh_c[u];
+    const T total = dc[u] + dh[u] * o[u] * (T(1) - tc * tc);
+    di[u] = total * g[u] * i[u] * (T(1) - i[u]);
+    df[u] = total * c_prev[u] * f[u] * (T(1) - f[u]);
+    dg[u] = total * i[u] * (T(1) - g[u] * g[u]);
+    d_o[u] = dh[u] * tc * o[u] * (T(1) - o[u]);
+    dc[u] = total * f[u];
+  }
+}
+
+}  // namespace FXR_ISA
+
+extern const KernelTable FXR_TABLE = {
+    FXR_ISA_NAME,
+    FXR_NV * FXR_ISA::Vec<float>::lanes,
+    &FXR_ISA::rows_gemm<float>,
+    &FXR_ISA::rows_gemm<double>,
+    &FXR_ISA::row_dots<float>,
+    &FXR_ISA::row_dots<double>,
+    &FXR_ISA::cell_forward_f,
+    &FXR_ISA::cell_forward_d,
+    &FXR_ISA::cell_backward<float>,
+    &FXR_ISA::cell_backward<double>,
+};
+
+}  // namespace native
+}  // namespace fxreduce

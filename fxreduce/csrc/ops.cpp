@@ -1,0 +1,477 @@
+// torch.ops.fxreduce.*: the indirect-K GEMMs and the LSTM layer's time loop, on the ISA picked at load.
+// Shapes, dtypes, devices and indices are checked here (TORCH_CHECK), so a bad call is an error, never a
+// read out of bounds. Any strides: operands are made contiguous where a kernel reads rows.
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fxreduce {
+namespace native {
+namespace {
+
+using at::Tensor;
+
+bool isa_supported(const std::string& name) {
+  if (name == "portable") return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+const KernelTable* table_named(const std::string& name) {
+#if defined(__x86_64__)
+  if (name == "avx512") return &avx512_table;
+  if (name == "avx2") return &avx2_table;
+#endif
+  if (name == "portable") return &portable_table;
+  return nullptr;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const char* name : {"avx512", "avx2", "portable"})
+    if (table_named(name) && isa_supported(name)) names.push_back(name);
+  return names;
+}
+
+std::atomic<const KernelTable*> active{table_named(supported_isas().front())};
+
+const KernelTable& kernels() { return *active.load(std::memory_order_relaxed); }
+
+void set_isa(const std::string& name) {
+  const KernelTable* table = table_named(name);
+  TORCH_CHECK(table != nullptr && isa_supported(name), "fxreduce: ISA '", name,
+              "' is not available on this CPU or build; available: ", c10::Join(", ", supported_isas()));
+  active.store(table);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Checks.
+void check_float(const Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "fxreduce.", op, ": ", name, " is on ", t.device(),
+              "; the native kernels run on CPU tensors (other devices take the torch path)");
+  TORCH_CHECK(t.scalar_type() == dtype, "fxreduce.", op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", dtype, " like the first operand (float32 or float64)");
+}
+
+void check_dtype(const Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fxreduce.", op,
+              ": dtype ", t.scalar_type(), " is unsupported; the native kernels take float32 or float64");
+}
+
+void check_shape(bool ok, const char* op, const std::string& what) {
+  TORCH_CHECK(ok, "fxreduce.", op, ": ", what);
+}
+
+// index: None, (k,) shared by every group, or (groups, k); values in [0, rows). Returns it contiguous.
+std::optional<Tensor> checked_index(const std::optional<Tensor>& index, int64_t groups, int64_t k, int64_t rows,
+                                    const char* op) {
+  if (!index.has_value()) {
+    check_shape(k == rows, op, "without an index the operand's width " + std::to_string(k) +
+                                   " must equal the weight's rows " + std::to_string(rows));
+    return std::nullopt;
+  }
+  const Tensor& i = *index;
+  TORCH_CHECK(i.device().is_cpu(), "fxreduce.", op, ": index is on ", i.device(), "; expected a CPU tensor");
+  TORCH_CHECK(i.scalar_type() == at::kLong, "fxreduce.", op, ": index has dtype ", i.scalar_type(),
+              ", expected int64");
+  check_shape((i.dim() == 1 && i.size(0) == k) || (i.dim() == 2 && i.size(0) == groups && i.size(1) == k), op,
+              "index must have shape (" + std::to_string(k) + ",) or (" + std::to_string(groups) + ", " +
+                  std::to_string(k) + "), got " + c10::str(i.sizes()));
+  Tensor c = i.contiguous();
+  if (c.numel() > 0) {
+    const int64_t low = c.min().item<int64_t>(), high = c.max().item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < rows, "fxreduce.", op, ": index values must lie in [0, ", rows, "), got [",
+                low, ", ", high, "]");
+  }
+  return c;
+}
+
+int64_t index_group_stride(const std::optional<Tensor>& index) {
+  return index.has_value() && index->dim() == 2 ? index->size(1) : 0;
+}
+
+const int64_t* index_data(const std::optional<Tensor>& index) {
+  return index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Drivers: split columns (rows_gemm) or dot outputs (row_dots) across threads; tiny calls stay serial.
+constexpr int64_t kWorkPerTask = 1 << 16;  // multiply-adds below which a thread is not worth waking
+
+template <typename T>
+void (*rows_gemm_fn())(const RowsGemm<T>&, int64_t, int64_t) {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_f)
+                                       : reinterpret_cast<void (*)(const RowsGemm<T>&, int64_t, int64_t)>(k.rows_gemm_d);
+}
+
+template <typename T>
+void (*row_dots_fn())(const RowDots<T>&, int64_t, int64_t) {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_f)
+                                       : reinterpret_cast<void (*)(const RowDots<T>&, int64_t, int64_t)>(k.row_dots_d);
+}
+
+template <typename T>
+void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
+  const KernelTable& k = kernels();
+  const int64_t tile = k.column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
+  const int64_t blocks = (columns + tile - 1) / tile;
+  const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
+  const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
+  auto fn = rows_gemm_fn<T>();
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    fn(args, b0 * tile, std::min(b1 * tile, columns));
+  });
+}
+
+template <typename T>
+void run_row_dots(const RowDots<T>& args) {
+  const int64_t per_j = std::max<int64_t>(1, args.groups * args.M * args.K);
+  const int64_t grain = std::max<int64_t>(4, kWorkPerTask / per_j);
+  auto fn = row_dots_fn<T>();
+  at::parallel_for(0, args.J, grain, [&](int64_t j0, int64_t j1) { fn(args, j0, j1); });
+}
+
+// ------------------------------------------------------------------------------------------------------
+// gather_matmul(x (G, N, k), wt (in, out), index) -> (G, N, out): out[g] = x[g] @ wt[index[g]].
+Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tensor>& index) {
+  const char* op = "gather_matmul";
+  check_dtype(x, op);
+  check_float(x, op, "x", x.scalar_type());
+  check_float(wt, op, "wt", x.scalar_type());
+  check_shape(x.dim() == 3 && wt.dim() == 2, op,
+              "expected x (groups, rows, k) and wt (in, out), got " + c10::str(x.sizes()) + " and " + c10::str(wt.sizes()));
+  const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = wt.size(1);
+  auto idx = checked_index(index, G, K, wt.size(0), op);
+  Tensor xc = x.contiguous(), wc = wt.contiguous();
+  Tensor result = at::empty({G, N, out}, x.options());
+  if (result.numel() == 0) return result;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
+    RowsGemm<scalar_t> a{G, N, K, xc.data_ptr<scalar_t>(), N * K, K, 1, wc.data_ptr<scalar_t>(), 0, out,
+                         index_data(idx), index_group_stride(idx), result.data_ptr<scalar_t>(), N * out, out,
+                         nullptr, 0, nullptr, 0, 0, false, scalar_t(1)};
+    run_rows_gemm(a, out);
+  });
+  return result;
+}
+
+// gather_matmul_input_grad(dout (G, N, out), wt (in, out), index (k)) -> (G, N, k) = dout[g] @ wt[index[g]]^T.
+Tensor gather_matmul_input_grad(const Tensor& dout, const Tensor& wt, const std::optional<Tensor>& index, int64_t k) {
+  const char* op = "gather_matmul_input_grad";
+  check_dtype(dout, op);
+  check_float(dout, op, "dout", dout.scalar_type());
+  check_float(wt, op, "wt", dout.scalar_type());
+  check_shape(dout.dim() == 3 && wt.dim() == 2 && dout.size(2) == wt.size(1), op,
+              "expected dout (groups, rows, out) and wt (in, out), got " + c10::str(dout.sizes()) + " and " +
+                  c10::str(wt.sizes()));
+  const int64_t G = dout.size(0), N = dout.size(1), out = dout.size(2);
+  auto idx = checked_index(index, G, k, wt.size(0), op);
+  Tensor dc = dout.contiguous(), wc = wt.contiguous();
+  Tensor result = at::zeros({G, N, k}, dout.options());
+  if (result.numel() == 0) return result;
+  AT_DISPATCH_FLOATING_TYPES(dout.scalar_type(), "fxreduce", [&] {
+    RowDots<scalar_t> a{G, N, k, out, dc.data_ptr<scalar_t>(), N * out, out, wc.data_ptr<scalar_t>(), 0, out,
+                        index_data(idx), index_group_stride(idx), result.data_ptr<scalar_t>(), N * k, k, nullptr, 0,
+                        false, scalar_t(1)};
+    run_row_dots(a);
+  });
+  return result;
+}
+
+// gather_matmul_weight_grad(x (G, N, k), dout (G, N, out), index, rows) -> (rows, out):
+// row index[g][j] accumulates sum_n x[g][n][j] * dout[g][n]; rows no set keeps stay zero.
+Tensor gather_matmul_weight_grad(const Tensor& x, const Tensor& dout, const std::optional<Tensor>& index,
+                                 int64_t rows) {
+  const char* op = "gather_matmul_weight_grad";
+  check_dtype(x, op);
+  check_float(x, op, "x", x.scalar_type());
+  check_float(dout, op, "dout", x.scalar_type());
+  check_shape(x.dim() == 3 && dout.dim() == 3 && x.size(0) == dout.size(0) && x.size(1) == dout.size(1), op,
+              "expected x (groups, rows, k) and dout (groups, rows, out), got " + c10::str(x.sizes()) + " and " +
+                  c10::str(dout.sizes()));
+  check_shape(rows >= 0, op, "rows must be >= 0");
+  const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = dout.size(2);
+  auto idx = checked_index(index, G, K, rows, op);
+  Tensor xc = x.contiguous(), dc = dout.contiguous();
+  Tensor result = at::zeros({rows, out}, x.options());
+  if (result.numel() == 0 || x.numel() == 0) return result;
+  const bool one_group = !idx.has_value() || idx->dim() == 1;  // one set for all: a single GEMM over G*N rows
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
+    RowsGemm<scalar_t> a{one_group ? 1 : G, K, one_group ? G * N : N, xc.data_ptr<scalar_t>(), N * K, 1, K,
+                         dc.data_ptr<scalar_t>(), N * out, out, nullptr, 0, result.data_ptr<scalar_t>(), 0, out,
+                         index_data(idx), one_group ? 0 : K, nullptr, 0, 0, true, scalar_t(1)};
+    run_rows_gemm(a, out);
+  });
+  return result;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The LSTM layer: xp (T, N, 4H) input projections with every bias, h0, c0 (N, H), wt = W_hh^T (H, 4H),
+// index: None or the kept hidden units ((k,) for the sequence, (T, k) per step; the state entering step t
+// is masked by index[t]), scale: the kept units' factor. Returns hs (T, N, H), c_last, and for the backward
+// the gate activations (T, N, 4H), cell states and their tanh (T, N, H).
+struct Layer {
+  int64_t T, N, H, k;
+  bool reverse;
+  int64_t step(int64_t n) const { return reverse ? T - 1 - n : n; }  // the n-th step processed
+};
+
+void check_lstm(const char* op, const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& wt) {
+  check_dtype(xp, op);
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{xp, "xp"}, {h0, "h0"}, {c0, "c0"}, {wt, "wt"}})
+    check_float(t, op, name, xp.scalar_type());
+  check_shape(xp.dim() == 3 && xp.size(2) % 4 == 0, op, "xp must be (T, N, 4H), got " + c10::str(xp.sizes()));
+  const int64_t N = xp.size(1), H = xp.size(2) / 4;
+  check_shape(h0.sizes() == c10::IntArrayRef({N, H}) && c0.sizes() == c10::IntArrayRef({N, H}), op,
+              "h0 and c0 must be (" + std::to_string(N) + ", " + std::to_string(H) + "), got " + c10::str(h0.sizes()) +
+                  " and " + c10::str(c0.sizes()));
+  check_shape(wt.dim() == 2 && wt.size(0) == H && wt.size(1) == 4 * H, op,
+              "wt (the recurrent weight transposed) must be (" + std::to_string(H) + ", " + std::to_string(4 * H) +
+                  "), got " + c10::str(wt.sizes()));
+}
+
+// How a layer's time loop is split across threads. The recurrence of each batch row depends on that row
+// only, so with enough rows per thread each thread runs the whole sequence for its rows: one parallel
+// region per call, no synchronisation per step; every thread then reads all of W^T per step, which pays
+// while W^T stays in cache. Otherwise every step splits the hidden units (forward: the four gate columns
+// of a unit range and their cells in one region) and, backward, the state gradient's columns.
+constexpr int64_t kRowSplitMaxWeightBytes = 8 << 20;
+constexpr int64_t kMinRowsPerThread = 5;
+constexpr int64_t kUnitBlock = 16;
+
+bool split_rows(int64_t N, int64_t H, int64_t element_size) {
+  const int64_t threads = at::get_num_threads();
+  return threads == 1 || (N >= kMinRowsPerThread * threads && 4 * H * H * element_size <= kRowSplitMaxWeightBytes);
+}
+
+template <typename T>
+using CellForward = void (*)(int64_t, int64_t, T*, const T*, T*, T*, T*);
+template <typename T>
+using CellBackward = void (*)(int64_t, int64_t, const T*, const T*, const T*, const T*, T*, T*);
+
+template <typename T>
+CellForward<T> cell_forward() {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<CellForward<T>>(k.cell_forward_f)
+                                       : reinterpret_cast<CellForward<T>>(k.cell_forward_d);
+}
+
+template <typename T>
+CellBackward<T> cell_backward() {
+  const KernelTable& k = kernels();
+  return std::is_same<T, float>::value ? reinterpret_cast<CellBackward<T>>(k.cell_backward_f)
+                                       : reinterpret_cast<CellBackward<T>>(k.cell_backward_d);
+}
+
+// Rows [r0, r1) of the state entering a step, kept units gathered and scaled into z (or h itself).
+template <typename T>
+const T* step_input(const T* h_prev, int64_t H, const int64_t* kept, int64_t k, T scale, int64_t r0, int64_t r1, T* z) {
+  if (!kept) return h_prev + r0 * H;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < k; ++j) z[(r - r0) * k + j] = h_prev[r * H + kept[j]] * scale;
+  return z;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_in, const Tensor& h0_in,
+                                                              const Tensor& c0_in, const Tensor& wt_in,
+                                                              const std::optional<Tensor>& index, double scale,
+                                                              bool reverse) {
+  const char* op = "lstm_layer";
+  check_lstm(op, xp_in, h0_in, c0_in, wt_in);
+  const int64_t T = xp_in.size(0), N = xp_in.size(1), H = xp_in.size(2) / 4;
+  const int64_t k = index.has_value() ? index->size(-1) : H;
+  auto idx = checked_index(index, T, k, H, op);
+  Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({T, N, 4 * H}, xp.options());
+  Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
+  if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
+  const Layer L{T, N, H, k, reverse};
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fxreduce", [&] {
+    auto gemm = rows_gemm_fn<scalar_t>();
+    auto cell = cell_forward<scalar_t>();
+    const scalar_t s = static_cast<scalar_t>(scale);
+    scalar_t *hs_p = hs.data_ptr<scalar_t>(), *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>();
+    scalar_t* tcs_p = tcs.data_ptr<scalar_t>();
+    const scalar_t *xp_p = xp.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>();
+    const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
+    const int64_t* index_p = index_data(idx);
+    const int64_t index_stride = index_group_stride(idx);
+    // Step n's pieces: the state it reads, its keep set, its gate buffer and the projection it adds.
+    auto prev_of = [&](int64_t n) { return n == 0 ? int64_t(-1) : L.step(n - 1); };
+    auto h_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? h0_p : hs_p + prev_of(n) * N * H; };
+    auto c_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? c0_p : cs_p + prev_of(n) * N * H; };
+    auto kept_of = [&](int64_t t) { return index_p ? index_p + t * index_stride : nullptr; };
+    if (split_rows(N, H, sizeof(scalar_t))) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        std::vector<scalar_t> z((r1 - r0) * k);
+        for (int64_t n = 0; n < T; ++n) {
+          const int64_t t = L.step(n);
+          const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, r0, r1, z.data());
+          scalar_t* gates = acts_p + (t * N + r0) * 4 * H;
+          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0,
+                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1)};
+          gemm(g, 0, 4 * H);
+          const scalar_t* c_prev = c_prev_of(n);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = (t * N + r) * H;
+            cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+          }
+        }
+      });
+      return;
+    }
+    std::vector<scalar_t> z(N * k);
+    const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
+    for (int64_t n = 0; n < T; ++n) {
+      const int64_t t = L.step(n);
+      const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, 0, N, z.data());
+      const scalar_t* c_prev = c_prev_of(n);
+      scalar_t* gates = acts_p + t * N * 4 * H;
+      RowsGemm<scalar_t> g{1, N, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0, 4 * H,
+                           nullptr, 0, xp_p + t * N * 4 * H, 0, 4 * H, false, scalar_t(1)};
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        const int64_t u0 = b0 * kUnitBlock, u1 = std::min(b1 * kUnitBlock, H);
+        for (int64_t gate = 0; gate < 4; ++gate) gemm(g, gate * H + u0, gate * H + u1);
+        for (int64_t r = 0; r < N; ++r) {
+          const int64_t o = (t * N + r) * H + u0;
+          cell(H, u1 - u0, gates + r * 4 * H + u0, c_prev + r * H + u0, cs_p + o, tcs_p + o, hs_p + o);
+        }
+      });
+    }
+  });
+  return {hs, cs[L.step(T - 1)].clone(), acts, cs, tcs};
+}
+
+// Returns dxp (T, N, 4H), dh0, dc0 (N, H), dwt (H, 4H) for the outputs' gradients dhs (T, N, H), dc_last (N, H).
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& dhs_in, const Tensor& dc_last, const Tensor& acts_in, const Tensor& cs_in, const Tensor& tcs_in,
+    const Tensor& hs_in, const Tensor& h0_in, const Tensor& c0_in, const Tensor& wt_in,
+    const std::optional<Tensor>& index, double scale, bool reverse) {
+  const char* op = "lstm_layer_backward";
+  check_lstm(op, acts_in, h0_in, c0_in, wt_in);
+  const int64_t T = acts_in.size(0), N = acts_in.size(1), H = acts_in.size(2) / 4;
+  const std::vector<int64_t> seq{T, N, H};
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{dhs_in, "dhs"}, {cs_in, "cs"}, {tcs_in, "tanh_cs"},
+                         {hs_in, "hs"}}) {
+    check_float(t, op, name, acts_in.scalar_type());
+    check_shape(t.sizes() == c10::IntArrayRef(seq), op,
+                std::string(name) + " must be " + c10::str(seq) + ", got " + c10::str(t.sizes()));
+  }
+  check_float(dc_last, op, "dc_last", acts_in.scalar_type());
+  check_shape(dc_last.sizes() == c10::IntArrayRef({N, H}), op, "dc_last must be (N, H)");
+  const int64_t k = index.has_value() ? index->size(-1) : H;
+  auto idx = checked_index(index, T, k, H, op);
+  Tensor dhs = dhs_in.contiguous(), acts = acts_in.contiguous(), cs = cs_in.contiguous(), tcs = tcs_in.contiguous();
+  Tensor hs = hs_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor dgates = at::empty({T, N, 4 * H}, acts.options());
+  Tensor dc = dc_last.contiguous().clone();
+  Tensor dh = T > 0 ? dhs[reverse ? 0 : T - 1].clone() : at::zeros({N, H}, acts.options());
+  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
+  if (T == 0) return {dgates, dh, dc, dwt};
+  const Layer L{T, N, H, k, reverse};
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+    auto cell = cell_backward<scalar_t>();
+    auto dots = row_dots_fn<scalar_t>();
+    const scalar_t *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>(), *tcs_p = tcs.data_ptr<scalar_t>();
+    const scalar_t *dhs_p = dhs.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
+    scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>(), *dc_p = dc.data_ptr<scalar_t>();
+    const int64_t* index_p = index_data(idx);
+    const int64_t index_stride = index_group_stride(idx);
+    const scalar_t alpha = static_cast<scalar_t>(index_p ? scale : 1.0);
+    // Rows [r0, r1) of step n: the cells' backward, then dh for the step before: that step's own output
+    // gradient plus the recurrence's, scattered to the kept units.
+    auto cells = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n), prev = n == 0 ? -1 : L.step(n - 1);
+      const scalar_t* c_prev = prev < 0 ? c0_p : cs_p + prev * N * H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = (t * N + r) * H;
+        cell(H, H, acts_p + o * 4, c_prev + r * H, tcs_p + o, dh_p + r * H, dc_p + r * H, dg_p + o * 4);
+      }
+      if (prev >= 0) {
+        std::copy(dhs_p + (prev * N + r0) * H, dhs_p + (prev * N + r1) * H, dh_p + r0 * H);
+      } else {
+        std::fill(dh_p + r0 * H, dh_p + r1 * H, scalar_t(0));
+      }
+    };
+    auto recurrent = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n);
+      const int64_t* kept = index_p ? index_p + t * index_stride : nullptr;
+      return RowDots<scalar_t>{1, r1 - r0, k, 4 * H, dg_p + (t * N + r0) * 4 * H, 0, 4 * H, w_p, 0, 4 * H, kept, 0,
+                               dh_p + r0 * H, 0, H, kept, 0, true, alpha};
+    };
+    if (split_rows(N, H, sizeof(scalar_t))) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t n = T - 1; n >= 0; --n) {
+          cells(n, r0, r1);
+          dots(recurrent(n, r0, r1), 0, k);
+        }
+      });
+      return;
+    }
+    for (int64_t n = T - 1; n >= 0; --n) {
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
+      run_row_dots(recurrent(n, 0, N));
+    }
+  });
+  // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step).
+  Tensor h_prev = reverse ? at::cat({hs.slice(0, 1), h0.unsqueeze(0)}) : at::cat({h0.unsqueeze(0), hs.slice(0, 0, T - 1)});
+  Tensor z = h_prev;
+  if (idx.has_value()) {
+    Tensor gather = idx->dim() == 2 ? idx->unsqueeze(1).expand({T, N, k}) : idx->view({1, 1, k}).expand({T, N, k});
+    z = at::gather(h_prev, 2, gather).mul_(scale);
+  }
+  const bool one_group = !idx.has_value() || idx->dim() == 1;
+  Tensor zc = z.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+    RowsGemm<scalar_t> a{one_group ? 1 : T, k, one_group ? T * N : N, zc.data_ptr<scalar_t>(), N * k, 1, k,
+                         dgates.data_ptr<scalar_t>(), N * 4 * H, 4 * H, nullptr, 0, dwt.data_ptr<scalar_t>(), 0,
+                         4 * H, index_data(idx), one_group ? 0 : k, nullptr, 0, 0, true, scalar_t(1)};
+    run_rows_gemm(a, 4 * H);
+  });
+  return {dgates, dh, dc, dwt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
+  m.def("gather_matmul(Tensor x, Tensor wt, Tensor? index) -> Tensor");
+  m.def("gather_matmul_input_grad(Tensor dout, Tensor wt, Tensor? index, int k) -> Tensor");
+  m.def("gather_matmul_weight_grad(Tensor x, Tensor dout, Tensor? index, int rows) -> Tensor");
+  m.def("lstm_layer(Tensor xp, Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_layer_backward(Tensor dhs, Tensor dc_last, Tensor acts, Tensor cs, Tensor tanh_cs, Tensor hs, "
+        "Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
+  m.impl("gather_matmul", &gather_matmul);
+  m.impl("gather_matmul_input_grad", &gather_matmul_input_grad);
+  m.impl("gather_matmul_weight_grad", &gather_matmul_weight_grad);
+  m.impl("lstm_layer", &lstm_layer);
+  m.impl("lstm_layer_backward", &lstm_layer_backward);
+}
+
+}  // namespace native
+}  // namespace fxreduce
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fxreduce's native CPU kernels (the ops are torch.ops.fxreduce.*)";
+  m.def("isa", [] { return std::string(fxreduce::native::kernels().name); }, "the ISA the kernels run on");
+  m.def("supported_isas", &fxreduce::native::supported_isas, "the ISAs this CPU and build can run, best first");
+  m.def("set_isa", &fxreduce::native::set_isa, "run the kernels on another supported ISA (for tests)");
+}

@@ -1,0 +1,305 @@
+"""The native kernels (fxreduce._C) against their torch references, on every ISA this machine runs.
+
+Contracts: every op equals its reference (float64 within 1e-9, float32 within 1e-4 relative), outputs and
+gradients, on odd shapes, empty and full keep sets, T=1, batch 1, non-contiguous operands, both ways the
+LSTM loop splits its work; gradcheck; fake implementations give the real shapes; torch.export and the
+cost model see the ops; bad input is an error, never a crash; without the extension everything falls back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxreduce
+from fxreduce import native
+from fxreduce.errors import OptionError
+from fxreduce.modules.lstm import LSTM
+from fxreduce.modules.structured_dropout import StructuredDropoutLinear, StructuredDropoutLSTM
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
+
+ROOT = Path(__file__).resolve().parents[1]
+ISAS = native.supported_isas() or ["none"]
+TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+ops = torch.ops.fxreduce
+
+
+def close(actual, expected, dtype, what=""):
+    actual, expected = actual.detach(), expected.detach()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=what)
+
+
+def strided(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    """``t`` itself, or an equal tensor whose last dim is not contiguous in memory."""
+    return t if contiguous else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@st.composite
+def keep_index(draw, groups: int, rows: int):
+    """(index or None, k): None (all rows), one set (k,), or one per group (G, k); sets may be empty, full,
+    unsorted or (at the op level, where index_add semantics define them) repeat a row."""
+    kind = draw(st.sampled_from(["none", "shared", "per_group"]))
+    if kind == "none":
+        return None, rows
+    k = draw(st.sampled_from([0, rows, draw(st.integers(0, rows))]))
+    repeats = draw(st.booleans()) and k > 1
+
+    def one_set(seed):
+        generator = torch.Generator().manual_seed(seed)
+        if repeats:
+            return torch.randint(0, rows, (k,), generator=generator)
+        return torch.randperm(rows, generator=generator)[:k]
+
+    seed = draw(st.integers(0, 10_000))
+    if kind == "shared":
+        return one_set(seed), k
+    return torch.stack([one_set(seed + g) for g in range(groups)]) if groups else torch.empty(0, k, dtype=torch.long), k
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), isa=st.sampled_from(ISAS),
+       contiguous=st.booleans())
+def test_gather_matmul_and_its_gradients_equal_the_reference(data, dtype, isa, contiguous):
+    groups, rows = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 7))
+    width, out = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 83))
+    index, k = data.draw(keep_index(groups, width))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), contiguous)
+    wt = strided(torch.randn(width, out, dtype=dtype, generator=generator), contiguous)
+    dout = strided(torch.randn(groups, rows, out, dtype=dtype, generator=generator), contiguous)
+    with native.forced_isa(isa):
+        close(ops.gather_matmul(x, wt, index), native.gather_matmul_reference(x, wt, index), dtype, "forward")
+        close(ops.gather_matmul_input_grad(dout, wt, index, k),
+              native.gather_matmul_input_grad_reference(dout, wt, index, k), dtype, "input gradient")
+        close(ops.gather_matmul_weight_grad(x, dout, index, width),
+              native.gather_matmul_weight_grad_reference(x, dout, index, width), dtype, "weight gradient")
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), isa=st.sampled_from(ISAS),
+       reverse=st.booleans(), threads=st.sampled_from([1, 2]), contiguous=st.booleans())
+def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, reverse, threads, contiguous):
+    # Batches from 1 to 12 take both ways the loop splits its work at 2 threads (rows, or units per step).
+    steps, rows, hidden = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 12)), data.draw(st.integers(1, 21))
+    index, k = data.draw(keep_index(steps, hidden))
+    scale = data.draw(st.sampled_from([1.0, 2.0, 1 / 0.35]))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+
+    def randn(*shape, std=1.0):
+        return strided(torch.randn(*shape, dtype=dtype, generator=generator) * std, contiguous)
+
+    xp, h0, c0, wt = randn(steps, rows, 4 * hidden), randn(rows, hidden), randn(rows, hidden), randn(hidden, 4 * hidden, std=0.4)
+    dhs, dc = randn(steps, rows, hidden), randn(rows, hidden)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with native.forced_isa(isa):
+            got = ops.lstm_layer(xp, h0, c0, wt, index, scale, reverse)
+            want = native.lstm_layer_reference(xp, h0, c0, wt, index, scale, reverse)
+            for name, a, e in zip(("hs", "c_last", "acts", "cs", "tanh_cs"), got, want):
+                close(a, e, dtype, name)
+            saved = (*want[2:], want[0], h0, c0, wt, index, scale, reverse)
+            got = ops.lstm_layer_backward(dhs, dc, *saved)
+            want = native.lstm_layer_backward_reference(dhs, dc, *saved)
+            for name, a, e in zip(("dxp", "dh0", "dc0", "dwt"), got, want):
+                close(a, e, dtype, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gradcheck_on_small_shapes(isa):
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+
+    index = torch.tensor([[2, 0], [1, 3], [3, 2]])
+    with native.forced_isa(isa):
+        assert torch.autograd.gradcheck(lambda x, wt: ops.gather_matmul(x, wt, index), (leaf(3, 2, 2), leaf(4, 5)))
+        for keep in (None, index[:, :1] % 3, torch.tensor([0, 2])):
+            for reverse in (False, True):
+                def layer(xp, h0, c0, wt, keep=keep, reverse=reverse):
+                    return ops.lstm_layer(xp, h0, c0, wt, keep, 1.5, reverse)[:2]
+
+                assert torch.autograd.gradcheck(layer, (leaf(3, 2, 12), leaf(2, 3), leaf(2, 3), leaf(3, 12)))
+
+
+def test_fake_implementations_give_the_real_shapes():
+    index = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    args = {
+        "gather_matmul": (torch.randn(2, 3, 3), torch.randn(7, 11), index),
+        "gather_matmul_input_grad": (torch.randn(2, 3, 11), torch.randn(7, 11), index, 3),
+        "gather_matmul_weight_grad": (torch.randn(2, 3, 3), torch.randn(2, 3, 11), index, 7),
+        "lstm_layer": (torch.randn(2, 3, 24), torch.randn(3, 6), torch.randn(3, 6), torch.randn(6, 24), index, 2.0, False),
+    }
+    real = {name: getattr(ops, name)(*a) for name, a in args.items()}
+    hs, _, acts, cs, tcs = real["lstm_layer"]
+    args["lstm_layer_backward"] = (hs, torch.randn(3, 6), acts, cs, tcs, hs, *args["lstm_layer"][1:])
+    real["lstm_layer_backward"] = ops.lstm_layer_backward(*args["lstm_layer_backward"])
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        for name, a in args.items():
+            fake_args = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in a]
+            fake = getattr(ops, name)(*fake_args)
+            fake, want = (fake, real[name]) if isinstance(fake, tuple) else ((fake,), (real[name],))
+            assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in want], name
+
+
+class IndirectProjection(nn.Module):
+    """A module calling the indirect-K op, as a rewritten graph would."""
+
+    def __init__(self):
+        super().__init__()
+        self.wt = nn.Parameter(torch.randn(9, 13))
+        self.register_buffer("index", torch.tensor([[0, 4, 8], [1, 2, 7]]))
+
+    def forward(self, x):
+        return ops.gather_matmul(x, self.wt, self.index)
+
+
+def test_torch_export_and_flop_counting_see_the_ops():
+    module, x = IndirectProjection(), torch.randn(2, 5, 3)
+    exported = torch.export.export(module, (x,))
+    assert any("fxreduce.gather_matmul" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), module(x))
+    with FlopCounterMode(display=False) as counter:
+        module(x.requires_grad_()).sum().backward()
+    # forward + input gradient + weight gradient, each 2 x (2 groups x 5 rows x 3 kept x 13 outputs) FLOPs.
+    assert counter.get_total_flops() == 3 * 2 * 2 * 5 * 3 * 13
+
+
+def test_cost_model_counts_the_ops_in_a_traced_graph():
+    traced = fxreduce.trace(IndirectProjection(), (torch.randn(2, 5, 3),), leaf_modules=())
+    cost = fxreduce.cost(traced, training=True)
+    # A training step: the forward and the weight gradient (the graph input needs no gradient).
+    assert int(sum(cost.total.macs.values())) == int(sum(cost.total.backward_macs.values())) == 2 * 5 * 3 * 13
+
+
+def test_bad_input_is_a_clear_error_never_a_crash():
+    x, wt = torch.randn(2, 3, 2), torch.randn(5, 7)
+    cases = [
+        ((x, wt, torch.tensor([[0, 5], [1, 2]])), r"index values must lie in \[0, 5\)"),
+        ((x, wt, torch.tensor([[0, -1], [1, 2]])), r"index values must lie in \[0, 5\)"),
+        ((x, wt, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)), "expected int64"),
+        ((x, wt, torch.tensor([0, 1, 2])), r"index must have shape \(2,\) or \(2, 2\)"),
+        ((x, wt, None), "must equal the weight's rows"),
+        ((x.half(), wt.half(), torch.tensor([0, 1])), "float32 or float64"),
+        ((x.bfloat16(), wt.bfloat16(), torch.tensor([0, 1])), "float32 or float64"),
+        ((x, wt.double(), torch.tensor([0, 1])), "expected Double|expected Float|dtype Double"),
+        ((x[0], wt, torch.tensor([0, 1])), "expected x"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.gather_matmul(*args)
+    with pytest.raises(RuntimeError, match="h0 and c0 must be"):
+        ops.lstm_layer(torch.randn(2, 3, 8), torch.randn(3, 3), torch.randn(3, 2), torch.randn(2, 8), None, 1.0, False)
+    with pytest.raises(RuntimeError, match=r"index values must lie in \[0, 2\)"):
+        ops.lstm_layer(torch.randn(2, 3, 8), torch.randn(3, 2), torch.randn(3, 2), torch.randn(2, 8),
+                       torch.tensor([[0], [2]]), 1.0, False)
+    with pytest.raises(OptionError, match="not available"):
+        with native.forced_isa("sparc"):
+            pass
+
+
+def test_other_dtypes_and_devices_take_the_torch_reference():
+    x, wt, index = torch.randn(2, 3, 2), torch.randn(5, 7), torch.tensor([[0, 4], [1, 2]])
+    assert native.serves(x, wt) and not native.serves(x.half(), wt.half()) and not native.serves(x, wt.double())
+    assert not native.serves(x.to("meta"), wt.to("meta"))  # any device but the CPU: CUDA tensors take torch's GEMMs
+    half = native.gather_matmul(x.bfloat16(), wt.bfloat16(), index)
+    torch.testing.assert_close(half.float(), native.gather_matmul_reference(x, wt, index), rtol=0.05, atol=0.05)
+
+
+def test_unsorted_and_repeated_keep_sets_are_rejected_by_the_module():
+    lstm = LSTM(6, 4)
+    with pytest.raises(OptionError, match="repeats a unit"):
+        from fxreduce.modules.lstm import KeepSet
+        lstm.set_keep_sets(0, input=KeepSet(torch.tensor([[3, 1, 3]] * 2)))
+
+
+@pytest.mark.parametrize("mode", ["per_step", "per_sequence", "per_step_window"])
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_structured_dropout_modules_equal_on_native_and_torch_paths(mode, recurrent):
+    torch.manual_seed(0)
+    original = nn.LSTM(7, 12, 2, dropout=0.5, dtype=torch.float64)
+    outputs = []
+    for disabled in (False, True):
+        module = StructuredDropoutLSTM.from_lstm(original, p=0.4, mode=mode, recurrent=recurrent, mask_input=True,
+                                                 seed=5).train()
+        decoder = StructuredDropoutLinear(12, 5, p=0.4, seed=2, mode=mode, time_dim=0, dtype=torch.float64).train()
+        decoder.load_state_dict(dict(zip(("weight", "bias"), (torch.ones(5, 12, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)))))
+        x = torch.randn(9, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with native.disabled() if disabled else native.forced_isa(native.active_isa()):
+            out = decoder(module(x)[0])
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum(),
+                                        [x, *module.parameters(), decoder.weight])
+        outputs.append((out, grads))
+    (out_native, grads_native), (out_torch, grads_torch) = outputs
+    close(out_native, out_torch, torch.float64)
+    for a, e in zip(grads_native, grads_torch):
+        close(a, e, torch.float64)
+
+
+def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_under_no_grad(monkeypatch):
+    calls = []
+    original = native.call
+    monkeypatch.setattr(native, "call", lambda name, *a: calls.append(name) or original(name, *a))
+    torch.manual_seed(0)
+    reference = nn.LSTM(5, 8, 2, bidirectional=True)
+    ours = LSTM.from_torch(reference)
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        out, (h, c) = ours(x)
+    assert calls == ["lstm_layer"] * 4 and out.grad_fn is None
+    ref_out, (ref_h, ref_c) = reference(x)
+    close(out, ref_out.detach(), torch.float32)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=ROOT,
+                          timeout=300)
+
+
+def test_isa_environment_variable_picks_the_kernels():
+    last = ISAS[-1]
+    result = run_python("from fxreduce import native; print(native.active_isa())", FXREDUCE_ISA=last)
+    assert result.returncode == 0 and result.stdout.strip() == last, result.stderr
+    result = run_python("import fxreduce.native", FXREDUCE_ISA="sparc")
+    assert result.returncode != 0 and "FXREDUCE_ISA=sparc is not available" in result.stderr
+
+
+def test_without_the_extension_one_warning_and_the_torch_path_serves():
+    hide = "import sys; sys.modules['fxreduce._C'] = None\n"
+    code = hide + (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from fxreduce import native\n"
+        "    from fxreduce.modules import StructuredDropoutLSTM\n"
+        "print(sum('torch reference kernels' in str(w.message) for w in caught), native.available())\n"
+        "m = StructuredDropoutLSTM(4, 6, 2, dropout=0.5, recurrent=True).train()\n"
+        "m(torch.randn(5, 2, 4))[0].sum().backward()\n"
+        "print('\\n'.join(native.report()))\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "1 False" and "unavailable" in result.stdout
+    result = run_python(hide + "import fxreduce.native", FXREDUCE_REQUIRE_NATIVE="1")
+    assert result.returncode != 0 and "fxreduce._C could not be imported" in result.stderr
+
+
+def test_doctor_reports_the_active_kernels():
+    result = run_python("from fxreduce.cli import main; main(['doctor'])")
+    assert result.returncode == 0, result.stderr
+    assert f"ISA {native.active_isa()}" in result.stdout and "fxreduce.lstm_layer" in result.stdout
