@@ -24,6 +24,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .cost_models.propagation import META_KEY
 
@@ -176,11 +177,11 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | Non
     if kind == "linear":
         if target in _MATMULS:
             return _matmul_layer(gm, node, dialect)
-        bias_arg = _arg(node, 2, "bias")
-        weight, bias = _const(gm, _arg(node, 1, "weight")), _const(gm, bias_arg)
+        weight_arg, bias_arg = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        weight, bias = _const(gm, weight_arg), _const(gm, bias_arg)
         if bias_arg is not None and bias is None:
             return None
-        return Layer(kind, node, dialect, name, weight=weight, bias=bias, parameter=weight)
+        return Layer(kind, node, dialect, _owner_name(weight_arg, node), weight=weight, bias=bias, parameter=weight)
     if kind == "conv2d":
         return Layer(kind, node, dialect, name, weight=_const(gm, _arg(node, 1, "weight")),
                      bias=_const(gm, _arg(node, 2, "bias")),
@@ -260,20 +261,32 @@ def _matmul_layer(gm: fx.GraphModule, node: fx.Node, dialect: str) -> Layer | No
         bias = _const(gm, node.args[0])
         if bias is None or bias.shape != (weight.shape[0],):
             return None
-    owner = (source if source is not None else right).target.rsplit(".", 1)[0]
-    name = owner if owner != (source if source is not None else right).target else node.name
-    return Layer("linear", node, dialect, name, weight=weight, bias=bias, input_index=1 if addmm else 0,
-                 parameter=stored)
+    return Layer("linear", node, dialect, _owner_name(source if source is not None else right, node), weight=weight,
+                 bias=bias, input_index=1 if addmm else 0, parameter=stored)
+
+
+def _owner_name(weight: Any, node: fx.Node) -> str:
+    """A functional linear layer's name: the module holding its weight ("h.0.attn.c_attn"), else the node's."""
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and "." in weight.target:
+        return weight.target.rsplit(".", 1)[0]
+    return node.name
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where a real tensor's data lives (views share it); None for fake and meta tensors, which have none."""
+    if isinstance(tensor, FakeTensor) or tensor.device.type == "meta":
+        return None
+    return tensor.untyped_storage().data_ptr()
 
 
 def _tied_names(gm: fx.GraphModule, layer: Layer) -> tuple[str, ...]:
     """Other names and other graph users of the tensor holding a linear layer's weight."""
     if layer.parameter is None:
         return ()
-    key = layer.parameter.untyped_storage().data_ptr()
+    key = _storage(layer.parameter)
 
     def same(tensor: torch.Tensor) -> bool:
-        return tensor is layer.parameter or (key != 0 and tensor.untyped_storage().data_ptr() == key)
+        return tensor is layer.parameter or (key is not None and _storage(tensor) == key)
 
     own = {f"{layer.node.target}.weight"} if layer.dialect == "module" else set()
     weight_nodes = []

@@ -180,3 +180,51 @@ def test_rewrites_drop_the_replaced_constants():
     names = [name for name, _ in rewritten.named_parameters()]
     assert not any(name.startswith("layers.") for name in names), names
     assert sum(p.numel() for p in rewritten.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _gpt2(tied: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, use_cache=False,
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    return model, ids, fr.trace(model, (ids,), method="export")
+
+
+def test_gpt2_projections_are_linear_layers_and_a_tied_head_is_left_alone_with_the_reason():
+    model, ids, gm = _gpt2(tied=True)
+    layers = find_layers(gm, ["linear"])
+    names = [layer.name for layer in layers]
+    assert names[:4] == [f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert len(layers) == 9 and layers[-1].tied_with and not any(layer.tied_with for layer in layers[:-1])
+    head = layers[-1]
+    assert head.why_shared() and "tie_word_embeddings=False" in head.why_shared()
+    for spec in ("sparse_lowrank(rank=4)", "lower_int8"):
+        step = fr.apply(gm, spec).report.steps[0]
+        assert len(step.rewrites) == 8, spec
+        assert [(s.node, "tied" in s.reason) for s in step.skipped] == [(head.name, True)], spec
+    asked = fr.apply(gm, f"sparse_lowrank(rank=4, layers={head.name!r})")
+    assert not asked.report.steps[0].rewrites and "left alone" in str(asked.report) and "tied" in str(asked.report)
+    rewritten = fr.apply(gm, "lower_int8").graph_module
+    assert [layer.tied_with for layer in find_layers(rewritten, ["linear"])] == [head.tied_with]  # still tied
+    torch.testing.assert_close(rewritten(ids).logits, model(ids).logits, atol=0.05, rtol=0.05)
+
+
+def test_gpt2_untied_head_is_rewritten_and_contracts_hold():
+    model, ids, gm = _gpt2(tied=False)
+    for spec in ("sparse_lowrank(rank=4)", "lower_int8"):
+        result = fr.apply(gm, spec)
+        assert len(result.report.steps[0].rewrites) == 9 and not result.report.steps[0].skipped, spec
+        assert not find_layers(result.graph_module, ["linear"])
+        checked = check_contract(spec, gm, trials=1)
+        assert checked.ok, str(checked)
+        assert result.graph_module(ids).logits.shape == model(ids).logits.shape
+
+
+def test_admm_constrains_conv1d_and_transposed_weights_in_their_stored_layout():
+    from fxreduce.training.admm import ADMM
+    model = Chain(["conv1d", "addmm_transposed", "module"], [8, 9, 10, 11])
+    admm = ADMM(model, prune=0.5)
+    assert [w.layer for w in admm.weights] == ["layers.0.inner", "layers.1", "layers.2.inner"]
+    assert admm.weights[0].parameter is model.layers[0].inner.weight
