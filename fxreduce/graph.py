@@ -83,28 +83,42 @@ class Layer:
     parameter: torch.Tensor | None = None
     tied_with: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.parameter is None:
+            self.parameter = self.weight
+
     @property
     def input(self) -> fx.Node:
         """The layer's input, read live from the graph (earlier rewrites may have rewired it)."""
         return self.node.args[self.input_index]
 
-    def why_shared(self) -> str | None:
-        """Why replacing this layer's weight would change another layer too (a tied weight), or None."""
-        if not self.tied_with:
+    def why_shared(self, keeps_weight: bool = False) -> str | None:
+        """Why rewriting this layer would untie its weight from another layer's, or None.
+
+        ``keeps_weight``: the rewrite keeps using :meth:`as_linear`'s weight (training-time rewrites),
+        which stays tied where as_linear shares the stored parameter rather than copying it.
+        """
+        if not self.tied_with or (keeps_weight and self._shares_storage()):
             return None
         return (f"its weight is tied to {', '.join(self.tied_with)}; a rewritten copy would untie them, so it is "
                 "left alone (untie the weights first, e.g. tie_word_embeddings=False, to rewrite it)")
 
+    def _shares_storage(self) -> bool:
+        return isinstance(self.module, torch.nn.Linear) or (
+            self.module is None and isinstance(self.weight, torch.nn.Parameter))
+
     def as_linear(self) -> torch.nn.Linear:
-        """This linear layer as an nn.Linear: the module itself, or one holding a copy of W (out, in) and b."""
+        """This linear layer as an nn.Linear: the module itself, one sharing a Parameter stored (out, in), or
+        one holding a copy of W where the model stores it (in, out) (Conv1D, ``x @ W``)."""
         if isinstance(self.module, torch.nn.Linear):
             return self.module
-        weight = self.weight.detach()
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None,
-                                 device="meta", dtype=weight.dtype)
-        linear.weight = torch.nn.Parameter(weight.contiguous().clone())
+        linear = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+                                 device="meta", dtype=self.weight.dtype)
+        shared = self._shares_storage()
+        linear.weight = self.weight if shared else torch.nn.Parameter(self.weight.detach().contiguous().clone())
         if self.bias is not None:
-            linear.bias = torch.nn.Parameter(self.bias.detach().clone())
+            keep = shared and isinstance(self.bias, torch.nn.Parameter)
+            linear.bias = self.bias if keep else torch.nn.Parameter(self.bias.detach().clone())
         return linear
 
     @property
@@ -181,7 +195,7 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | Non
         weight, bias = _const(gm, weight_arg), _const(gm, bias_arg)
         if bias_arg is not None and bias is None:
             return None
-        return Layer(kind, node, dialect, _owner_name(weight_arg, node), weight=weight, bias=bias, parameter=weight)
+        return Layer(kind, node, dialect, _owner_name(weight_arg, node), weight=weight, bias=bias)
     if kind == "conv2d":
         return Layer(kind, node, dialect, name, weight=_const(gm, _arg(node, 1, "weight")),
                      bias=_const(gm, _arg(node, 2, "bias")),

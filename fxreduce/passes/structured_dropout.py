@@ -120,8 +120,8 @@ class StructuredDropout(Pass):
                 outcome.skipped.append(Skipped(linear.name, "its weight is computed in the graph; only parameter "
                                                             "weights are compacted"))
                 continue
-            if linear.why_shared() and not isinstance(linear.module, nn.Linear):
-                outcome.skipped.append(Skipped(linear.name, linear.why_shared()))
+            if linear.why_shared(keeps_weight=True):
+                outcome.skipped.append(Skipped(linear.name, linear.why_shared(keeps_weight=True)))
                 continue
             salt += 1
             time_dim = _time_dim(gm, dropout)
