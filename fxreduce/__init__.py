@@ -5,10 +5,12 @@ from .errors import FxReduceError
 from .inspection import inspect
 from .measurement import Measurement, measure
 from .passes import REGISTRY as passes
-from .pipeline import Pipeline, PipelineResult, RewriteReport, apply, parse_spec
+from .pipeline import Pipeline, PipelineResult, RewriteReport, parse_spec
 from .profiling import calibrate
+from .submodules import SubmoduleResult, apply
 from .tracing import trace
 
 __version__ = "0.1.0"
 __all__ = ["Certificate", "FxReduceError", "GraphCost", "Measurement", "Pipeline", "PipelineResult", "RewriteReport",
-           "apply", "calibrate", "certify", "inspect", "cost", "measure", "parse_spec", "passes", "trace"]
+           "SubmoduleResult", "apply", "calibrate", "certify", "inspect", "cost", "measure", "parse_spec", "passes",
+           "trace"]

@@ -31,6 +31,7 @@ from .passes import REGISTRY, get_pass
 from .pipeline import Pipeline, RewriteReport, parse_spec
 from .profiling import calibrate
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
+from .submodules import apply_to_submodules
 from .testing.contracts import check_contract
 from .tracing import trace
 
@@ -254,8 +255,27 @@ def _with_calibration(spec: str, path: str | None) -> str:
     return ",".join(parsed)
 
 
+def _apply_to_submodules(args: argparse.Namespace) -> int:
+    """apply --submodules: capture and rewrite the named parts in place; the rest of the model stays Python."""
+    if args.output:
+        raise UnsupportedError("a partly rewritten model cannot be saved by fxreduce (its Python parts have no "
+                               "graph to save)", where=f"-o {args.output} with --submodules",
+                               fix="drop -o, or use fxreduce.apply(..., submodules=[...]) in Python and save "
+                                   "each rewritten part's graph_module")
+    model = load_model(args.model, seed=args.seed)
+    shape = parse_input_shape(args.input_shape, default_size=default_example_size(args.model), seed=args.seed)
+    names = [name.strip() for name in args.submodules.split(",") if name.strip()]
+    result = apply_to_submodules(model, Pipeline(args.pipeline, seed=args.seed), names, shape.inputs)
+    print("\n".join(result.report.lines() + [f"certificate (FLOPs, rewritten parts): {result.report.certificate}"]))
+    if args.measure:
+        print("\n".join(measure(model, result.model, shape.inputs).lines()))
+    return 0
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     args.pipeline = _with_calibration(args.pipeline, args.calibration)
+    if args.submodules:
+        return _apply_to_submodules(args)
     format = _save_format(args.output, args.format, args.pipeline, args.seed) if args.output else None
     built = build(args.model, args.input_shape, args.pipeline, args.seed)
     report = built.result.report
@@ -422,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "calibrate (lower_int8); without it they use random inputs")
     apply.add_argument("--profile", metavar="FILE", help="latency profile for the predicted speedups (default: the "
                                                          "one `fxreduce calibrate` wrote)")
+    apply.add_argument("--submodules", metavar="NAMES", help="capture and rewrite only these submodules, in place "
+                       "(comma-separated module paths, e.g. backbone,roi_heads.box_head), for models that cannot "
+                       "be captured whole; the rest stays Python and the report covers the rewritten parts")
     apply.add_argument("--no-measure", dest="measure", action="store_false",
                        help="skip running both models on the example input (output error and eval latency)")
     apply.set_defaults(run=cmd_apply)

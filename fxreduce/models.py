@@ -3,7 +3,8 @@
 A MODEL reference names a model without holding its code, so a saved rewrite can say what to rebuild:
 
     default | fxreduce:demo       the embedded demo CNN below
-    torchvision:NAME              torchvision.models.get_model(NAME, weights=None) (nothing is downloaded)
+    torchvision:NAME              torchvision.models.get_model(NAME, weights=None), and no backbone
+                                  weights either (nothing is downloaded)
     package.module:factory        an installed module's factory (any attribute path, e.g. mod:Class.build)
     path/to/file.py:factory       the user's own file; allowed on the command line, never from a saved file
 
@@ -135,7 +136,10 @@ def _torchvision(name: str) -> nn.Module:
         close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
         fix = f"did you mean torchvision:{close[0]}?" if close else "see torchvision.models.list_models()"
         raise InputError(f"unknown torchvision model {name!r}", where=f"torchvision:{name}", fix=fix)
-    return torchvision.models.get_model(name, weights=None)
+    # Detection and segmentation builders also take backbone weights, downloaded by default: none either.
+    builder = torchvision.models.get_model_builder(name)
+    extra = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    return torchvision.models.get_model(name, weights=None, **extra)
 
 
 def _import_module(name: str):

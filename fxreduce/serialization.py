@@ -34,7 +34,7 @@ from .errors import FxReduceError, InputError, LoadError, UnsupportedError
 from .files import atomic_path, digest, first_sentence, load_tensors
 from .models import InputShape, default_example_size, load_model, parse_input_shape, ref_kind
 from .pipeline import Pipeline, PipelineResult
-from .tracing import trace
+from .tracing import dynamic_shapes, trace
 
 FORMAT = "fxreduce.rewritten-graph"
 VERSION = 2
@@ -236,17 +236,16 @@ def export(path: str | os.PathLike, graph_module: fx.GraphModule, *, manifest: M
     """
     info = graph_info(graph_module)
     inputs = info.spec.example_inputs
-    axes: dict[int, dict[int, object]] = {}
-    for index, axis in info.spec.dims.values():
-        axes.setdefault(index, {})[axis % inputs[index].dim()] = torch.export.Dim.AUTO
-    dynamic = tuple(axes.get(index) for index in range(len(inputs))) if axes else None
     try:
-        program = torch.export.export(graph_module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(graph_module, tuple(inputs), dynamic_shapes=dynamic_shapes(info.spec),
+                                      strict=False)
     except Exception as error:
         raise UnsupportedError(f"torch.export cannot export the rewritten graph: {type(error).__name__}: "
                                f"{first_sentence(error)}", where="export",
                                fix="save it as an fxreduce .pt file instead") from error
-    extra = {"dims": {name: list(position) for name, position in info.spec.dims.items()},
+    # A dim with tied axes (an attention mask's beside input_ids') is written as the list of its positions.
+    extra = {"dims": {name: [list(p) for p in info.spec.positions(name)] if info.spec.tied.get(name) else list(position)
+                      for name, position in info.spec.dims.items()},
              "manifest": asdict(manifest) if manifest else None}
     with atomic_path(path) as temporary:
         torch.export.save(program, temporary, extra_files={EXPORT_MANIFEST: json.dumps(extra)})
@@ -286,7 +285,8 @@ def load_export(path: str | os.PathLike, *, trusted: bool = False,
         with _quiet_torch_export():
             program = torch.export.load(path, extra_files=extra)
         recorded = json.loads(extra[EXPORT_MANIFEST] or "{}")
-        dims = {name: tuple(position) for name, position in recorded.get("dims", {}).items()}
+        dims = {name: [tuple(p) for p in position] if position and isinstance(position[0], list) else tuple(position)
+                for name, position in recorded.get("dims", {}).items()}
         manifest = Manifest(**recorded["manifest"]) if recorded.get("manifest") else None
     except Exception as error:
         raise LoadError(f"{path!r} is not a readable torch.export file: {type(error).__name__}: "

@@ -8,13 +8,18 @@ every node (cost_models.propagation). The user's model is deep-copied first and 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import os
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
+from . import hf
+from .copying import copy_model, with_history
 from .cost_models.propagation import InputSpec, propagate
 from .errors import InputError, TraceError
 from .graph import LeafTracer
@@ -23,13 +28,136 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
 
 
-def _as_inputs(example_inputs: Any) -> tuple:
+@dataclass
+class _Inputs:
+    """The example inputs as positional values, with their keyword names (where given by keyword) and the
+    non-tensor keyword values that become constants of the captured call."""
+
+    values: tuple
+    names: tuple[str, ...] = ()
+    constants: dict[str, Any] = field(default_factory=dict)
+
+
+def _cache_error(where: str, value: Any) -> InputError:
+    return InputError(f"a {type(value).__name__} (a transformers cache) is passed as input {where}; fxreduce "
+                      f"captures the forward over a whole sequence, which builds its own cache",
+                      where="example_inputs",
+                      fix="leave past_key_values out of the example inputs (the cache the model returns is part "
+                          "of the graph's outputs)")
+
+
+def _as_inputs(example_inputs: Any) -> _Inputs:
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return _Inputs((example_inputs,))
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}",
-                     where="fxreduce.trace", fix="pass example_inputs=(x,)")
+        for index, value in enumerate(example_inputs):
+            if hf.is_cache(value):
+                raise _cache_error(str(index), value)
+        return _Inputs(tuple(example_inputs))
+    if isinstance(example_inputs, Mapping):
+        inputs = _Inputs(())
+        values = []
+        for name, value in example_inputs.items():
+            if not isinstance(name, str):
+                raise InputError(f"keyword inputs need str names, got {name!r}", where="fxreduce.trace",
+                                 fix='e.g. example_inputs={"input_ids": ids, "attention_mask": mask}')
+            if hf.is_cache(value):
+                raise _cache_error(repr(name), value)
+            if isinstance(value, torch.Tensor):
+                inputs.names += (name,)
+                values.append(value)
+            else:
+                inputs.constants[name] = value
+        inputs.values = tuple(values)
+        return inputs
+    raise InputError(f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, got "
+                     f"{type(example_inputs).__name__}", where="fxreduce.trace",
+                     fix='pass example_inputs=(x,) or {"input_ids": ids}')
+
+
+def _positions(name: str, where: Any, inputs: _Inputs) -> list[tuple[int, int]]:
+    """(input, axis) pairs of one dim: one pair, or several that the dim ties; inputs by index or keyword."""
+    many = isinstance(where, list) or (isinstance(where, tuple) and where and isinstance(where[0], (tuple, list)))
+    positions = []
+    for position in (where if many else [where]):
+        if not (isinstance(position, (tuple, list)) and len(position) == 2):
+            raise InputError(f"dim {name!r} must map to (input, axis) or a list of them, got {position!r}",
+                             where="dynamic", fix='e.g. dynamic={"N": (0, 0)} or {"T": ("input_ids", 1)}')
+        index, axis = position
+        if isinstance(index, str):
+            if index not in inputs.names:
+                known = ", ".join(inputs.names) or "none (the inputs are positional)"
+                raise InputError(f"dim {name!r} names the input {index!r}, which is not a tensor keyword input",
+                                 where="dynamic", fix=f"the keyword inputs are: {known}")
+            index = inputs.names.index(index)
+        positions.append((index, axis))
+    return positions
+
+
+def _named_dims(dynamic: Mapping[str, Any] | None, inputs: _Inputs, model: torch.nn.Module):
+    """dims (name -> first position) and tied axes (name -> the other positions)."""
+    dims, tied = {}, {}
+    for name, where in (dynamic or {}).items():
+        positions = _positions(name, where, inputs)
+        dims[name] = positions[0]
+        if positions[1:]:
+            tied[name] = tuple(positions[1:])
+    if hf.is_transformers_model(model) and "input_ids" in inputs.names:
+        ids = inputs.names.index("input_ids")
+        named = {position: name for name, position in dims.items()} | \
+                {position: name for name, positions in tied.items() for position in positions}
+        on_ids = {axis % inputs.values[ids].dim(): name for (index, axis), name in named.items() if index == ids}
+        for other in hf.SHAPED_LIKE_IDS:
+            if other not in inputs.names:
+                continue
+            index = inputs.names.index(other)
+            if (inputs.values[index].shape != inputs.values[ids].shape
+                    or any(position[0] == index for position in named)):
+                continue
+            for axis, name in on_ids.items():
+                if name in dims:
+                    tied[name] = tuple(tied.get(name, ())) + ((index, axis),)
+    return dims, tied
+
+
+def _check_arguments(model: torch.nn.Module, inputs: _Inputs, concrete_args: Mapping | None) -> None:
+    """A forward that needs arguments the example inputs lack, or gets ones it does not take: say which."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    parameters = list(signature.parameters.values())
+    kinds = inspect.Parameter
+    positional = [p for p in parameters if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    takes_varargs = any(p.kind is kinds.VAR_POSITIONAL for p in parameters)
+    takes_varkw = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
+    given = set(inputs.names) | set(inputs.constants) | set(concrete_args or {})
+    label = f"{type(model).__name__}.forward"
+    if inputs.names or inputs.constants:
+        known = [p.name for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+        for name in given:
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8 if takes_varkw else 0.6)
+            if takes_varkw and not close:
+                continue  # forward(**kwargs) may take it
+            raise InputError(f"{label} takes no argument {name!r}" + (" (it would land in **kwargs)" if takes_varkw
+                                                                      else ""), where=f"{label}{signature}",
+                             fix=f"did you mean {close[0]!r}?" if close else f"its arguments are: {', '.join(known)}")
+        missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
+                   and p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    else:
+        if len(inputs.values) > len(positional) and not takes_varargs:
+            raise InputError(f"{label} takes {len(positional)} input(s), but {len(inputs.values)} example inputs "
+                             f"were given", where=f"{label}{signature}", fix="pass one example input per argument")
+        missing = [p.name for p in positional[len(inputs.values):] if p.default is p.empty and p.name not in given]
+        missing += [p.name for p in parameters if p.kind is kinds.KEYWORD_ONLY and p.default is p.empty
+                    and p.name not in given]
+    if missing:
+        raise InputError(f"{label} needs argument(s) {', '.join(missing)} that the example inputs lack",
+                         where=f"{label}{signature}",
+                         fix="pass an example of every input forward needs, positionally (example_inputs=(x, "
+                             f"{missing[0]})) or by keyword (example_inputs={{..., {missing[0]!r}: ...}})")
 
 
 def _user_frame(error: BaseException) -> str:
@@ -48,12 +176,19 @@ def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[type], concre
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def _export(model: torch.nn.Module, inputs: tuple, dims: Mapping[str, tuple[int, int]]):
+def dynamic_shapes(spec: InputSpec) -> tuple | None:
+    """torch.export's dynamic_shapes for the named dims (and their tied axes) of ``spec``."""
     axes: dict[int, dict[int, Any]] = {}
-    for index, axis in dims.values():
-        axes.setdefault(index, {})[axis % inputs[index].dim()] = torch.export.Dim.AUTO
-    dynamic_shapes = tuple(axes.get(i) if isinstance(x, torch.Tensor) else None for i, x in enumerate(inputs))
-    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes if axes else None, strict=False)
+    for name in spec.dims:
+        for index, axis in spec.positions(name):
+            axes.setdefault(index, {})[axis] = torch.export.Dim.AUTO
+    if not axes:
+        return None
+    return tuple(axes.get(i) if isinstance(x, torch.Tensor) else None for i, x in enumerate(spec.example_inputs))
+
+
+def _export(model: torch.nn.Module, spec: InputSpec):
+    program = torch.export.export(model, tuple(spec.example_inputs), dynamic_shapes=dynamic_shapes(spec), strict=False)
     return program.module()
 
 
@@ -73,7 +208,7 @@ def _check_runs(model: torch.nn.Module, inputs: tuple) -> None:
 def trace(
     model: torch.nn.Module,
     example_inputs: Any,
-    dynamic: Mapping[str, tuple[int, int]] | None = None,
+    dynamic: Mapping[str, Any] | None = None,
     *,
     method: str = "auto",
     leaf_modules: Sequence[type] = (),
@@ -82,10 +217,15 @@ def trace(
 ) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule whose nodes carry symbolic shapes and costs.
 
-    ``dynamic`` names the dims that stay symbolic, e.g. {"N": (0, 0), "H": (0, 2), "W": (0, 3)}: name
-    -> (input index, axis). ``method`` is "auto" (fx, then torch.export), "fx" or "export". Symbolic
-    propagation of a dim that fails or exceeds ``time_limit`` seconds falls back to its example size;
-    ``graph_module.meta["fxreduce"].specialised`` says which and why.
+    ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs (e.g.
+    {"input_ids": ids, "attention_mask": mask}; the graph then takes them positionally in that order, and
+    non-tensor values are constants of the call). ``dynamic`` names the dims that stay symbolic, e.g.
+    {"N": (0, 0), "H": (0, 2), "W": (0, 3)}: name -> (input, axis), the input by index or keyword name;
+    a list of positions ties axes that are always equal ({"T": [("input_ids", 1), ("attention_mask", 1)]}).
+    ``method`` is "auto" (fx, then torch.export; transformers models torch.export first), "fx" or "export".
+    Symbolic propagation of a dim that fails or exceeds ``time_limit`` seconds falls back to its example
+    size; ``graph_module.meta["fxreduce"].specialised`` says which and why, ``.notes`` what capture left
+    out. Transformers models: see fxreduce.hf.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}", where="fxreduce.trace",
@@ -94,32 +234,88 @@ def trace(
         raise InputError(f"unknown capture method {method!r}", where="fxreduce.trace",
                          fix='use "auto", "fx" or "export"')
     inputs = _as_inputs(example_inputs)
-    spec = InputSpec(inputs, dict(dynamic or {}))
+    _check_arguments(model, inputs, concrete_args)
+    if hf.is_transformers_model(model) and not inputs.names:
+        inputs.names = _parameter_names(model, len(inputs.values))
+    dims, tied = _named_dims(dynamic, inputs, model)
+    spec = InputSpec(inputs.values, dims, tied, inputs.names)
     spec.validate()
-    if isinstance(model, fx.GraphModule) and method == "auto":
-        gm, used = copy.deepcopy(model), "symbolic_trace"
-    else:
-        model = copy.deepcopy(model)
-        gm, used = _capture(model, inputs, spec, method, leaf_modules, concrete_args)
-    propagate(gm, spec, method=used, source=type(model).__name__, time_limit=time_limit)
+    notes: list[str] = []
+    # Outside inference mode: a copy made inside it holds inference tensors, which no later training step
+    # (a training cost, a pass that fine-tunes) can use.
+    with torch.inference_mode(False):
+        if isinstance(model, fx.GraphModule) and method == "auto" and not inputs.names:
+            gm, used = copy.deepcopy(model), "symbolic_trace"
+        else:
+            model = _private_copy(model, notes)
+            gm, used = _capture(model, inputs, spec, method, leaf_modules, concrete_args, notes)
+    propagate(gm, spec, method=used, source=type(model).__name__, time_limit=time_limit, notes=tuple(notes))
     return gm
 
 
-def _capture(model, inputs, spec, method, leaf_modules, concrete_args) -> tuple[fx.GraphModule, str]:
+def _private_copy(model: torch.nn.Module, notes: list[str]) -> torch.nn.Module:
+    """A deep copy of ``model`` (fxreduce.copying); ``notes`` names the attributes it had to copy detached."""
+    stale = [path for path, _ in with_history(model)]
+    copied = copy_model(model, where="fxreduce.trace")
+    if stale:
+        notes.append(f"{', '.join(stale)} held tensors computed with autograd by an earlier run (not graph "
+                     f"leaves, which deepcopy refuses); fxreduce's copy holds them detached")
+    return copied
+
+
+def _capture(model, inputs: _Inputs, spec: InputSpec, method, leaf_modules, concrete_args,
+             notes: list[str]) -> tuple[fx.GraphModule, str]:
+    """Capture fxreduce's private copy ``model``; ``notes`` collects what capture left out."""
+    transformers_model = hf.is_transformers_model(model)
+    base = type(model)
+    names = inputs.names
+    if names:
+        hf.positional_forward(model, names, inputs.constants)
+    attempts = ["fx", "export"] if method == "auto" else [method]
+    if transformers_model and method == "auto":
+        attempts.reverse()  # transformers' forwards build masks and caches in Python: fx fails on them
     errors: list[tuple[str, BaseException]] = []
-    if method in ("auto", "fx"):
+    for attempt in attempts:
+        if attempt == "fx":
+            try:
+                return _symbolic_trace(model, leaf_modules, concrete_args), "symbolic_trace"
+            except Exception as error:
+                errors.append(("torch.fx.symbolic_trace", error))
+            continue
+        not_registered = hf.register_caches(model) if transformers_model else None
         try:
-            return _symbolic_trace(model, leaf_modules, concrete_args), "symbolic_trace"
+            return _export(model, spec), "torch.export"
         except Exception as error:
-            errors.append(("torch.fx.symbolic_trace", error))
-    if method in ("auto", "export"):
+            if not (transformers_model and hf.uses_cache(model) and hf.accepts_cache_flag(base)
+                    and (not_registered or hf.is_cache_failure(error))):
+                errors.append(("torch.export", error))
+                continue
+            reason = not_registered or f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        # The cache class cannot be exported: capture without it, and say so.
+        model.__class__ = base
+        hf.positional_forward(model, names, {**inputs.constants, "use_cache": False})
         try:
-            return _export(model, inputs, spec.dims), "torch.export"
+            gm = _export(model, spec)
         except Exception as error:
             errors.append(("torch.export", error))
-    _check_runs(model, inputs)
+            continue
+        notes.append(hf.CACHE_DROPPED.format(reason=reason))
+        return gm, "torch.export"
+    _check_runs(model, inputs.values)
     first = errors[0][1]
     tried = "; ".join(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for how, e in errors)
-    raise TraceError(f"cannot capture {type(model).__name__} as a graph ({tried})", where=_user_frame(first),
-                     fix="mark the offending submodule as a leaf (leaf_modules=[...]), fix non-tensor arguments "
-                         "with concrete_args={...}, or try method='export'") from first
+    if transformers_model:
+        fix = hf.capture_fix(errors, keyword_inputs=bool(inputs.names))
+    else:
+        fix = ("mark the offending submodule as a leaf (leaf_modules=[...]), fix non-tensor arguments with "
+               "concrete_args={...}, or try method='export'")
+    raise TraceError(f"cannot capture {base.__name__} as a graph ({tried})", where=_user_frame(first),
+                     fix=fix) from first
+
+
+def _parameter_names(model: torch.nn.Module, count: int) -> tuple[str, ...]:
+    """The names of the first ``count`` positional parameters of ``model``'s forward."""
+    kinds = inspect.Parameter
+    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    return tuple(parameters[:count])

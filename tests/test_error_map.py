@@ -262,3 +262,27 @@ def test_ddp_ranks_prune_the_same_channels():
     assert kept0 == kept1 and len(kept0[0]) == 3
     assert all(torch.equal(a, b) for a, b in zip(params0, params1, strict=True))
     assert rank0[False][0] != rank1[False][0]  # without the all-reduce the ranks' different data choose differently
+
+
+class SpelledLinears(nn.Module):
+    """A Conv1D-style layer (weight stored (in, out), used by addmm) and one spelled F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stored_in_out = nn.Parameter(torch.randn(10, 12) / 3)
+        self.first_bias = nn.Parameter(torch.randn(12))
+        self.second = nn.Parameter(torch.randn(6, 12) / 3)
+
+    def forward(self, x):
+        return F.linear(torch.addmm(self.first_bias, x, self.stored_in_out).relu(), self.second)
+
+
+def test_linear_spellings_are_pruned_with_their_own_parameters():
+    gm = fr.trace(SpelledLinears(), (torch.randn(8, 10),), {"N": (0, 0)}, method="fx")
+    spec = "error_map_pruning(keep=0.5, linear=True)"
+    result = fr.apply(gm, spec)
+    assert len(result.report.steps[0].rewrites) == 2, str(result.report)
+    pruned = [m for m in result.graph_module.modules() if isinstance(m, ErrorMapLinear)]
+    assert pruned[0].weight.shape == (12, 10) and torch.equal(pruned[0].weight, gm.stored_in_out.t())
+    assert not hasattr(result.graph_module, "stored_in_out") and not hasattr(result.graph_module, "second")
+    assert check_contract(spec, gm, trials=1).ok

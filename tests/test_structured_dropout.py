@@ -388,3 +388,30 @@ def test_example_quick_run_learns_in_every_variant(monkeypatch):
     for run in runs.values():
         assert run.valid[0][-1] < 200  # below the uniform guess over the quick run's 200 words
         assert run.certified is None or run.certified > 1.5
+
+
+class SpelledDecoders(torch.nn.Module):
+    """Dropout feeding linear layers spelled as F.linear and as addmm on a transposed constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.3)
+        self.first = torch.nn.Parameter(torch.randn(12, 10) / 4)
+        self.first_bias = torch.nn.Parameter(torch.randn(12))
+        self.second = torch.nn.Parameter(torch.randn(6, 12) / 4)
+        self.second_bias = torch.nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        hidden = torch.nn.functional.linear(self.drop(x), self.first, self.first_bias).tanh()
+        return torch.addmm(self.second_bias, self.drop(hidden), self.second.t())
+
+
+def test_functional_and_aten_linear_spellings_are_compacted_too():
+    model = SpelledDecoders()
+    x = torch.randn(5, 10)
+    gm = fxreduce.trace(model, (x,), {"N": (0, 0)}, method="fx")
+    result = fxreduce.apply(gm, "structured_dropout(p=0.3, mode='per_sequence')")
+    step = result.report.steps[0]
+    assert len(step.rewrites) == 2 and not step.skipped, str(result.report)
+    checked = check_contract("structured_dropout(p=0.3, mode='per_sequence')", gm, trials=1)
+    assert checked.ok, str(checked)

@@ -166,3 +166,94 @@ def test_propagation_over_time_limit_falls_back_to_concrete_sizes():
     assert info.symbolic == ()
     assert "did not finish" in info.specialised["N"] and "concrete 8" in info.specialised["H"]
     assert fr.cost(gm).flops == fr.cost(fr.trace(SmallCNN().eval(), (torch.randn(2, 3, 8, 8),))).flops
+
+
+class Masked(torch.nn.Module):
+    """Two inputs of the same (N, T) shape, the second optional, as transformers models take them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None, scale: float = 1.0):
+        x = self.embed(input_ids) * scale
+        if attention_mask is not None:
+            x = x * attention_mask.unsqueeze(-1)
+        return self.head(x)
+
+
+def test_keyword_inputs_with_named_inputs_and_tied_axes():
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    dims = {"N": [("input_ids", 0), ("attention_mask", 0)], "T": [("input_ids", 1), ("attention_mask", 1)]}
+    gm = fr.trace(Masked(), {"input_ids": ids, "attention_mask": mask, "scale": 2.0}, dims)
+    info = graph_info(gm)
+    assert info.symbolic == ("N", "T") and info.specialised == {}
+    assert info.spec.names == ("input_ids", "attention_mask")
+    assert info.spec.positions("T") == ((0, 1), (1, 1))
+    N, T = (sympy.Symbol(s, integer=True, positive=True) for s in "NT")
+    assert shape_of(gm, "head") == (N, T, 4)
+    ids, mask = torch.randint(0, 50, (3, 5)), torch.rand(3, 5)
+    assert torch.allclose(gm(ids, mask), _reference(gm, ids, mask))
+
+
+def _reference(gm, ids, mask):
+    model = Masked()
+    model.load_state_dict(gm.state_dict())
+    return model(ids, attention_mask=mask, scale=2.0)
+
+
+def test_an_untied_axis_of_another_input_pins_the_dim():
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    gm = fr.trace(Masked(), {"input_ids": ids, "attention_mask": mask}, {"T": ("input_ids", 1)})
+    assert graph_info(gm).symbolic == () and "7" in graph_info(gm).specialised["T"]
+
+
+def test_forward_needing_arguments_the_example_inputs_lack():
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    with pytest.raises(InputError, match="needs argument.* mask that the example inputs lack"):
+        fr.trace(TwoInputs(), (torch.randn(2, 3),))
+    with pytest.raises(InputError, match="needs argument.* x that the example inputs lack"):
+        fr.trace(TwoInputs(), {"mask": torch.randn(2, 3)})
+    with pytest.raises(InputError, match="takes no argument 'maks'.*did you mean 'mask'"):
+        fr.trace(TwoInputs(), {"x": torch.randn(2, 3), "maks": torch.randn(2, 3)})
+    with pytest.raises(InputError, match="takes 2 input"):
+        fr.trace(TwoInputs(), (torch.randn(2, 3),) * 3)
+    with pytest.raises(InputError, match="not a tensor keyword input"):
+        fr.trace(Masked(), {"input_ids": torch.randint(0, 50, (2, 7))}, {"T": ("attention_mask", 1)})
+
+
+def test_tensors_kept_from_an_earlier_autograd_run_are_copied_detached():
+    """RAFT keeps its correlation pyramid as a plain attribute; after a forward with autograd those
+    tensors are not graph leaves and deepcopy refuses them."""
+
+    class KeepsState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.pyramid = []
+
+        def forward(self, x):
+            self.pyramid = [self.fc(x)]
+            return self.pyramid[0] * 2
+
+    model = KeepsState()
+    model(torch.randn(2, 4))
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)
+    gm = fr.trace(model, (torch.randn(2, 4),), {"N": (0, 0)})
+    assert "pyramid" in graph_info(gm).notes[0]
+    assert model.pyramid[0].grad_fn is not None  # the user's model is untouched
+
+
+def test_trace_and_training_cost_inside_inference_mode():
+    model = SmallCNN()
+    with torch.inference_mode():
+        gm = fr.trace(model, (torch.randn(2, 3, 8, 8),), {"N": (0, 0)})
+        step = fr.cost(gm, training=True)
+    assert not any(p.is_inference() for p in gm.parameters())
+    assert step.flops > 2 * fr.cost(gm).flops
+    with torch.inference_mode():  # even a model built there
+        assert fr.cost(fr.trace(SmallCNN(), (torch.randn(2, 3, 8, 8),)), training=True).flops == step.at(N=2).flops

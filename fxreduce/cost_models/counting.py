@@ -2,23 +2,26 @@
 
 A TorchDispatchMode sees every aten op the run executes. Matrix products and convolutions are counted
 with torch.utils.flop_counter's own per-op formulas (torch counts FLOPs = 2 x multiply-adds, so we
-halve them); everything else that computes is "other" arithmetic: pointwise ops count one op per output
-element, reductions one per input element. Counts arrive as SymInts (symbolic sizes) and are kept as
+halve them); attention kernels torch has no formula for (the CPU flash kernel, nn.MultiheadAttention's
+fused fast path, the MPS and "overrideable" kernels) with torch's SDPA formula applied to their shapes
+(see ATTENTION_FORMULAS); everything else that computes is "other" arithmetic: pointwise ops count one
+op per output element, reductions one per input element, attention kernels a few per score. Counts arrive as SymInts (symbolic sizes) and are kept as
 sympy expressions. Ops run by autograd in a backward pass are attributed to the fx node whose forward
 created the autograd node, found through autograd sequence numbers.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
 import torch._decomp
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -32,7 +35,8 @@ REDUCTIONS = {
     aten.native_layer_norm_backward, aten.native_group_norm, aten.native_group_norm_backward,
     aten.avg_pool2d, aten.avg_pool2d_backward, aten.max_pool2d_with_indices,
     aten.max_pool2d_with_indices_backward, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool2d_backward,
-    aten.adaptive_max_pool2d, aten.nll_loss_forward, aten.nll_loss_backward,
+    aten.adaptive_max_pool2d, aten.nll_loss_forward, aten.nll_loss_backward, aten._safe_softmax,
+    aten._masked_softmax, aten._masked_softmax_backward,
 }
 # Fused recurrent kernels: torch's counter sees each as one uncounted op, and under fake tensors they
 # need concrete sizes. torch.nn's RNN modules call them through torch._VF, before the dispatcher, so a
@@ -104,6 +108,99 @@ _IGNORED = {
 }
 
 
+# Attention. torch's flop counter has formulas for the CUDA kernels (flash, memory-efficient, cuDNN) but
+# none for the kernels other devices run, so on CPU F.scaled_dot_product_attention counted 0 and a
+# transformer's cost was linear in the sequence length. Those kernels get torch's own SDPA formula
+# (sdpa_flop_count / sdpa_backward_flop_count: Q K^T plus P V, forward; the five backward products) on
+# their shapes. Like torch, the formula counts the full S_q x S_k score matrix whatever the mask: a causal
+# or padding mask does not lower the count (docs/cost-model.md says why). The math backend and attention
+# written as explicit matmuls need nothing here: their bmm / matmul ops are counted as they run.
+
+
+def _heads_layout(shape: Any) -> tuple:
+    """A query / key / value shape as torch's SDPA formula takes it, (batch, heads, sequence, features):
+    F.scaled_dot_product_attention also takes (N, L, E), (L, E) and extra leading batch dims."""
+    shape = tuple(shape)
+    if len(shape) == 4:
+        return shape
+    if len(shape) < 4:
+        return (1,) * (4 - len(shape)) + shape
+    return (math.prod(shape[:-3]),) + shape[-3:]
+
+
+def _sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> Any:
+    return sdpa_flop_count(_heads_layout(query.shape), _heads_layout(key.shape), _heads_layout(value.shape))
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> Any:
+    return sdpa_backward_flop_count(_heads_layout(grad_out.shape), _heads_layout(query.shape),
+                                    _heads_layout(key.shape), _heads_layout(value.shape))
+
+
+def _multi_head_attention_flops(query, key, value, embed_dim, num_head, *args, out_val=None, **kwargs) -> Any:
+    """torch._native_multi_head_attention, nn.MultiheadAttention's fused inference path: the q, k, v and
+    output projections (E x E each) around SDPA with ``num_head`` heads of E / num_head features."""
+    batch = math.prod(tuple(query.shape)[:-2])
+    target, source = query.shape[-2], key.shape[-2]
+    head = embed_dim // num_head
+    projections = 2 * batch * embed_dim * embed_dim * (2 * target + 2 * source)
+    return projections + sdpa_flop_count((batch, num_head, target, head), (batch, num_head, source, head),
+                                         (batch, num_head, source, head))
+
+
+ATTENTION_FORMULAS: dict[Any, Callable[..., Any]] = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flops,
+    aten._scaled_dot_product_fused_attention_overrideable_backward: _sdpa_backward_flops,
+    aten._scaled_dot_product_attention_math_for_mps: _sdpa_flops,
+    aten._native_multi_head_attention: _multi_head_attention_flops,
+}
+"""Our formulas (FLOPs, as torch's registry returns them) for attention kernels torch has none for."""
+
+
+
+def formula_of(packet: Any) -> Callable[..., Any] | None:
+    """The formula the counter uses for an op overload packet: torch's registry (read at each call, since
+    formulas are registered later too, e.g. for fxreduce's int8 ops), then ours."""
+    return flop_registry.get(packet) or ATTENTION_FORMULAS.get(packet)
+
+_SDPA_FORWARD = {
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_fused_attention_overrideable,
+    aten._scaled_dot_product_attention_math_for_mps, aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+}
+_SDPA_BACKWARD = {
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten._scaled_dot_product_fused_attention_overrideable_backward,
+    aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_efficient_attention_backward,
+    aten._scaled_dot_product_cudnn_attention_backward,
+}
+
+
+def attention_other(func: Any, args: tuple, kwargs: dict) -> sympy.Expr | None:
+    """The "other" arithmetic of a fused attention kernel, None for other ops: per element of the score
+    matrix, one op for the scale and one for the softmax (forward) or its backward, plus one for a mask
+    or bias and one for dropout where the call has them; the fast MHA path adds its projections' biases."""
+    packet = func._overloadpacket
+    if packet not in _SDPA_FORWARD and packet not in _SDPA_BACKWARD and packet is not aten._native_multi_head_attention:
+        return None
+    bound = dict(zip((a.name for a in func._schema.arguments), args))
+    bound.update(kwargs)
+    query, key = bound["query"], bound["key"]
+    q, k = _heads_layout(query.shape), _heads_layout(key.shape)
+    if packet is aten._native_multi_head_attention:
+        batch, heads = math.prod(tuple(query.shape)[:-2]), bound["num_head"]
+        scores = to_sympy(batch * heads * query.shape[-2] * key.shape[-2])
+        biases = to_sympy(batch * bound["embed_dim"] * (2 * query.shape[-2] + 2 * key.shape[-2]))
+        return scores * (2 + (bound.get("mask") is not None)) + biases
+    scores = to_sympy(q[0] * q[1] * q[2] * k[2])
+    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    dropout = bound.get("dropout_p", 0.0) or 0.0
+    per_score = 2 + (packet in _SDPA_FORWARD and isinstance(mask, torch.Tensor)) + (dropout > 0)
+    return scores * per_score
+
+
 def to_sympy(value: Any) -> sympy.Expr:
     """A SymInt / int / float count as a sympy expression."""
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
@@ -160,7 +257,7 @@ class OpCounter(TorchDispatchMode):
         packet = func._overloadpacket
         if packet in _IGNORED:
             return func(*args, **kwargs)
-        if (packet not in flop_registry and packet not in REDUCTIONS and func is not torch.ops.prim.device.default
+        if (formula_of(packet) is None and packet not in REDUCTIONS and func is not torch.ops.prim.device.default
                 and torch.Tag.pointwise not in func.tags):
             # As torch's FlopCounterMode does: count what an op decomposes into, where it does.
             with self:
@@ -174,14 +271,16 @@ class OpCounter(TorchDispatchMode):
         else:
             owner = self._owner_by_sequence.get(autograd_node._sequence_nr(), self.current)
             counts, backward = self.counts[owner], True
-        formula = flop_registry.get(packet)
+        formula = formula_of(packet)
         if formula is not None:
             macs = to_sympy(formula(*args, **kwargs, out_val=out)) / 2
             dtype = dtype_name(_operand_dtype(args))
             target = counts.backward_macs if backward else counts.macs
             target[dtype] = target[dtype] + macs
-            return out
-        if packet in REDUCTIONS:
+            other = attention_other(func, args, kwargs)
+            if other is None:
+                return out
+        elif packet in REDUCTIONS:
             other = numel(_first_tensor(args))
         elif torch.Tag.pointwise in func.tags:
             other = sum((numel(t) for t in _tensors(out)), sympy.Integer(0))

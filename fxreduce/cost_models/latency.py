@@ -438,17 +438,8 @@ def concrete_inputs(gm: fx.GraphModule, dims: Mapping[str, int], make: Callable[
     if unknown:
         raise CostError(f"unknown dim name(s) {', '.join(unknown)}", where="latency",
                         fix=f"the named dims of this graph are: {', '.join(info.spec.dims) or 'none'}")
-    inputs = []
-    for index, value in enumerate(info.spec.example_inputs):
-        if not isinstance(value, torch.Tensor):
-            inputs.append(value)
-            continue
-        shape = list(value.shape)
-        for name, (position, axis) in info.spec.dims.items():
-            if position == index and name in dims:
-                shape[axis] = int(dims[name])
-        inputs.append(make(tuple(shape), value.dtype))
-    return tuple(inputs)
+    return info.spec.resized({name: int(size) for name, size in dims.items()},
+                             lambda value, shape: make(tuple(shape), value.dtype))
 
 
 def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int]) -> Latency:

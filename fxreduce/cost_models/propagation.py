@@ -34,33 +34,74 @@ META_KEY = "fxreduce"
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a graph runs on: example inputs (real tensors) and the named dims, name -> (input, axis)."""
+    """What a graph runs on: example inputs (real tensors) and the named dims, name -> (input, axis).
+
+    ``tied`` lists further axes that always equal a named dim (an attention mask's (N, T) beside
+    input_ids'): name -> ((input, axis), ...); they take the dim's symbol and its sizes. ``names`` are
+    the inputs' keyword names where the model was captured from keyword inputs.
+    """
 
     example_inputs: tuple
     dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    tied: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+
+    def _check_position(self, name: str, position: Any) -> tuple[int, int]:
+        if not (isinstance(position, tuple) and len(position) == 2):
+            raise InputError(f"dim {name!r} must map to (input index, axis), got {position!r}",
+                             where="dynamic", fix='e.g. dynamic={"N": (0, 0), "H": (0, 2)}')
+        index, axis = position
+        if not 0 <= index < len(self.example_inputs) or not isinstance(self.example_inputs[index], torch.Tensor):
+            raise InputError(f"dim {name!r} refers to input {index}, which is not a tensor input",
+                             where="dynamic", fix=f"there are {len(self.example_inputs)} example inputs")
+        tensor = self.example_inputs[index]
+        if not -tensor.dim() <= axis < tensor.dim():
+            raise InputError(f"dim {name!r} refers to axis {axis} of input {index}, which has shape "
+                             f"{tuple(tensor.shape)}", where="dynamic", fix="name an existing axis")
+        return index, axis % tensor.dim()
 
     def validate(self) -> None:
         seen: dict[tuple[int, int], str] = {}
         for name, position in self.dims.items():
-            if not (isinstance(position, tuple) and len(position) == 2):
-                raise InputError(f"dim {name!r} must map to (input index, axis), got {position!r}",
-                                 where="dynamic", fix='e.g. dynamic={"N": (0, 0), "H": (0, 2)}')
-            index, axis = position
-            if not 0 <= index < len(self.example_inputs) or not isinstance(self.example_inputs[index], torch.Tensor):
-                raise InputError(f"dim {name!r} refers to input {index}, which is not a tensor input",
-                                 where="dynamic", fix=f"there are {len(self.example_inputs)} example inputs")
-            tensor = self.example_inputs[index]
-            if not -tensor.dim() <= axis < tensor.dim():
-                raise InputError(f"dim {name!r} refers to axis {axis} of input {index}, which has shape "
-                                 f"{tuple(tensor.shape)}", where="dynamic", fix="name an existing axis")
-            key = (index, axis % tensor.dim())
+            key = self._check_position(name, position)
             if key in seen:
                 raise InputError(f"dims {seen[key]!r} and {name!r} name the same axis", where="dynamic")
             seen[key] = name
+        for name, positions in self.tied.items():
+            if name not in self.dims:
+                raise InputError(f"tied axes name the dim {name!r}, which is not a named dim", where="dynamic",
+                                 fix=f"the named dims are: {', '.join(self.dims) or 'none'}")
+            for position in positions:
+                key = self._check_position(name, position)
+                if key in seen:
+                    raise InputError(f"dims {seen[key]!r} and {name!r} name the same axis", where="dynamic")
+                seen[key] = name
+                size = int(self.example_inputs[key[0]].shape[key[1]])
+                if size != self.hint(name):
+                    raise InputError(f"dim {name!r} is {self.hint(name)} long on input {self.dims[name][0]} but "
+                                     f"{size} on input {key[0]}, axis {key[1]}", where="dynamic",
+                                     fix="give the inputs that share a dim the same example size")
+
+    def positions(self, name: str) -> tuple[tuple[int, int], ...]:
+        """Every (input, axis) that takes the dim ``name``: the named axis, then its tied axes; normalised."""
+        every = (self.dims[name],) + tuple(self.tied.get(name, ()))
+        return tuple((index, axis % self.example_inputs[index].dim()) for index, axis in every)
 
     def hint(self, name: str) -> int:
         index, axis = self.dims[name]
         return int(self.example_inputs[index].shape[axis])
+
+    def resized(self, sizes: Mapping[str, int], make: Any) -> tuple:
+        """The inputs with each named dim (and its tied axes) at ``sizes[name]``; ``make(value, shape)``
+        builds each tensor input of a new shape."""
+        by_axis = {position: size for name, size in sizes.items() for position in self.positions(name)}
+        fresh = []
+        for index, value in enumerate(self.example_inputs):
+            if not isinstance(value, torch.Tensor):
+                fresh.append(value)
+                continue
+            fresh.append(make(value, [by_axis.get((index, axis), size) for axis, size in enumerate(value.shape)]))
+        return tuple(fresh)
 
 
 @dataclass(frozen=True)
@@ -74,7 +115,10 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class GraphInfo:
-    """Stored in graph_module.meta["fxreduce"]: how the graph was captured and what it runs on."""
+    """Stored in graph_module.meta["fxreduce"]: how the graph was captured and what it runs on.
+
+    ``notes`` say what capture changed or left out (e.g. a transformers cache dropped from the outputs).
+    """
 
     spec: InputSpec
     method: str
@@ -84,6 +128,7 @@ class GraphInfo:
     constraints: Mapping[str, tuple[int, int | None]]
     source: str = ""
     time_limit: float | None = 60.0
+    notes: tuple[str, ...] = ()
 
 
 def symbol(name: str) -> sympy.Symbol:
@@ -181,7 +226,7 @@ def _shape_of(value: Any) -> tuple[Any, Any]:
     return None, type(value).__name__
 
 
-def _hinted_inputs(spec: InputSpec, wanted: Mapping[tuple[int, int], str]) -> list[Any]:
+def _hinted_inputs(spec: InputSpec, wanted: Mapping[tuple[int, int], Any]) -> list[Any]:
     """Example inputs whose symbolic axes are at least 2 long: torch's ShapeEnv specialises 0 and 1,
     and a fake run needs shapes, not values."""
     inputs = []
@@ -194,13 +239,28 @@ def _hinted_inputs(spec: InputSpec, wanted: Mapping[tuple[int, int], str]) -> li
     return inputs
 
 
+def _normal(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone() if tensor.is_inference() else tensor
+
+
 def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], training: bool) -> _Run:
+    """The run in one autograd mode whatever the caller's: under torch.no_grad or torch.inference_mode a
+    training step would have no backward, and eager code (nn.MultiheadAttention) picks other kernels."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _grad_mode_fake_run(gm, spec, dynamic, training)
+
+
+def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], training: bool) -> _Run:
     shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-    wanted = {spec.dims[name]: name for name in dynamic}
+    wanted = {spec.positions(name)[0]: name for name in dynamic}
+    tied = {position: name for name in dynamic for position in spec.positions(name)[1:]}
     raw_symbol: dict[str, sympy.Expr] = {}
+    sizes: dict[str, torch.SymInt] = {}
     fakes = []
-    inputs = _hinted_inputs(spec, wanted)
+    # Tensors made under torch.inference_mode cannot take part in autograd: normal copies of them.
+    inputs = [v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+              for v in _hinted_inputs(spec, {**wanted, **tied})]
     with mode:
         for index, value in enumerate(inputs):
             if not isinstance(value, torch.Tensor):
@@ -211,12 +271,19 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
             fakes.append(fake)
             for axis in range(value.dim()):
                 if (index, axis) in wanted:
+                    sizes[wanted[(index, axis)]] = fake.shape[axis]
                     raw_symbol[wanted[(index, axis)]] = to_sympy(fake.shape[axis])
+        # Tied axes take their dim's very symbol: a fresh tensor of that symbolic shape (fake: no values).
+        for index, value in enumerate(inputs):
+            if any((index, axis) in tied for axis in range(getattr(value, "ndim", 0))):
+                shape = [sizes[tied[(index, axis)]] if (index, axis) in tied else size
+                         for axis, size in enumerate(fakes[index].shape)]
+                fakes[index] = torch.empty(shape, dtype=value.dtype, device=value.device)
         # Parameters keep requires_grad even for a forward count: eager code such as
         # nn.MultiheadAttention picks another kernel when no input requires grad.
-        state = {name: mode.from_tensor(p, static_shapes=True).requires_grad_(p.requires_grad)
+        state = {name: mode.from_tensor(_normal(p), static_shapes=True).requires_grad_(p.requires_grad)
                  for name, p in gm.named_parameters()}
-        state.update({name: mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()})
+        state.update({name: mode.from_tensor(_normal(b), static_shapes=True) for name, b in gm.named_buffers()})
     counter = OpCounter()
     raw_meta: dict[str, tuple[Any, Any]] = {}
     declared_inputs: dict[str, list[Any]] = {}
@@ -443,8 +510,14 @@ def _first_dtype(dtype: Any) -> torch.dtype:
 
 
 def propagate(gm: fx.GraphModule, spec: InputSpec, *, method: str = "symbolic_trace", source: str = "",
-              time_limit: float | None = 60.0) -> GraphInfo:
-    """Annotate every node of ``gm`` with NodeInfo (shape, dtype, forward cost); store GraphInfo on gm."""
+              time_limit: float | None = 60.0, notes: tuple[str, ...] | None = None) -> GraphInfo:
+    """Annotate every node of ``gm`` with NodeInfo (shape, dtype, forward cost); store GraphInfo on gm.
+
+    ``notes`` default to those of the GraphInfo ``gm`` already carries (a rewrite keeps its capture notes).
+    """
+    if notes is None:
+        previous = getattr(gm, "meta", {}).get(META_KEY)
+        notes = previous.notes if isinstance(previous, GraphInfo) else ()
     spec.validate()
     started = time.perf_counter()
     run = _run_with_fallback(gm, spec, training=False, time_limit=time_limit)
@@ -454,7 +527,8 @@ def propagate(gm: fx.GraphModule, spec: InputSpec, *, method: str = "symbolic_tr
         shape, dtype = run.raw_meta.get(node.name, (None, None))
         node.meta[META_KEY] = NodeInfo(shape=convert(shape), dtype=dtype, cost=costs[node.name])
     info = GraphInfo(spec=spec, method=method, symbolic=run.symbolic, specialised=run.specialised,
-                     fixed=run.fixed, constraints=run.constraints, source=source, time_limit=time_limit)
+                     fixed=run.fixed, constraints=run.constraints, source=source, time_limit=time_limit,
+                     notes=tuple(notes))
     gm.meta[META_KEY] = info
     gm.meta[META_KEY + "_seconds"] = time.perf_counter() - started
     return info

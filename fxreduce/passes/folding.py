@@ -47,6 +47,8 @@ def _why_not_foldable(layer: Layer, batchnorm: Layer) -> str | None:
         return "BatchNorm in training mode uses batch statistics; call model.eval() before tracing"
     if layer.weight is None:
         return f"{layer.describe()} computes its weight in the graph; only parameter weights fold"
+    if layer.why_shared():
+        return layer.why_shared()
     if isinstance(layer.attrs.get("padding"), str):
         return f"{layer.describe()} uses padding={layer.attrs['padding']!r}; fold needs explicit padding"
     shape = getattr(layer.result.meta.get("fxreduce"), "shape", None)

@@ -115,6 +115,8 @@ class LowerInt8Options:
 def _why_not(layer: Layer) -> str | None:
     if layer.weight is None:
         return "its weight is computed in the graph; only parameter weights lower to int8"
+    if layer.why_shared():
+        return layer.why_shared()
     if layer.weight.dtype != torch.float32:
         return f"its weight is {layer.weight.dtype}; the int8 kernels replace float32 layers"
     info = layer.input.meta.get("fxreduce")

@@ -71,15 +71,13 @@ def _trainable_upstream(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _as_torch_layer(layer: Layer) -> nn.Module:
     """An nn.Conv2d / nn.Linear view of a layer of any dialect, holding the layer's own parameters."""
+    if layer.kind == "linear":
+        return layer.as_linear()
     if layer.module is not None:
         return layer.module
-    weight = layer.weight
-    if layer.kind == "linear":
-        module = nn.Linear(weight.shape[1], weight.shape[0], layer.bias is not None, device="meta")
-    else:
-        a = layer.attrs
-        module = nn.Conv2d(weight.shape[1] * a["groups"], weight.shape[0], tuple(weight.shape[2:]), a["stride"],
-                           a["padding"], a["dilation"], a["groups"], layer.bias is not None, device="meta")
+    weight, a = layer.weight, layer.attrs
+    module = nn.Conv2d(weight.shape[1] * a["groups"], weight.shape[0], tuple(weight.shape[2:]), a["stride"],
+                       a["padding"], a["dilation"], a["groups"], layer.bias is not None, device="meta")
     module.weight, module.bias = layer.weight, layer.bias
     return module
 
@@ -87,8 +85,10 @@ def _as_torch_layer(layer: Layer) -> nn.Module:
 def _why_not_prunable(layer: Layer) -> str | None:
     if layer.weight is None:
         return f"{layer.describe()} computes its weight in the graph; only parameter weights are pruned"
-    if not all(isinstance(t, nn.Parameter) for t in (layer.weight, layer.bias) if t is not None):
+    if not all(isinstance(t, nn.Parameter) for t in (layer.parameter, layer.bias) if t is not None):
         return f"{layer.describe()} has constant (non-parameter) weights: nothing to train"
+    if layer.kind == "linear" and layer.why_shared(keeps_weight=True):
+        return layer.why_shared(keeps_weight=True)
     if layer.kind == "conv2d" and layer.weight.shape[0] == layer.attrs["groups"]:
         return "one output channel per group (depthwise): no channel of a group can be pruned"
     return None
@@ -154,7 +154,6 @@ class ErrorMapPruning(Pass):
             channels = module.weight.shape[0]
             replaced = layer.node.name
             new = replace_layer(gm, layer, module, pass_name=self.name)
-            _drop_unused_attributes(gm, source if layer.module is None else None)
             kept = f"{module.kept_channels} of {channels} channels" if module.prunes else f"all {channels} channels"
             outcome.rewrites.append(Rewrite([replaced], [new.name], f"backward keeps the error map of {kept} "
                                             f"(keep={o.keep:g}); forward unchanged", self.contract))
@@ -184,16 +183,6 @@ class ErrorMapPruning(Pass):
         expected = _gradients(reference, inputs)
         failure = compare_outputs(expected, grads, self.contract.tolerance)
         return f"training gradients vs the masked-error-map reference: {failure}" if failure else None
-
-
-def _drop_unused_attributes(gm: fx.GraphModule, source: nn.Module | None) -> None:
-    """After a functional layer moved into a module, delete the gm attributes no node reads any more."""
-    if source is None:
-        return
-    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    for name, value in list(gm.named_parameters()):
-        if name not in read and "." not in name and any(value is p for p in source.parameters()):
-            delattr(gm, name)
 
 
 @dataclass

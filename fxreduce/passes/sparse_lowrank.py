@@ -343,6 +343,9 @@ class SparseLowRank(Pass):
                     outcome.skipped.append(Skipped(layer.name, "its weight is computed in the graph; only "
                                                                "parameter weights are factorised"))
                     continue
+                if layer.why_shared():
+                    outcome.skipped.append(Skipped(layer.name, layer.why_shared()))
+                    continue
                 slots.append(Slot(layer.name, layer.weight.detach(), None if layer.bias is None else
                                   layer.bias.detach(), rows(layer.input), layer.node))
         if "lstm" in options.types:

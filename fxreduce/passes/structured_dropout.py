@@ -116,13 +116,16 @@ class StructuredDropout(Pass):
         o = self.options
         salt = 0
         for dropout, linear in find_chains(gm, ("dropout", "linear")):
-            if linear.module is None:
-                outcome.skipped.append(Skipped(linear.node.name, "a functional linear; only nn.Linear modules are "
-                                                                 "compacted"))
+            if linear.weight is None:
+                outcome.skipped.append(Skipped(linear.name, "its weight is computed in the graph; only parameter "
+                                                            "weights are compacted"))
+                continue
+            if linear.why_shared(keeps_weight=True):
+                outcome.skipped.append(Skipped(linear.name, linear.why_shared(keeps_weight=True)))
                 continue
             salt += 1
             time_dim = _time_dim(gm, dropout)
-            module = StructuredDropoutLinear.from_linear(linear.module, p=o.p, seed=o.seed + salt, mode=o.mode,
+            module = StructuredDropoutLinear.from_linear(linear.as_linear(), p=o.p, seed=o.seed + salt, mode=o.mode,
                                                          time_dim=time_dim, offsets=o.offsets)
             per_step = o.mode != "per_sequence" and time_dim is not None
             sets = f"per time step ({o.describe_masks()})" if per_step else "per call"

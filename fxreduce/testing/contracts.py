@@ -69,19 +69,13 @@ def random_inputs(gm: fx.GraphModule, trials: int, seed: int = 0) -> list[tuple]
     for _ in range(trials):
         sizes = {name: max(2, info.spec.hint(name) + int(torch.randint(-1, 3, (1,), generator=generator)))
                  for name in info.symbolic}
-        by_axis = {info.spec.dims[name]: size for name, size in sizes.items()}
-        fresh = []
-        for index, value in enumerate(info.spec.example_inputs):
-            if not isinstance(value, torch.Tensor):
-                fresh.append(value)
-                continue
-            shape = [by_axis.get((index, axis), size) for axis, size in enumerate(value.shape)]
+        def make(value, shape):
             if value.is_floating_point():
-                fresh.append(torch.randn(shape, generator=generator, dtype=value.dtype))
-            else:
-                high = int(value.max().item()) + 1 if value.numel() else 2
-                fresh.append(torch.randint(0, max(high, 1), shape, generator=generator, dtype=value.dtype))
-        examples.append(tuple(fresh))
+                return torch.randn(shape, generator=generator, dtype=value.dtype)
+            high = int(value.max().item()) + 1 if value.numel() else 2
+            return torch.randint(0, max(high, 1), shape, generator=generator, dtype=value.dtype)
+
+        examples.append(info.spec.resized(sizes, make))
     return examples
 
 

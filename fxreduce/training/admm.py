@@ -237,7 +237,7 @@ class ADMM:
             elif layer.weight is None:
                 weightless.add(layer.name)
             else:
-                add(layer.weight, layer.name)
+                add(layer.parameter, layer.name)
         for node in graph.graph.nodes:
             if node.op == "call_module" and fnmatch.fnmatchcase(node.target, pattern):
                 module = graph.get_submodule(node.target)
