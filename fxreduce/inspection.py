@@ -612,31 +612,24 @@ class Inspection:
 
     @functools.cached_property
     def collapsed(self) -> dict[str, list[str]]:
-        """Runs of unchanged nodes drawn as one box, by group id (empty up to COLLAPSE_ABOVE nodes)."""
-        graph = self.graph
-        if graph.number_of_nodes() <= COLLAPSE_ABOVE:
+        """In a diff, runs of unchanged nodes drawn as one box, by group id (none up to COLLAPSE_ABOVE nodes).
+
+        A run is a stretch of consecutive unchanged nodes in graph order (a topological order), so every
+        edge that leaves a run goes forward and drawing the run as one box adds no cycle.
+        """
+        if not self.is_diff or self.graph.number_of_nodes() <= COLLAPSE_ABOVE:
             return {}
-
-        def plain(name: str) -> bool:
-            return graph.nodes[name]["status"] == "same" and name not in self.anchors.values()
-
+        status = {c.name: c.kind for c in self.changes}
+        anchors = set(self.anchors.values())
         runs: dict[str, list[str]] = {}
-        for name in nx.topological_sort(graph):
-            if not plain(name):
+        run: list[str] = []
+        for name in [*self.shown.rows, None]:
+            if name is not None and status.get(name) is None and name not in anchors:
+                run.append(name)
                 continue
-            predecessors = list(graph.predecessors(name))
-            head = predecessors[0] if len(predecessors) == 1 else None
-            if head is not None and plain(head) and graph.out_degree(head) == 1:
-                continue  # inside a run that starts earlier
-            run, current = [name], name
-            while graph.out_degree(current) == 1:
-                following = next(iter(graph.successors(current)))
-                if not plain(following) or graph.in_degree(following) != 1:
-                    break
-                run.append(following)
-                current = following
             if len(run) >= _MIN_RUN:
                 runs[f"group{len(runs)}"] = run
+            run = []
         return runs
 
     def to_dot(self, ids: bool = False) -> str:
