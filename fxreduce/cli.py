@@ -30,6 +30,7 @@ from .passes import REGISTRY, get_pass
 from .pipeline import Pipeline, RewriteReport, parse_spec
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
 from .testing.contracts import check_contract
+from .text import formula
 from .tracing import trace
 
 DEMO_PIPELINE = "fold_batchnorm,remove_dropout,eliminate_dead_code"
@@ -115,6 +116,8 @@ def _cost_document(ref: str, gm: fx.GraphModule, cost: GraphCost, point: dict[st
         "specialised": dict(cost.specialised),
         "symbolic": {**{key: str(summary[key]) for key, _ in _TOTALS},
                      "macs_by_dtype": {k: str(v) for k, v in cost.macs_by_dtype.items()}},
+        "readable": {**{key: formula(summary[key]) for key, _ in _TOTALS},
+                     "macs_by_dtype": {k: formula(v) for k, v in cost.macs_by_dtype.items()}},
         "at": point,
         "values": {**{key: _value(values[key]) for key, _ in _TOTALS},
                    "macs_by_dtype": {k: _value(v) for k, v in at.macs_by_dtype.items()}},
@@ -127,11 +130,11 @@ def _cost_lines(document: dict[str, Any]) -> list[str]:
     lines = [f"{document['model']} on input {document['input_shape']}: {document['mode']}, "
              f"captured with {document['captured_with']}", "", f"symbolic totals (in {dims})"]
     for key, text in _TOTALS[:1]:
-        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
-    for dtype, formula in document["symbolic"]["macs_by_dtype"].items():
-        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {formula}")
+        lines.append(f"  {text + ':':<{label}} {document['readable'][key]}")
+    for dtype, readable in document["readable"]["macs_by_dtype"].items():
+        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {readable}")
     for key, text in _TOTALS[1:]:
-        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
+        lines.append(f"  {text + ':':<{label}} {document['readable'][key]}")
     point = ", ".join(f"{k}={v}" for k, v in document["at"].items()) or "the example size"
     lines += ["", f"at {point}"]
     for key, text in _TOTALS[:1]:

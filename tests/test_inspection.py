@@ -298,3 +298,16 @@ def test_large_graphs_collapse_unchanged_runs():
     dot = inspection.to_dot()
     assert dot.count("unchanged nodes") == len(groups) and dot.count("[label=") < 400
     assert len(inspect(*[synthetic(50)] * 2).collapsed) == 0
+
+
+def test_the_command_writes_the_html_diff_of_a_saved_rewrite(tmp_path, capsys):
+    from fxreduce.cli import main
+
+    saved, page = tmp_path / "int8.pt", tmp_path / "diff.html"
+    shape = "N,3,H=32,W=32"
+    assert main(["apply", "default", "--pipeline", "fold_batchnorm,lower_int8", "--input-shape", shape,
+                 "--no-measure", "-o", str(saved)]) == 0
+    assert main(["inspect", str(saved), "--diff", "--format", "html", "-o", str(page)]) == 0
+    assert f"wrote {page}" in capsys.readouterr().out
+    text = page.read_text()
+    assert "fold_batchnorm, lower_int8: FLOPs" in text and "BatchNorm folded" in text  # the saved report's reasons
