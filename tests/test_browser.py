@@ -95,3 +95,30 @@ def test_the_page_works_in_chromium(page, browser):
 
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_a_large_diff_draws_unchanged_runs_collapsed_and_still_finds_every_node(browser, tmp_path):
+    """1,500 nodes, 7 rewritten: the SVG holds a box per run, and search still reaches a node inside one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from fxreduce.cost_models import NodeCost, NodeInfo
+    from fxreduce.inspection import REWRITTEN_KEY
+    from test_inspection import synthetic
+
+    before, after = synthetic(1500), synthetic(1500)
+    for node in list(after.graph.nodes)[100:1400:200]:
+        node.meta[REWRITTEN_KEY] = "zero"
+        node.meta["fxreduce"] = NodeInfo(node.meta["fxreduce"].shape, torch.float32, NodeCost())
+    page = fr.inspect(before, after).write(tmp_path / "large.html")
+    browser.get(page.as_uri())
+    wait = WebDriverWait(browser, 30)
+    wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#graph svg g.node")))
+    drawn = len(browser.find_elements(By.CSS_SELECTOR, "#graph svg g.node"))
+    assert drawn < 100
+    browser.find_element(By.ID, "search").send_keys("relu_700")
+    wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#search-results li[data-index]"))).click()
+    details = wait.until(ready.presence_of_element_located((By.ID, "details"))).text
+    assert "relu_700" in details and "collapsed run" in details
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
