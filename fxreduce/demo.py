@@ -36,8 +36,8 @@ class Settings:
     """What each section runs; every figure the demo prints follows from these."""
 
     threads: int = 2
-    repeats: int = 7
-    trials: int = 2
+    repeats: int = 5
+    trials: int = 1
     seed: int = 0
     mlp_widths: tuple[int, ...] = (784, 1024, 1024, 10)
     mlp_batch: int = 64
@@ -54,7 +54,7 @@ class Settings:
     train_batch: int = 32
     on_device_spec: str = "error_map_pruning(keep=0.3),instance_filter"
     resolutions: tuple[int, ...] = (64, 48, 32)
-    resolution_batch: int = 48
+    resolution_batch: int = 64
     resolution_shares: tuple[float, ...] = (0.25, 0.4, 0.35)
 
     @classmethod
