@@ -46,7 +46,7 @@ class Settings:
     cnn_batch: int = 32
     int8_spec: str = "fold_batchnorm,lower_int8"
     lm_vocabulary: int = 2000
-    lm_hidden: int = 650
+    lm_hidden: int = 400
     lm_steps: int = 35
     lm_batch: int = 20
     dropout_spec: str = "structured_dropout(p=0.5, mode='per_sequence', recurrent=True)"
@@ -368,7 +368,12 @@ def summary(sections: Sequence[Section], threads: int) -> list[str]:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return lines + [f"speedups: {threads} torch threads, this machine, 1-minute load average {load:.1f}"]
+    lines.append(f"speedups: {threads} torch threads, this machine, 1-minute load average {load:.1f}")
+    cores = os.cpu_count() or 1
+    if load > cores:
+        lines.append(f"warning: the load average is above the {cores} core(s): other processes shared the cores "
+                     "while timing, so the speedups are noisy (the cost cuts and contracts are not affected)")
+    return lines
 
 
 __all__ = ["LanguageModel", "MLP", "SECTIONS", "Section", "Settings", "TECHNIQUES", "run", "summary"]
