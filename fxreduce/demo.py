@@ -9,7 +9,6 @@ shrinks every workload for tests; the default settings are what the README shows
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
