@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ import torch.fx as fx
 from . import __version__
 from .cost_models import GraphCost, certify, graph_cost, graph_info
 from .cost_models.latency import default_profile_path
+from .demo import TECHNIQUES
 from .errors import FxReduceError, InputError, UnsupportedError
 from .inspection import inspect
 from .measurement import measure
@@ -33,6 +33,7 @@ from .profiling import calibrate
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
 from .submodules import apply_to_submodules
 from .testing.contracts import check_contract
+from .text import formula
 from .tracing import trace
 
 DEMO_PIPELINE = "fold_batchnorm,remove_dropout,eliminate_dead_code"
@@ -118,6 +119,8 @@ def _cost_document(ref: str, gm: fx.GraphModule, cost: GraphCost, point: dict[st
         "specialised": dict(cost.specialised),
         "symbolic": {**{key: str(summary[key]) for key, _ in _TOTALS},
                      "macs_by_dtype": {k: str(v) for k, v in cost.macs_by_dtype.items()}},
+        "readable": {**{key: formula(summary[key]) for key, _ in _TOTALS},
+                     "macs_by_dtype": {k: formula(v) for k, v in cost.macs_by_dtype.items()}},
         "at": point,
         "values": {**{key: _value(values[key]) for key, _ in _TOTALS},
                    "macs_by_dtype": {k: _value(v) for k, v in at.macs_by_dtype.items()}},
@@ -130,11 +133,11 @@ def _cost_lines(document: dict[str, Any]) -> list[str]:
     lines = [f"{document['model']} on input {document['input_shape']}: {document['mode']}, "
              f"captured with {document['captured_with']}", "", f"symbolic totals (in {dims})"]
     for key, text in _TOTALS[:1]:
-        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
-    for dtype, formula in document["symbolic"]["macs_by_dtype"].items():
-        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {formula}")
+        lines.append(f"  {text + ':':<{label}} {document['readable'][key]}")
+    for dtype, readable in document["readable"]["macs_by_dtype"].items():
+        lines.append(f"  {'MACs ' + dtype + ':':<{label}} {readable}")
     for key, text in _TOTALS[1:]:
-        lines.append(f"  {text + ':':<{label}} {document['symbolic'][key]}")
+        lines.append(f"  {text + ':':<{label}} {document['readable'][key]}")
     point = ", ".join(f"{k}={v}" for k, v in document["at"].items()) or "the example size"
     lines += ["", f"at {point}"]
     for key, text in _TOTALS[:1]:
@@ -325,12 +328,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         before = _traced(args.diff, args.input_shape or _shape(graph).text)
     else:
         before = None
+    report = loaded.built.result.report if loaded is not None and loaded.built is not None else None
     inspection = inspect(graph if before is None else before, None if before is None else graph,
-                         at=_point(graph, args.at), format=args.format or "table")
+                         at=_point(graph, args.at), format=args.format or "table",
+                         report=report if args.diff == _SAVED else None)
     if args.output:
         print(f"wrote {inspection.write(args.output, args.format)}")
     else:
-        print(inspection.render(), end="" if args.format in ("dot", "svg") else "\n")
+        print(inspection.render(), end="" if args.format in ("dot", "svg", "html") else "\n")
     return 0
 
 
@@ -349,36 +354,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
     started = time.perf_counter()
-    os.makedirs(args.out_dir, exist_ok=True)
-    built = build("default", args.input_shape, DEMO_PIPELINE, args.seed)
-    gm, shape = built.original, built.shape
-    point = _point(gm, args.at)
-    print(f"== 1. trace: the demo CNN (fxreduce.models.DemoNet) on input {shape.text}, "
-          f"dims {', '.join(graph_info(gm).symbolic)} kept symbolic")
-    print("\n== 2. cost")
-    print("\n".join(_cost_lines(_cost_document("default", gm, graph_cost(gm), point))))
-    print(f"\n== 3. rewrite: {DEMO_PIPELINE}")
-    report = built.result.report
-    report.at = point
-    print("\n".join(report.lines() + _certificates(report)))
-    print("\n== 4. verify the contracts on random inputs of other sizes")
-    ok, lines = _verify_lines(gm, DEMO_PIPELINE, args.seed, trials=2)
-    print("\n".join(lines))
-    print("\n== 5. inspect and save")
-    diff = inspect(gm, built.graph_module, at=point)
-    if shutil.which("dot"):
-        drawing = diff.write(os.path.join(args.out_dir, "diff.svg"), "svg")
-    else:
-        drawing = diff.write(os.path.join(args.out_dir, "diff.dot"), "dot")
-        print("Graphviz `dot` is not installed, so the diff is written as DOT (apt-get install graphviz for SVG)")
-    saved = os.path.join(args.out_dir, "demo.pt")
-    save(saved, built.graph_module, model_ref="default", pipeline_spec=DEMO_PIPELINE, input_spec_text=shape.text,
-         seed=args.seed)
-    print(f"wrote {drawing} (before/after graph diff)")
-    print(f"wrote {saved}; try `fxreduce inspect {saved} --diff`")
+    settings = demo.Settings.fast() if args.fast else demo.Settings()
+    settings = dataclasses.replace(settings, threads=args.threads or settings.threads, seed=args.seed)
+    print(f"fxreduce demo: each technique on a small real model -- the cost model's proven cut, the speedup "
+          f"measured side by side ({settings.threads} torch threads), the contract checked on fresh inputs\n")
+    sections = demo.run(args.technique, settings)
+    print("== summary")
+    print("\n".join(demo.summary(sections, settings.threads)))
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        for section in sections:
+            page = inspect(section.original, section.rewritten, report=section.report)
+            print(f"wrote {page.write(os.path.join(args.out_dir, section.technique + '.html'))} (interactive diff)")
     print(f"done in {time.perf_counter() - started:.1f} s")
-    return 0 if ok else 1
+    return 0 if all(section.contract_ok for section in sections) else 1
 
 
 def _model_options(parser: argparse.ArgumentParser, shape_default: str | None = DEFAULT_SHAPE,
@@ -455,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="diff against MODEL (the 'before'); alone, against the saved file's original model "
                            "(write it after FILE_OR_MODEL)")
     _model_options(insp, shape_default=None, shape_help=f"default: {DEFAULT_SHAPE} for a MODEL, a file's own")
-    insp.add_argument("--format", choices=("table", "json", "dot", "svg"),
+    insp.add_argument("--format", choices=("table", "json", "dot", "svg", "html"),
                       help="output format (default: table, or from the -o suffix)")
     insp.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
     insp.add_argument("--trust", action="store_true",
@@ -470,11 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(run=cmd_verify)
 
-    demo = commands.add_parser("demo", help="trace, cost, rewrite, verify and draw the embedded demo CNN")
-    demo.add_argument("--out-dir", default="fxreduce-demo", metavar="DIR", help="where to write (default: %(default)s)")
-    demo.add_argument("--input-shape", default="N,3,H=32,W=32", metavar="SHAPE", help="default: %(default)s")
-    demo.add_argument("--at", default="N=1,H=224,W=224", metavar="DIMS",
-                      help="evaluate costs here, away from the traced size (default: %(default)s)")
+    demo = commands.add_parser("demo", help="every technique cutting computation on a small model: proven cut, "
+                                            "measured speedup, contract")
+    demo.add_argument("--technique", action="append", choices=TECHNIQUES, metavar="NAME",
+                      help=f"run only this section (repeatable): {', '.join(TECHNIQUES)}")
+    demo.add_argument("--out-dir", metavar="DIR", help="also write each rewrite's HTML diff page here")
+    demo.add_argument("--fast", action="store_true", help="tiny workloads and few repeats (a smoke run)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
     return parser

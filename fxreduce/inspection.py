@@ -1,9 +1,10 @@
-"""Inspect traced and rewritten graphs: node tables, before/after diffs, JSON, DOT and SVG.
+"""Inspect traced and rewritten graphs: node tables, before/after diffs, JSON, DOT, SVG and an HTML page.
 
 Everything is read from what fxreduce.trace and the passes leave on a GraphModule (NodeInfo per node,
 GraphInfo on the module, the ``fxreduce_rewritten_by`` tag on nodes a pass added or changed), so
 inspecting never runs the model. Node costs repeat a lot (every conv of a stage has the same shape), so
 each distinct expression is printed and evaluated once; that keeps rendering linear in the node count.
+Formulas print in their readable form (fxreduce.text: ``ceil(H/32)``); JSON keeps the exact sympy string.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ import torch.fx as fx
 
 from .cost_models import GraphCost, NodeCost, graph_cost, graph_info
 from .errors import CostError, FxReduceError
+from .text import formula
 
 REWRITTEN_KEY = "fxreduce_rewritten_by"
-FORMATS = ("table", "json", "dot", "svg")
+FORMATS = ("table", "json", "dot", "svg", "html")
 HIGHLIGHT_COLOR = "#ffb000"
 REMOVED_COLOR = "#9e9e9e"
+COLLAPSE_ABOVE = 200
+"""Graphs with more nodes than this draw each run of unchanged nodes as one box (the HTML page lists them)."""
+_MIN_RUN = 3
 _SHARE_COLOR = (0x6B, 0xAE, 0xD6)
-_SUFFIXES = {".txt": "table", ".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"}
+_SUFFIXES = {".txt": "table", ".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg", ".html": "html",
+             ".htm": "html"}
 
 METRICS: dict[str, Callable[[NodeCost], sympy.Expr]] = {
     "flops": lambda c: c.flops,
@@ -65,6 +71,7 @@ class NodeRow:
     cost: NodeCost
     rewritten_by: str | None
     metrics: Mapping[str, sympy.Expr]
+    module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,15 @@ class _Printer:
         self._value: dict[Any, int | float | None] = {}
 
     def text(self, expr: Any) -> str:
+        """The readable form (fxreduce.text.formula)."""
         cached = self._text.get(expr)
         if cached is None:
-            cached = self._text[expr] = str(expr)
+            cached = self._text[expr] = formula(expr) if isinstance(expr, sympy.Basic) else str(expr)
         return cached
+
+    def exact(self, expr: Any) -> str:
+        """sympy's own string: sympify(exact) is ``expr`` again."""
+        return str(expr)
 
     def value(self, expr: Any) -> int | float | None:
         cached = self._value.get(expr, self)
@@ -132,7 +144,12 @@ class _Printer:
         return number
 
     def quantity(self, expr: Any) -> dict[str, Any]:
-        return {"expr": self.text(expr), "value": self.value(expr)}
+        """JSON: the exact expression, its readable text where that differs, and its value."""
+        document = {"expr": self.exact(expr), "value": self.value(expr)}
+        text = self.text(expr)
+        if text != document["expr"]:
+            document["text"] = text
+        return document
 
     def shape_text(self, shape: Any) -> str:
         if shape is None:
@@ -147,7 +164,7 @@ class _Printer:
             return None
         if isinstance(shape, tuple):
             return [self.shape_json(s, evaluate) for s in shape]
-        return self.value(shape) if evaluate else self.text(shape)
+        return self.value(shape) if evaluate else self.exact(shape)
 
 
 def describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -183,7 +200,8 @@ def _view(gm: fx.GraphModule, cost: GraphCost, title: str) -> GraphView:
             name=node.name, op=node.op, target=describe_target(gm, node),
             inputs=tuple(n.name for n in node.all_input_nodes), shape=info.shape, dtype=info.dtype,
             cost=node_cost, rewritten_by=node.meta.get(REWRITTEN_KEY),
-            metrics={key: get(node_cost) for key, get in METRICS.items()})
+            metrics={key: get(node_cost) for key, get in METRICS.items()},
+            module=node.target if node.op == "call_module" else None)
     totals = {key: sympy.expand(sympy.Add(*(row.metrics[key] for row in rows.values()))) for key in METRICS}
     return GraphView(title, rows, totals, tuple(cost.symbols), dict(cost.specialised))
 
@@ -242,12 +260,14 @@ def _changes(before: GraphView, after: GraphView) -> list[NodeChange]:
 
 
 def inspect(gm: fx.GraphModule, after: fx.GraphModule | None = None, *, at: Mapping[str, int] | None = None,
-            format: str = "table") -> "Inspection":
+            format: str = "table", report: Any = None) -> "Inspection":
     """Inspect one traced graph (a node table), or a rewrite as the diff of ``gm`` (before) and ``after``.
 
     Costs are symbolic in the graph's named dims and evaluated at ``at`` (e.g. {"N": 1, "H": 224,
     "W": 224}); dims ``at`` leaves out take their example input size. ``format`` is what ``render()``,
     ``write()`` to a path without a suffix, and the CLI produce; ``str()`` is always the table.
+    ``report`` (the pipeline's RewriteReport, ``fxreduce.apply(...).report``) tells the SVG and HTML
+    diffs which rewrite made each node, with its contract and reason, and what replaced each removed node.
     """
     _check_format(format)
     gms = [gm] if after is None else [gm, after]
@@ -259,13 +279,26 @@ def inspect(gm: fx.GraphModule, after: fx.GraphModule | None = None, *, at: Mapp
         source = "given, the rest from example inputs"
     if after is None:
         return Inspection(views[0], None, (), dims, source, format, _Printer(values))
-    return Inspection(views[0], views[1], tuple(_changes(*views)), dims, source, format, _Printer(values))
+    return Inspection(views[0], views[1], tuple(_changes(*views)), dims, source, format, _Printer(values), report)
 
 
 def _check_format(format: str) -> None:
     if format not in FORMATS:
         raise RenderError(f"unknown inspection format {format!r}", where="fxreduce.inspect",
                           fix=f"use one of {', '.join(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class RewriteView:
+    """One rewrite as a diff shows it: the pass, its contract and reason, the nodes, FLOPs before/after."""
+
+    pass_name: str
+    contract: str | None
+    what: str | None
+    replaced: tuple[str, ...]
+    added: tuple[str, ...]
+    flops_before: sympy.Expr
+    flops_after: sympy.Expr
 
 
 class Inspection:
@@ -276,9 +309,10 @@ class Inspection:
     """
 
     def __init__(self, before: GraphView, after: GraphView | None, changes: tuple[NodeChange, ...],
-                 at: Mapping[str, int], at_source: str, format: str, printer: _Printer):
+                 at: Mapping[str, int], at_source: str, format: str, printer: _Printer, report: Any = None):
         self.before, self.after, self.changes = before, after, changes
         self.at, self.at_source, self.format = dict(at), at_source, format
+        self.report = report
         self._printer = printer
         self._graph: nx.DiGraph | None = None
 
@@ -352,10 +386,11 @@ class Inspection:
         return self._graph
 
     def render(self, format: str | None = None) -> str:
-        """The inspection as text in ``format`` ("table", "json", "dot" or "svg"; default: its own)."""
+        """The inspection as text in ``format`` ("table", "json", "dot", "svg" or "html"; default: its own)."""
         format = format or self.format
         _check_format(format)
-        return {"table": self.to_table, "json": self.to_json, "dot": self.to_dot, "svg": self.to_svg}[format]()
+        return {"table": self.to_table, "json": self.to_json, "dot": self.to_dot, "svg": self.to_svg,
+                "html": self.to_html}[format]()
 
     def __str__(self) -> str:
         return self.to_table()
@@ -457,7 +492,7 @@ class Inspection:
         delta, reduction = {}, {}
         for key in METRICS:
             old, new = self._pair(change, key)
-            delta[key] = {"expr": self._printer.text(change.delta(key)), "value": _sub(new, old)}
+            delta[key] = {"expr": self._printer.exact(change.delta(key)), "value": _sub(new, old)}
             reduction[key] = _percent(old, new)
         return {"name": change.name, "reasons": list(change.reasons), "delta": delta, "reduction_pct": reduction}
 
@@ -479,23 +514,159 @@ class Inspection:
         return {"title": view.title, "symbols": list(view.symbols), "specialised": dict(view.specialised),
                 "nodes": nodes, "totals": {key: printer.quantity(expr) for key, expr in view.totals.items()}}
 
-    def to_dot(self) -> str:
+    @functools.cached_property
+    def rewrites(self) -> tuple["RewriteView", ...]:
+        """Each rewrite of the diff: from ``report`` where given, else one per pass tag on the nodes."""
+        if self.after is None:
+            return ()
+        if self.report is not None:
+            return tuple(RewriteView(step.pass_.name, str(step.pass_.contract), item.rewrite.what,
+                                     tuple(_node_name(n) for n in item.replaced), tuple(_node_name(n) for n in item.added),
+                                     item.before.flops, item.after.flops)
+                         for step in self.report.steps for item in step.rewrites)
+        tagged: dict[str, list[str]] = {}
+        for row in self.after.rows.values():
+            if row.rewritten_by and row.rewritten_by != self.before.rows.get(row.name, row).rewritten_by or (
+                    row.rewritten_by and row.name not in self.before.rows):
+                tagged.setdefault(row.rewritten_by, []).append(row.name)
+        return tuple(RewriteView(name, None, None, (), tuple(names),
+                                 sympy.Integer(0), sympy.Add(*(self.after.rows[n].metrics["flops"] for n in names)))
+                     for name, names in tagged.items())
+
+    @functools.cached_property
+    def made_by(self) -> dict[str, tuple["RewriteView", ...]]:
+        """Node name -> the rewrites that made it (after; a chain, e.g. folded then lowered to int8) or that
+        replaced it (removed nodes)."""
+        if self.after is None:
+            return {}
+        rewrites = self.rewrites
+        replaced_by: dict[str, RewriteView] = {}
+        for rewrite in rewrites:
+            for name in rewrite.replaced:
+                replaced_by.setdefault(name, rewrite)
+        made: dict[str, list[RewriteView]] = {}
+        for rewrite in rewrites:
+            pending, seen = list(rewrite.added), set()
+            while pending:
+                name = pending.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if name in self.after.rows:
+                    made.setdefault(name, []).append(rewrite)
+                later = replaced_by.get(name)
+                if later is not None and later is not rewrite:
+                    pending.extend(later.added)
+            for name in rewrite.replaced:
+                if name in self.before.rows and name not in self.after.rows:
+                    made.setdefault(name, []).append(rewrite)
+        return {name: tuple(chain) for name, chain in made.items()}
+
+    def _replacements(self, name: str) -> list[str]:
+        """Shown nodes made by the rewrites that removed ``name``."""
+        chains = self.made_by.get(name, ())
+        return [n for n, made in self.made_by.items() if n in self.after.rows and any(r in made for r in chains)]
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes that changed the graph, in order."""
+        if self.report is not None:
+            return tuple(dict.fromkeys(step.pass_.name for step in self.report.steps))
+        return tuple(dict.fromkeys(r.pass_name for r in self.rewrites))
+
+    @functools.cached_property
+    def anchors(self) -> dict[str, str]:
+        """Removed node -> the node drawn beside it: its replacement where one is known, else its nearest
+        surviving input (a removed identity such as Dropout), else a surviving user."""
+        if self.after is None:
+            return {}
+        shown = self.after.rows
+        users: dict[str, list[str]] = {}
+        for row in self.before.rows.values():
+            for source in row.inputs:
+                users.setdefault(source, []).append(row.name)
+        anchors: dict[str, str] = {}
+        changed = {c.name for c in self.changes if c.kind in ("added", "changed")}
+        for change in self.removed:
+            name = change.name
+            candidates = self._replacements(name)
+            if not candidates:
+                inputs = set(change.before.inputs)
+                candidates = sorted((n for n in changed if inputs & set(shown[n].inputs)),
+                                    key=lambda n: -len(os.path.commonprefix([n, name])))
+            candidates += [n for n in change.before.inputs if n in shown]
+            candidates += [n for n in users.get(name, ()) if n in shown]
+            if candidates:
+                anchors[name] = candidates[0]
+        return anchors
+
+    def headline(self) -> str:
+        """Title line: the graph, the passes and the FLOPs change at this inspection's point."""
+        if self.after is None:
+            return f"{self.before.title}: {_number(self.value(self.before.totals['flops']))} FLOPs"
+        old, new = self.value(self.before.totals["flops"]), self.value(self.after.totals["flops"])
+        change = _percent(old, new)
+        passes = ", ".join(self.passes) or "rewrite"
+        shift = f" ({-change:+.1f}%)" if change is not None else ""
+        return f"{self.before.title} after {passes}: FLOPs {_number(old)} -> {_number(new)}{shift}"
+
+    @functools.cached_property
+    def collapsed(self) -> dict[str, list[str]]:
+        """In a diff, runs of unchanged nodes drawn as one box, by group id (none up to COLLAPSE_ABOVE nodes).
+
+        A run is a stretch of consecutive unchanged nodes in graph order (a topological order), so every
+        edge that leaves a run goes forward and drawing the run as one box adds no cycle.
+        """
+        if not self.is_diff or self.graph.number_of_nodes() <= COLLAPSE_ABOVE:
+            return {}
+        status = {c.name: c.kind for c in self.changes}
+        anchors = set(self.anchors.values())
+        runs: dict[str, list[str]] = {}
+        run: list[str] = []
+        for name in [*self.shown.rows, None]:
+            if name is not None and status.get(name) is None and name not in anchors:
+                run.append(name)
+                continue
+            if len(run) >= _MIN_RUN:
+                runs[f"group{len(runs)}"] = run
+            run = []
+        return runs
+
+    def to_dot(self, ids: bool = False) -> str:
         """Graphviz DOT of the shown graph, written directly (no pygraphviz/pydot needed).
 
         Fill intensity is the node's FLOPs relative to the costliest node; in a diff, added and changed
-        nodes are filled in HIGHLIGHT_COLOR and removed ones drawn dashed grey in a "removed" cluster,
-        with their former edges dashed. Tooltips (SVG) hold the full shape and FLOPs formula.
+        nodes are filled in HIGHLIGHT_COLOR and each removed node is drawn ghosted (dashed grey) on the
+        same rank as its replacement, with its former edges dashed. The title names the passes and the
+        FLOPs change; a legend explains the styles. Tooltips (SVG) hold the full shape and FLOPs formula.
+        Above COLLAPSE_ABOVE nodes, runs of unchanged nodes are drawn as one box each. ``ids`` gives each
+        SVG node the id ``n<index>`` (the HTML page's handle on it).
         """
         graph, printer = self.graph, self._printer
         flops = {name: self.value(data["row"].metrics["flops"]) or 0 for name, data in graph.nodes(data=True)}
         largest = max((v for n, v in flops.items() if graph.nodes[n]["status"] != "removed"), default=0)
         total = self.value(self.shown.totals["flops"]) or 0
-        title = self.before.title if self.after is None else f"{self.before.title}: rewrite"
-        lines = ["digraph fxreduce {", f"  label={_quote(title)}; labelloc=t; rankdir=TB;",
-                 '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff"];',
+        lines = ["digraph fxreduce {", f"  label={_quote(self.headline())}; labelloc=t; labeljust=l; fontsize=16; "
+                 'fontname="Helvetica"; rankdir=TB; nodesep=0.25; ranksep=0.3;',
+                 '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff", '
+                 'color="#6b7280"];',
                  '  edge [color="#555555", arrowsize=0.6];']
-        removed = []
+        member = {name: group for group, names in self.collapsed.items() for name in names}
+        index = {name: i for i, name in enumerate(graph.nodes)}
+        drawn: set[str] = set()
         for name, data in graph.nodes(data=True):
+            group = member.get(name)
+            if group is not None:
+                if group not in drawn:
+                    drawn.add(group)
+                    names = self.collapsed[group]
+                    attributes = {"label": f"{len(names)} unchanged nodes\n{names[0]} ... {names[-1]}",
+                                  "style": "rounded,filled,dashed", "fillcolor": "#f3f4f6", "fontcolor": "#4b5563",
+                                  "tooltip": "collapsed run: " + ", ".join(names[:40])}
+                    if ids:
+                        attributes["id"] = group
+                    lines.append(f"  {_quote(group)} {_attrs(attributes)};")
+                continue
             row, status = data["row"], data["status"]
             share = 100 * flops[name] / total if total else 0.0
             text = [row.name if row.target == row.name else f"{row.name}\n{_cut(row.target, 40)}",
@@ -503,53 +674,67 @@ class Inspection:
             if flops[name]:
                 text.append(f"{_number(flops[name])} FLOPs ({share:.1f}%)")
             if status == "added":
-                text.insert(0, "+ added")
+                text.insert(0, f"+ added by {row.rewritten_by}" if row.rewritten_by else "+ added")
             elif status == "changed":
                 text.insert(0, f"~ rewritten by {row.rewritten_by}" if row.rewritten_by else "~ changed")
+            elif status == "removed":
+                text.insert(0, "- removed")
             tooltip = f"shape {printer.shape_text(row.shape)}\nflops = {printer.text(row.metrics['flops'])}"
             attributes = {"label": "\n".join(text), "tooltip": tooltip}
+            if ids:
+                attributes["id"] = f"n{index[name]}"
             if status == "removed":
                 attributes.update(style="rounded,dashed", color=REMOVED_COLOR, fontcolor=REMOVED_COLOR,
                                   fillcolor="#ffffff")
-                removed.append(f"    {_quote(name)} {_attrs(attributes)};")
-                continue
-            if status in ("added", "changed"):
+            elif status in ("added", "changed"):
                 attributes["fillcolor"] = HIGHLIGHT_COLOR
             elif largest:
                 attributes["fillcolor"] = _shade((flops[name] / largest) ** 0.5)
             lines.append(f"  {_quote(name)} {_attrs(attributes)};")
-        if removed:
-            lines += ["  subgraph cluster_removed {", '    label="removed"; style=dashed; color="#9e9e9e";',
-                      f'    fontcolor="{REMOVED_COLOR}";', *removed, "  }"]
+        for removed, anchor in self.anchors.items():
+            if anchor not in member:
+                lines.append(f"  {{rank=same; {_quote(anchor)}; {_quote(removed)};}}")
+        edges = set()
         for source, target, data in graph.edges(data=True):
-            style = f' [style=dashed, color="{REMOVED_COLOR}"]' if data["removed"] else ""
+            source, target = member.get(source, source), member.get(target, target)
+            if source == target or (source, target, data["removed"]) in edges:
+                continue
+            edges.add((source, target, data["removed"]))
+            style = f' [style=dashed, color="{REMOVED_COLOR}", constraint=false]' if data["removed"] else ""
             lines.append(f"  {_quote(source)} -> {_quote(target)}{style};")
         if self.is_diff:
-            lines += ["  subgraph cluster_legend {", '    label="legend"; style=solid; color="#cccccc";',
+            lines += ["  subgraph cluster_legend {", '    label="legend"; style=solid; color="#cccccc"; fontsize=10;',
                       f'    "legend:rewritten" [label="added / rewritten", fillcolor="{HIGHLIGHT_COLOR}"];',
-                      f'    "legend:removed" [label="removed", style="rounded,dashed", color="{REMOVED_COLOR}", '
-                      f'fontcolor="{REMOVED_COLOR}"];',
+                      f'    "legend:removed" [label="removed (beside its replacement)", style="rounded,dashed", '
+                      f'color="{REMOVED_COLOR}", fontcolor="{REMOVED_COLOR}"];',
                       f'    "legend:same" [label="unchanged (shade: FLOPs)", fillcolor="{_shade(1.0)}"];', "  }"]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def to_svg(self) -> str:
-        """SVG drawn by Graphviz ``dot`` (a subprocess), from ``to_dot()``."""
+    def to_svg(self, ids: bool = False) -> str:
+        """SVG drawn by Graphviz ``dot`` (a subprocess), from ``to_dot(ids)``."""
         executable = shutil.which("dot")
         if executable is None:
             raise RenderError("cannot draw SVG: the Graphviz 'dot' program is not on PATH", where="Inspection.to_svg",
                               fix="install graphviz (apt-get install graphviz) or use format=dot")
-        result = subprocess.run([executable, "-Tsvg"], input=self.to_dot(), capture_output=True, text=True)
+        result = subprocess.run([executable, "-Tsvg"], input=self.to_dot(ids), capture_output=True, text=True)
         if result.returncode != 0:
             message = (result.stderr.strip().splitlines() or ["no message"])[0]
             raise RenderError(f"Graphviz dot failed: {message}", where="Inspection.to_svg",
                               fix="write format=dot and run dot on it to see the full error")
         return result.stdout
 
+    def to_html(self) -> str:
+        """One self-contained page (no network): the SVG graph with pan, zoom, search and node details, the
+        rewrite report and a sortable cost table (fxreduce.inspection_page)."""
+        from .inspection_page import render_page
+
+        return render_page(self)
+
     def write(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Write the rendering to ``path`` atomically, so readers never see a partial file.
 
-        The format is ``format``, else the suffix's (.txt, .json, .dot/.gv, .svg), else this inspection's.
+        The format is ``format``, else the suffix's (.txt, .json, .dot/.gv, .svg, .html), else this inspection's.
         """
         path = Path(path)
         if format is None:
@@ -569,6 +754,11 @@ class Inspection:
             raise RenderError(f"cannot write the inspection: {error.strerror or error}", where=str(path),
                               fix="check that the directory exists and is writable") from error
         return path
+
+
+def _node_name(label: str) -> str:
+    """ "conv1 (Conv2d)" -> "conv1": the report labels nodes with their module class."""
+    return label.split(" (", 1)[0]
 
 
 def _quote(text: str) -> str:

@@ -22,6 +22,7 @@ from .cost_models.propagation import META_KEY
 from .cost_models.symbolic import NodeCost
 from .errors import FxReduceError, OptionError, PassError, ProfileError
 from .passes import Pass, Rewrite, Skipped, get_pass
+from .text import formula
 
 # What a freshly traced graph may hold; passes that remove such layers invalidate the property.
 INITIAL_PROPERTIES = frozenset({"batchnorm", "dropout", "lstm"})
@@ -207,7 +208,7 @@ def _percent(before: sympy.Expr, after: sympy.Expr) -> str:
 
 
 def _shorten(expr: sympy.Expr, limit: int = 160) -> str:
-    text = str(expr)
+    text = formula(expr)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

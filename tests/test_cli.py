@@ -177,14 +177,6 @@ def test_verify_exits_1_when_a_contract_breaks(capsys, monkeypatch):
     assert "BROKEN" in out
 
 
-def test_demo_writes_the_svg_diff_and_a_save(capsys, tmp_path):
-    status, out, _ = run(capsys, "demo", "--out-dir", str(tmp_path))
-    assert status == 0
-    assert "symbolic totals (in N, H, W)" in out and "every contract holds" in out
-    assert "<svg" in (tmp_path / "diff.svg").read_text()
-    assert (tmp_path / "demo.pt").is_file() and f"wrote {tmp_path / 'diff.svg'}" in out
-
-
 @pytest.fixture
 def evil(tmp_path) -> tuple[Path, Path]:
     """A .pt whose unpickling would run a shell command that creates a marker file."""

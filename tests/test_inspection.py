@@ -19,7 +19,9 @@ from torch import nn
 import fxreduce as fr
 from fxreduce.cost_models import GraphInfo, InputSpec, NodeCost, NodeInfo, propagate, symbol
 from fxreduce.errors import CostError, FxReduceError
-from fxreduce.inspection import HIGHLIGHT_COLOR, REWRITTEN_KEY, RenderError, inspect
+from fxreduce.inspection import COLLAPSE_ABOVE, HIGHLIGHT_COLOR, REWRITTEN_KEY, RenderError, inspect
+from fxreduce.inspection_page import view_model
+from fxreduce.text import formula
 
 N, H, W = symbol("N"), symbol("H"), symbol("W")
 DIMS = {"N": (0, 0), "H": (0, 2), "W": (0, 3)}
@@ -153,7 +155,7 @@ def test_diff_lists_removed_added_and_changed_nodes_and_the_total_delta(rewrite)
     for heading in ("removed (1)", "added (1)", "changed (1)"):
         assert heading in table
     assert "rewritten by low_rank" in table
-    assert f"flops before: {fr.cost(before).flops}" in table
+    assert f"flops before: {formula(fr.cost(before).flops)}" in table
 
 
 def test_json_parses_and_round_trips_expressions_and_numbers(rewrite):
@@ -188,8 +190,9 @@ def test_dot_marks_added_rewritten_and_removed_nodes(rewrite):
         "drop": "removed", "fc_u": "added", "fc": "changed"}
     assert graph.edges["relu", "pool"]["removed"] is False and graph.edges["drop", "pool"]["removed"] is True
     dot = inspection.to_dot()
-    assert "subgraph cluster_removed" in dot
+    assert "cluster_removed" not in dot and '{rank=same; "relu"; "drop";}' in dot  # beside what replaced it
     assert dot.count(f'fillcolor="{HIGHLIGHT_COLOR}"') == 3  # fc_u, fc and the legend
+    assert "legend" in dot and "low_rank" in inspection.headline() and "FLOPs" in inspection.headline()
 
 
 @needs_dot
@@ -239,3 +242,72 @@ def test_large_graphs_render_every_format_with_cut_formulas():
     diff = inspect(gm, changed)
     assert len(diff.changed) == 1000
     assert diff.to_table() and diff.to_dot() and json.loads(diff.to_json())["diff"]["changed"]
+
+
+@pytest.fixture(scope="module")
+def resnet_rewrite():
+    gm = fr.trace(torchvision.models.resnet18().eval(), (torch.randn(2, 3, 64, 64),), DIMS)
+    result = fr.apply(gm, "fold_batchnorm,sparse_lowrank")
+    return gm, result
+
+
+def test_removed_nodes_sit_beside_their_replacements(resnet_rewrite):
+    gm, result = resnet_rewrite
+    inspection = inspect(gm, result.graph_module, report=result.report)
+    assert inspection.passes == ("fold_batchnorm", "sparse_lowrank")
+    assert "fold_batchnorm, sparse_lowrank: FLOPs" in inspection.headline()
+    anchors = inspection.anchors
+    assert anchors["bn1"] == "conv1_1" and anchors["layer3_0_bn1"] == "layer3_0_conv1_1"
+    assert anchors["fc"] == "fc_1"
+    dot = inspection.to_dot()
+    assert '{rank=same; "conv1_1"; "bn1";}' in dot and '{rank=same; "fc_1"; "fc";}' in dot
+    made = inspection.made_by["fc_1"]
+    assert [r.pass_name for r in made] == ["sparse_lowrank"] and "contract" not in (made[0].what or "")
+    assert made[0].contract.startswith("bounded")
+
+
+def test_html_page_is_self_contained_and_carries_the_view_model(resnet_rewrite, tmp_path):
+    gm, result = resnet_rewrite
+    inspection = inspect(gm, result.graph_module, report=result.report, at={"N": 1})
+    page = inspection.write(tmp_path / "diff.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script>" in page and "<style>" in page
+    for external in ("<script src", "<link", "url(http", "@import", "fetch("):
+        assert external not in page
+    model = view_model(inspection)
+    nodes = {node["name"]: node for node in model["nodes"]}
+    conv = nodes["layer3_0_conv1_1"]
+    assert conv["module"] and conv["flops_formula"] == formula(inspection.after.rows["layer3_0_conv1_1"].metrics["flops"])
+    assert "ceil(H/16)" in conv["shape"] and "layer3.0.conv1" in conv["replaces"]
+    assert [model["rewrites"][i]["pass"] for i in conv["rewrites"]] == ["fold_batchnorm"]
+    assert any("pipeline: FLOPs" in line for line in model["report"])
+    assert model["totals"][0]["metric"] == "FLOPs" and model["totals"][0]["before"] > model["totals"][0]["after"]
+    assert fr.inspect(gm).to_html().count("<svg") >= 1  # one graph, no diff, renders too
+
+
+def test_large_graphs_collapse_unchanged_runs():
+    gm = synthetic(1500)
+    changed = synthetic(1500)
+    for node in list(changed.graph.nodes)[100:1400:200]:
+        node.meta[REWRITTEN_KEY] = "zero"
+        node.meta["fxreduce"] = NodeInfo(node.meta["fxreduce"].shape, torch.float32, NodeCost())
+    inspection = inspect(gm, changed)
+    groups = inspection.collapsed
+    members = [name for names in groups.values() for name in names]
+    assert len(gm.graph.nodes) > COLLAPSE_ABOVE and len(members) == len(set(members)) > 1000
+    assert not {c.name for c in inspection.changes} & set(members)
+    dot = inspection.to_dot()
+    assert dot.count("unchanged nodes") == len(groups) and dot.count("[label=") < 400
+    assert len(inspect(*[synthetic(50)] * 2).collapsed) == 0
+
+
+def test_the_command_writes_the_html_diff_of_a_saved_rewrite(tmp_path, capsys):
+    from fxreduce.cli import main
+
+    saved, page = tmp_path / "int8.pt", tmp_path / "diff.html"
+    shape = "N,3,H=32,W=32"
+    assert main(["apply", "default", "--pipeline", "fold_batchnorm,lower_int8", "--input-shape", shape,
+                 "--no-measure", "-o", str(saved)]) == 0
+    assert main(["inspect", str(saved), "--diff", "--format", "html", "-o", str(page)]) == 0
+    assert f"wrote {page}" in capsys.readouterr().out
+    text = page.read_text()
+    assert "fold_batchnorm, lower_int8: FLOPs" in text and "BatchNorm folded" in text  # the saved report's reasons
