@@ -248,3 +248,17 @@ def test_a_module_is_priced_alone_like_inside_a_graph():
     profile = synthetic_profile()
     fc1 = next(node for node in fr.cost(_mlp_graph()).latency(profile, N=32).nodes if node.name == "fc1")
     assert module_seconds(profile, nn.Linear(64, 256), (32, 64)) == pytest.approx(fc1.seconds)
+
+
+def test_lower_int8_keeps_float_where_the_profile_predicts_int8_slower(tmp_path):
+    gm = _mlp_graph(1024)
+    faster, slower = tmp_path / "int8_faster.json", tmp_path / "int8_slower.json"
+    synthetic_profile().save(faster)
+    profile = synthetic_profile()
+    synthetic_profile(grids={**profile.grids, "int8_gemm": _grid(rate=RATE / 10)}).save(slower)
+    lowered = fr.apply(gm, f"lower_int8(objective='latency', profile={str(faster)!r})").report.steps[0]
+    assert len(lowered.rewrites) == 2 and not lowered.skipped
+    kept = fr.apply(gm, f"lower_int8(objective='latency', profile={str(slower)!r})").report.steps[0]
+    assert not kept.rewrites and [s.node for s in kept.skipped] == ["fc1", "fc2"]
+    assert all("int8 predicted no faster" in s.reason and "on input 4x" in s.reason for s in kept.skipped)
+    assert len(fr.apply(gm, "lower_int8").report.steps[0].rewrites) == 2  # the FLOP objective stays the default

@@ -486,6 +486,17 @@ def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Seq
             + profile.call_overhead + profile.module_overhead)
 
 
+def example_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    """``node``'s output shape at the graph's example sizes (None for several outputs or data-decided sizes):
+    the size a pass prices a layer at."""
+    from .propagation import META_KEY, graph_info, symbol
+
+    meta = node.meta.get(META_KEY)
+    spec = graph_info(gm).spec
+    values = {symbol(name): spec.hint(name) for name in spec.dims}
+    return _numbers(meta.shape, values) if meta is not None else None
+
+
 def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], note: str) -> Latency:
     """Each node priced from its symbolic cost at ``dims``: its MACs on the GEMM grid of its dtype, shaped
     as its output gives (M rows of N columns, K = MACs / (M N)), the rest as bytes moved. Sizes the data

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
+from ..cost_models.latency import Profile, example_shape, load_profile, module_seconds
 from ..errors import InputError
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
@@ -104,6 +105,12 @@ class LowerInt8Options:
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
+    objective: str = option("flops", "flops: lower every selected layer; latency: leave a layer in float32 where "
+                                     "this machine's latency profile predicts int8 slower at the example sizes",
+                            check=("flops or latency", lambda value: value in ("flops", "latency")))
+    profile: Any = option(None, "latency profile for objective='latency': a path, or None for the one "
+                                "`fxreduce calibrate` wrote", check=("a path or None", lambda value: value is None
+                                                                     or isinstance(value, str)))
 
     def __post_init__(self) -> None:
         self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
@@ -130,6 +137,38 @@ def _why_not(layer: Layer) -> str | None:
         if dims is not None and dims != 4:
             return "an unbatched (3-D) input; the int8 Conv2d takes (N, C, H, W)"
     return None
+
+
+def _float_module(layer: Layer) -> torch.nn.Module:
+    """The layer as a float32 module to price: itself, or a Linear / Conv2d holding its weights."""
+    if layer.kind == "linear":
+        return layer.as_linear()
+    if layer.module is not None:
+        return layer.module
+    a, weight = layer.attrs, layer.weight
+    conv = torch.nn.Conv2d(weight.shape[1] * a["groups"], weight.shape[0], tuple(weight.shape[2:]), a["stride"],
+                           a["padding"], a["dilation"], a["groups"], bias=layer.bias is not None)
+    conv.weight = torch.nn.Parameter(weight.detach())
+    if layer.bias is not None:
+        conv.bias = torch.nn.Parameter(layer.bias.detach())
+    return conv
+
+
+def _int8_predicted_slower(gm: fx.GraphModule, layer: Layer, int8: torch.nn.Module, relu: bool,
+                           profile: Profile) -> str | None:
+    """Why ``layer`` stays in float32 under objective='latency' (int8 predicted no faster), or None."""
+    shape = example_shape(gm, layer.input)
+    if shape is None:
+        return None
+    float_layer = _float_module(layer)
+    with torch.no_grad():
+        fast = module_seconds(profile, torch.nn.Sequential(float_layer, torch.nn.ReLU()) if relu else float_layer,
+                              shape)
+        quantized = module_seconds(profile, int8, shape)
+    if quantized < fast:
+        return None
+    return (f"int8 predicted no faster on this machine: {quantized * 1e6:.3g} us against {fast * 1e6:.3g} us in "
+            f"float32 on input {'x'.join(map(str, shape))} (latency profile; objective='latency' keeps it in float)")
 
 
 def _relu_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -168,6 +207,7 @@ class LowerInt8(Pass):
                 layers.append(layer)
         convs = [layer for layer in layers if layer.kind == "conv2d"]
         ranges, source = self._calibrate(gm, convs) if convs else ({}, "")
+        profile = load_profile(self.options.profile) if self.options.objective == "latency" else None
         for layer in layers:
             relu = _relu_user(gm, layer.result) if self.options.fuse_relu else None
             weights = to_int8(layer.weight, self.options.per_channel)
@@ -183,6 +223,10 @@ class LowerInt8(Pass):
                                               input_range=(low_in, high_in), output_range=(low_out, high_out),
                                               relu=relu is not None)
                 activations = f"static activation scales calibrated on {source}"
+            slower = _int8_predicted_slower(gm, layer, module, relu is not None, profile) if profile else None
+            if slower:
+                outcome.skipped.append(Skipped(layer.name, slower))
+                continue
             replaced = [layer.node.name] + ([relu.name] if relu is not None else [])
             new = replace_layer(gm, layer, module, pass_name=self.name)
             new.meta[SOURCE] = layer.node.name
