@@ -262,3 +262,21 @@ def test_lower_int8_keeps_float_where_the_profile_predicts_int8_slower(tmp_path)
     assert not kept.rewrites and [s.node for s in kept.skipped] == ["fc1", "fc2"]
     assert all("int8 predicted no faster" in s.reason and "on input 4x" in s.reason for s in kept.skipped)
     assert len(fr.apply(gm, "lower_int8").report.steps[0].rewrites) == 2  # the FLOP objective stays the default
+
+
+def test_an_lstm_layer_is_priced_as_its_gemms():
+    class LM(nn.Module):
+        def __init__(self, hidden: int):
+            super().__init__()
+            self.lstm = nn.LSTM(64, hidden, 2)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    latencies = []
+    for hidden in (64, 256):
+        gm = fr.trace(LM(hidden), (torch.randn(35, 4, 64),), {"T": (0, 0), "N": (0, 1)})
+        latency = fr.cost(gm).latency(synthetic_profile(), T=35, N=4)
+        assert next(node for node in latency.nodes if node.name == "lstm").kind == "recurrent"
+        latencies.append(latency.seconds)
+    assert latencies[1] > 4 * latencies[0]

@@ -7,8 +7,8 @@ model here prices each kernel a graph will call with throughputs measured on thi
 
 - the graph runs once on fake tensors at the requested dims (no arithmetic, no timing), and every aten
   op it dispatches is recorded with its shapes and attributed to its fx node;
-- a matrix product (mm, addmm, bmm, attention and nn.MultiheadAttention's fused kernel, fxreduce's
-  int8 GEMM) costs MACs / throughput, the throughput interpolated in log space over the profile's
+- a matrix product (mm, addmm, bmm, attention and nn.MultiheadAttention's fused kernel, oneDNN's LSTM
+  layer as its GEMMs, fxreduce's int8 GEMM, any op with a registered FLOP formula) costs MACs / throughput, the throughput interpolated in log space over the profile's
   (M, N, K) grid for its class; a convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the grid of its
   class (pointwise, spatial, strided, depthwise);
 - every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
 
 from ..errors import CostError, ProfileError
 from ..files import atomic_path
@@ -310,6 +311,10 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(size) for size in value.shape)
 
 
+def _shape_or_value(value: Any) -> Any:
+    return value.shape if isinstance(value, torch.Tensor) else value
+
+
 def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
@@ -341,6 +346,27 @@ class _Pricer:
         """Q K^T then P V: two products over ``rows`` query rows (batch x heads x queries)."""
         return self.gemm("gemm", rows, keys, head_dim) + self.gemm("gemm", rows, head_dim, keys)
 
+    def recurrent_layer(self, x: Sequence[int], w_ih: Sequence[int], w_hh: Sequence[int], batch_first: bool) -> float:
+        """One recurrent layer (oneDNN's LSTM): the input projection of every step as one GEMM, then one
+        small GEMM per step on the recurrent weight, and the gates' elementwise work."""
+        steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
+        gates = w_ih[0]
+        return (self.gemm("gemm", steps * batch, gates, w_ih[1]) + steps * self.gemm("gemm", batch, gates, w_hh[1])
+                + self.profile.bytes_seconds(4 * steps * batch * gates * 3))
+
+    def by_formula(self, packet: Any, formula: Callable, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
+        """An op with a registered FLOP formula (fxreduce's native kernels among them), priced as one GEMM
+        shaped by its output: M rows of its last dim N, K = MACs / (M N)."""
+        macs = formula(*tree_map(_shape_or_value, args), **tree_map(_shape_or_value, kwargs),
+                       out_shape=tree_map(_shape_or_value, out)) / 2
+        first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.dim()), None)
+        kind = "gemm" if getattr(packet, "_qualified_op_name", "").startswith("aten::") else "native"
+        if not macs or first is None:
+            return kind, 0.0
+        n = first.shape[-1]
+        m = max(first.numel() // max(n, 1), 1)
+        return kind, self.gemm("gemm", m, n, max(macs / (m * n), 1.0))
+
     def price(self, func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
         packet = getattr(func, "overloadpacket", None)
         if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
@@ -355,6 +381,9 @@ class _Pricer:
         if packet in _ATTENTION:
             q, k = _shape(args[0]), _shape(args[1])
             return "attention", self.attention(_numel(q[:-1]), k[-2], q[-1])
+        if packet is aten.mkldnn_rnn_layer:
+            return "recurrent", self.recurrent_layer(_shape(args[0]), _shape(args[1]), _shape(args[2]),
+                                                     bool(args[14]))
         if packet is aten._native_multi_head_attention:
             query, key = _shape(args[0]), _shape(args[1])
             embed, heads = int(args[3]), int(args[4])
@@ -371,6 +400,9 @@ class _Pricer:
             return "int8_conv", self.gemm("int8_conv", *_conv_gemm(x, weight, y, int(args[6])))
         if getattr(func, "is_view", False) or packet in _METADATA_ONLY:
             return "view", 0.0
+        formula = flop_registry.get(packet)
+        if formula is not None:
+            return self.by_formula(packet, formula, args, kwargs, out)
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         moved = sum(t.numel() * t.element_size() for t in tensors + outputs)
