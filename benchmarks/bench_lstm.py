@@ -8,6 +8,7 @@ built (fxreduce doctor says which kernels are active), else the torch path.
 
     python benchmarks/bench_lstm.py            # full run, rewrites its section of docs/benchmarks.md
     python benchmarks/bench_lstm.py --quick    # smoke run, prints only
+    python benchmarks/bench_lstm.py --sizes 650  # some sizes only
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def inference(model: LanguageModel, tokens):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="H=200 only, few repeats, no docs written")
+    parser.add_argument("--sizes", default="200,650,1500", help="comma-separated hidden sizes")
     args = parser.parse_args()
     fix_threads(2)
-    sizes = (200,) if args.quick else (200, 650, 1500)
+    sizes = (200,) if args.quick else tuple(int(size) for size in args.sizes.split(","))
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (STEPS, BATCH), generator=generator)
     targets = torch.randint(0, VOCAB, (STEPS, BATCH), generator=generator)
