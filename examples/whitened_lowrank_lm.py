@@ -146,6 +146,7 @@ def plot(results: dict, kind: str, cuts: list[float], path: Path) -> None:
                     label=f"{name}, {'as rewritten' if stage == 'before' else 'distilled'}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.minorticks_off()
     ax.set_xticks(cuts, [f"{cut:g}x" for cut in cuts])
     ax.set_xlabel("whole-model MAC reduction")
     ax.set_ylabel("test perplexity")

@@ -233,3 +233,14 @@ def test_example_runs_quick(tmp_path):
         assert f"## {title}" in text
     assert text.count("| 4x, whitened, global |") == 2 and "whitened + global recovers" in text
     assert (tmp_path / "images" / "antman_whitened_gpt.png").exists()
+
+
+def test_cli_calibration_file_whitens_sparse_lowrank(tmp_path, capsys):
+    from fxreduce.cli import main
+
+    path = tmp_path / "inputs.pt"
+    torch.save(torch.randn(4, 3, 32, 32), path)
+    assert main(["apply", "default", "--pipeline", "sparse_lowrank(rank=2)", "--input-shape", "N,3,H=32,W=32",
+                 "--calibration", str(path), "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "method='whitened'" in out and "whitened: ||(W - W')X||_F / ||WX||_F = " in out

@@ -443,7 +443,10 @@ class SparseLowRank(Pass):
                 ranks[name], spend, admitted = rank + 1, spend + unit[name], rate
         even = {}
         for slot in eligible:
-            choice = self._choose(slot, reduction)
+            try:
+                choice = self._choose(slot, reduction)
+            except OptionError:  # no even rank reaches this layer's share; the global ranks still may
+                choice = None
             even[slot.name] = choice.rank if isinstance(choice, Choice) else None
 
         def summed(chosen: dict[str, int | None]) -> float:
