@@ -173,7 +173,7 @@ def test_global_allocation_meets_the_target_and_never_loses_to_even_ranks(seed, 
     except OptionError:  # even ranks cannot reach it; the global allocation is held to the budget alone
         even = None
     try:
-        chosen = fr.apply(gm, f"sparse_lowrank(model_flop_reduction={target})")
+        chosen = fr.apply(gm, f"sparse_lowrank(model_flop_reduction={target}, allocation='global')")
     except OptionError as error:
         assert "no ranks meet" in str(error) or "out of reach" in str(error)
         return
@@ -185,7 +185,7 @@ def test_global_allocation_meets_the_target_and_never_loses_to_even_ranks(seed, 
 
 def test_global_allocation_report_says_why_each_rank():
     gm = _mlp(0, 64, 256, 32, 64)
-    report = str(fr.apply(gm, "sparse_lowrank(model_flop_reduction=3)").report)
+    report = str(fr.apply(gm, "sparse_lowrank(model_flop_reduction=3, allocation='global')").report)
     assert "global allocation: summed relative squared Frobenius error" in report
     assert report.count("(even: r=") == 3 and "per MAC" in report
 

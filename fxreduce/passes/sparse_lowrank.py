@@ -92,10 +92,11 @@ class SparseLowRankOptions:
     damping: float = option(DEFAULT_DAMPING, "ridge added to X X^T where a solve needs it (a Cholesky factor, a "
                                              "grouped block's fit), relative to its mean diagonal",
                             check=("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1))
-    allocation: str = option(None, "model_flop_reduction's ranks: 'global' (minimise the summed relative "
-                                   "truncation error under the MAC budget; the default for form 'lr') or "
-                                   "'even' (one per-layer reduction for every layer)",
-                             check=("'global', 'even' or None", lambda v: v in (None, "global", "even")))
+    allocation: str = option("even", "model_flop_reduction's ranks: 'even' (one per-layer reduction for every "
+                                     "layer) or 'global' (form 'lr': minimise the summed relative truncation "
+                                     "error under the MAC budget; measured to lose perplexity against even "
+                                     "ranks on both example LMs, docs/antman.md)",
+                             check=("'global' or 'even'", lambda v: v in ("global", "even")))
 
     def __post_init__(self) -> None:
         given = [name for name in SIZINGS if getattr(self, name) is not None]
@@ -111,8 +112,6 @@ class SparseLowRankOptions:
             raise OptionError("method='whitened' needs calibration inputs", where="sparse_lowrank(...)",
                               fix="give calibration='inputs.pt' (or tensors; the CLI's --calibration FILE), "
                                   "or method='svd'")
-        if self.allocation is None:
-            self.allocation = "global" if self.form == "lr" else "even"
         if self.allocation == "global" and self.form != "lr":
             raise OptionError(f"allocation='global' ranks the singular values of one factorisation; form "
                               f"{self.form!r} truncates block by block", where=f"sparse_lowrank(form={self.form!r})",
