@@ -3,6 +3,11 @@
 torch.fx symbolic tracing first (torch.nn modules and fxreduce's runtime modules stay leaves); where it
 fails, torch.export (its graph holds aten-level ops). Then one symbolic fake-tensor run annotates
 every node (cost_models.propagation). The user's model is deep-copied first and never changed.
+
+Inputs come positionally or by keyword (a dict; the graph then takes them positionally in that order);
+a named dim may tie axes of several inputs. Transformers models go to torch.export first, with their
+cache classes made exportable (fxreduce.hf). Inputs a forward needs but the examples lack, and cache
+objects passed as inputs, are InputErrors before any capture.
 """
 
 from __future__ import annotations
