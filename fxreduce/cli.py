@@ -116,7 +116,7 @@ def _cost_document(ref: str, gm: fx.GraphModule, cost: GraphCost, point: dict[st
     return {
         "model": ref, "input_shape": _shape(gm).text, "mode": mode,
         "captured_with": graph_info(gm).method, "symbolic_dims": list(cost.symbols),
-        "specialised": dict(cost.specialised),
+        "specialised": dict(cost.specialised), "notes": list(graph_info(gm).notes),
         "symbolic": {**{key: str(summary[key]) for key, _ in _TOTALS},
                      "macs_by_dtype": {k: str(v) for k, v in cost.macs_by_dtype.items()}},
         "readable": {**{key: formula(summary[key]) for key, _ in _TOTALS},
@@ -148,6 +148,7 @@ def _cost_lines(document: dict[str, Any]) -> list[str]:
         lines.append(f"  {text + ':':<{label}} {_number(document['values'][key])}")
     specialised = document["specialised"]
     lines += ["", "specialised dims: " + ("; ".join(f"{k} ({v})" for k, v in specialised.items()) or "none")]
+    lines += [f"note: {note}" for note in document.get("notes", ())]
     return lines
 
 

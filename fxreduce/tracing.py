@@ -3,6 +3,11 @@
 torch.fx symbolic tracing first (torch.nn modules and fxreduce's runtime modules stay leaves); where it
 fails, torch.export (its graph holds aten-level ops). Then one symbolic fake-tensor run annotates
 every node (cost_models.propagation). The user's model is deep-copied first and never changed.
+
+Inputs come positionally or by keyword (a dict; the graph then takes them positionally in that order);
+a named dim may tie axes of several inputs. Transformers models go to torch.export first, with their
+cache classes made exportable (fxreduce.hf). Inputs a forward needs but the examples lack, and cache
+objects passed as inputs, are InputErrors before any capture.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ def _check_arguments(model: torch.nn.Module, inputs: _Inputs, concrete_args: Map
     takes_varkw = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
     given = set(inputs.names) | set(inputs.constants) | set(concrete_args or {})
     label = f"{type(model).__name__}.forward"
+    where = f"{label}({', '.join(p.name for p in parameters)})"
     if inputs.names or inputs.constants:
         known = [p.name for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
         for name in given:
@@ -142,20 +148,20 @@ def _check_arguments(model: torch.nn.Module, inputs: _Inputs, concrete_args: Map
             if takes_varkw and not close:
                 continue  # forward(**kwargs) may take it
             raise InputError(f"{label} takes no argument {name!r}" + (" (it would land in **kwargs)" if takes_varkw
-                                                                      else ""), where=f"{label}{signature}",
+                                                                      else ""), where=where,
                              fix=f"did you mean {close[0]!r}?" if close else f"its arguments are: {', '.join(known)}")
         missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
                    and p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
     else:
         if len(inputs.values) > len(positional) and not takes_varargs:
             raise InputError(f"{label} takes {len(positional)} input(s), but {len(inputs.values)} example inputs "
-                             f"were given", where=f"{label}{signature}", fix="pass one example input per argument")
+                             f"were given", where=where, fix="pass one example input per argument")
         missing = [p.name for p in positional[len(inputs.values):] if p.default is p.empty and p.name not in given]
         missing += [p.name for p in parameters if p.kind is kinds.KEYWORD_ONLY and p.default is p.empty
                     and p.name not in given]
     if missing:
         raise InputError(f"{label} needs argument(s) {', '.join(missing)} that the example inputs lack",
-                         where=f"{label}{signature}",
+                         where=where,
                          fix="pass an example of every input forward needs, positionally (example_inputs=(x, "
                              f"{missing[0]})) or by keyword (example_inputs={{..., {missing[0]!r}: ...}})")
 
@@ -192,13 +198,14 @@ def _export(model: torch.nn.Module, spec: InputSpec):
     return program.module()
 
 
-def _check_runs(model: torch.nn.Module, inputs: tuple) -> None:
+def _check_runs(model: torch.nn.Module, inputs: tuple, names: Sequence[str] = ()) -> None:
     """Tell bad example inputs apart from an untraceable model: run the model itself once."""
     try:
         with torch.no_grad():
             model(*inputs)
     except Exception as error:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in inputs)
+        shapes = [str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in inputs]
+        shapes = ", ".join(f"{name} {shape}" for name, shape in zip(names, shapes)) if names else ", ".join(shapes)
         raise InputError(f"the model does not run on example inputs of shape {shapes}: "
                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                          where=_user_frame(error),
@@ -301,7 +308,7 @@ def _capture(model, inputs: _Inputs, spec: InputSpec, method, leaf_modules, conc
             continue
         notes.append(hf.CACHE_DROPPED.format(reason=reason))
         return gm, "torch.export"
-    _check_runs(model, inputs.values)
+    _check_runs(model, inputs.values, names)
     first = errors[0][1]
     tried = "; ".join(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for how, e in errors)
     if transformers_model:

@@ -337,3 +337,16 @@ def test_cuda_attention_kernels_count_what_torchs_counter_counts(kernel):
     assert ours == torch_counter.get_total_flops() > 0
     assert ours == sdpa_flop_count(q.shape, k.shape, v.shape) + sdpa_backward_flop_count(q.shape, q.shape, k.shape,
                                                                                           v.shape)
+
+
+def test_torchs_counter_with_fxreduces_attention_formulas_counts_what_fxreduce_counts():
+    from fxreduce.cost_models.counting import ATTENTION_FORMULAS
+
+    model = SelfAttention().eval()
+    gm = fr.trace(model, (torch.randn(2, 10, 32),), {"N": (0, 0), "T": (0, 1)})
+    x = torch.randn(3, 17, 32)
+    with FlopCounterMode(display=False) as plain:
+        model(x)
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as counter:
+        model(x)
+    assert fr.cost(gm).at(N=3, T=17).flops == counter.get_total_flops() > plain.get_total_flops()

@@ -1,4 +1,5 @@
-"""Every torchvision classification model: traces, and its symbolic cost equals torch's FLOP count.
+"""Every torchvision classification model: traces, and its symbolic cost equals torch's FLOP count
+(with torch's SDPA formula counted on the CPU attention kernel, as fxreduce counts it).
 
 The whole zoo takes minutes, so it is marked slow and runs as its own CI step (`pytest -m slow`); a
 representative subset runs in the quick suite: a CNN, a mobile net, ViT (which fixes its image size)
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxreduce as fr
 from fxreduce.cost_models import graph_info
+from fxreduce.cost_models.counting import ATTENTION_FORMULAS
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 QUICK = ["resnet18", "mobilenet_v3_small", "vit_b_16", "swin_t"]
@@ -22,7 +24,8 @@ def image_size(name: str) -> int:
 
 
 def torch_count(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """torch's count, with torch's SDPA formula on the CPU attention kernels it has no formula for (ViT)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as counter:
         model(x)
     return counter.get_total_flops()
 

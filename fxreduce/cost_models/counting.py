@@ -156,7 +156,11 @@ ATTENTION_FORMULAS: dict[Any, Callable[..., Any]] = {
     aten._scaled_dot_product_attention_math_for_mps: _sdpa_flops,
     aten._native_multi_head_attention: _multi_head_attention_flops,
 }
-"""Our formulas (FLOPs, as torch's registry returns them) for attention kernels torch has none for."""
+"""Our formulas (FLOPs, as torch's registry returns them) for attention kernels torch has none for. They take
+the op's own arguments, so torch's counter takes them too: ``FlopCounterMode(custom_mapping=ATTENTION_FORMULAS)``
+counts an eager model as fxreduce does."""
+for _formula in set(ATTENTION_FORMULAS.values()):
+    _formula._get_raw = True  # FlopCounterMode: pass the arguments, not their shapes
 
 
 
