@@ -104,7 +104,7 @@ def rewrite_cases(quick: bool) -> list[Case]:
             for batch in (20, 200):
                 cases.append(_rewrite(f"{form} 768->3072 {reduction}x batch {batch}", nn.Linear(768, 3072),
                                       torch.randn(batch, 768), ("N", 0, batch),
-                                      f"sparse_lowrank(form={form}, flop_reduction={reduction})"))
+                                      f"sparse_lowrank(form={form!r}, flop_reduction={reduction})"))
     for batch in (1, 20):
         cases.append(_rewrite(f"low-rank LSTM gates 1500->6000 4x batch {batch}", nn.Linear(1500, 6000),
                               torch.randn(batch, 1500), ("N", 0, batch), "sparse_lowrank(flop_reduction=4)"))
