@@ -3,13 +3,15 @@
 Micro-benchmarks of the kernels graphs call, each timed in blocks long enough to swamp the clock and
 summarised by the median block: float32 GEMM (F.linear) over an (M, N, K) grid; convolutions of four
 classes (pointwise, spatial, strided, depthwise) over a grid of their implicit-GEMM sizes; fxreduce's
-int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM; and the
-overheads of a Python call, an aten dispatch and an nn.Module call. The result is a
+int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM; the
+overheads of a Python call, an aten dispatch and an nn.Module call; and, for nn.Linear and AntMan's
+factorised modules, the Python work of one call beyond the kernels it runs. The result is a
 :class:`~fxreduce.cost_models.latency.Profile`, written atomically as versioned JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -25,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .cost_models.latency import Grid, Machine, Profile, default_profile_path, monotone_grid
+from .cost_models.latency import (Grid, Machine, Profile, default_profile_path, module_class_name, module_seconds,
+                                  monotone_grid)
 from .measurement import keep_freed_memory
+from .modules.factorized import factorize
 from .modules.int8 import Int8Conv2d, Int8Linear
 
 
@@ -155,6 +159,29 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
     return tuple((size, min(seconds for _, seconds in pairs[index:])) for index, (size, _) in enumerate(pairs))
 
 
+def _runtime_modules() -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """A small instance of each module class rewrites put in graphs whose own Python work per call is not one
+    of the measured kernels: nn.Linear (the GEMM grid times F.linear) and AntMan's factorised forms."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 64)
+    forms = [factorize(dense, "lr", 8), factorize(dense, "group", groups=4)]
+    forms += [factorize(dense, form, 8, 4) for form in ("sparse_lr", "lr_sparse", "grouped_shuffle")]
+    return [(module, (4, 64)) for module in [dense] + forms]
+
+
+def _module_calls(profile: Profile, plan: Plan, step: Callable[[], None]) -> dict[str, float]:
+    """Each module class's cost per call beyond its priced aten ops, measured at a size where the kernels cost
+    almost nothing (the median over the instances of a class)."""
+    extra: dict[str, list[float]] = {}
+    for module, shape in _runtime_modules():
+        x = torch.randn(shape)
+        measured = _seconds_per_call(lambda: module(x), plan)
+        priced = module_seconds(profile, module, shape) - profile.module_call(module)
+        extra.setdefault(module_class_name(module), []).append(max(measured - priced, 0.0))
+        step()
+    return {name: statistics.median(values) for name, values in extra.items()}
+
+
 def _overheads(plan: Plan) -> tuple[float, float, float]:
     """(Python call, aten dispatch, nn.Module call) seconds: a one-element add from Python, the extra cost of
     a second aten op inside one call, and an identity module's call."""
@@ -181,7 +208,7 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
     keep_freed_memory()
     total = (len(plan.gemm_ms) * len(plan.gemm_ns) * len(plan.gemm_ks) + len(plan.int8_ms) * len(plan.int8_ns) ** 2
              + len(_CONV_KINDS) * len(plan.conv_batches) * len(plan.conv_channels) * len(plan.conv_sizes)
-             + len(plan.bandwidth_elements))
+             + len(plan.bandwidth_elements) + len(_runtime_modules()))
     try:
         with torch.no_grad(), tqdm(total=total, desc="fxreduce calibrate", unit="kernel", disable=not progress,
                                    leave=False) as bar:
@@ -192,8 +219,9 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
             for kind in _CONV_KINDS:
                 grids[kind] = _conv_grid(kind, plan, step)
             bandwidth = _bandwidth(plan, step)
-        profile = Profile(Machine.current(), call, dispatch, module, bandwidth, grids,
-                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            profile = Profile(Machine.current(), call, dispatch, module, bandwidth, grids,
+                              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            profile = dataclasses.replace(profile, module_calls=_module_calls(profile, plan, step))
         profile.validate()
         profile.save(path if path is not None else default_profile_path())
         return profile

@@ -16,7 +16,7 @@ from torch import nn
 import fxreduce as fr
 from fxreduce.cli import main
 from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
-                                          module_seconds, monotone_grid)
+                                          module_class_name, module_seconds, monotone_grid)
 from fxreduce.errors import CostError, ProfileError
 
 RATE = 1e10  # MACs per second of the synthetic profile
@@ -280,3 +280,15 @@ def test_an_lstm_layer_is_priced_as_its_gemms():
         assert next(node for node in latency.nodes if node.name == "lstm").kind == "recurrent"
         latencies.append(latency.seconds)
     assert latencies[1] > 4 * latencies[0]
+
+
+def test_a_module_class_is_charged_its_measured_call_cost(tmp_path):
+    gm = _mlp_graph(1024)
+    factorised = fr.apply(gm, "sparse_lowrank(flop_reduction=4)").graph_module
+    node = next(node for node in factorised.graph.nodes if node.op == "call_module")
+    name = module_class_name(factorised.get_submodule(node.target))
+    plain, charged = (fr.cost(factorised).latency(synthetic_profile(module_calls=calls), N=4)
+                      for calls in ({}, {name: 1e-3}))
+    assert charged.seconds == pytest.approx(plain.seconds + 2 * (1e-3 - 1e-6))
+    profile = fr.calibrate(tmp_path / "profile.json", quick=True, progress=False)
+    assert {"torch.nn.modules.linear.Linear", name} <= set(profile.module_calls)

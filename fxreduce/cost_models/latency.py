@@ -41,7 +41,7 @@ from ..errors import CostError, ProfileError
 from ..files import atomic_path
 
 FORMAT = "fxreduce.latency-profile"
-VERSION = 1
+VERSION = 2
 GEMM_CLASSES = ("gemm", "int8_gemm")
 CONV_CLASSES = ("conv_pointwise", "conv_spatial", "conv_strided", "conv_depthwise", "int8_conv")
 aten = torch.ops.aten
@@ -164,6 +164,7 @@ class Profile:
     bandwidth: tuple[tuple[int, float], ...]
     grids: Mapping[str, Grid]
     created: str = ""
+    module_calls: Mapping[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("call_overhead", "op_overhead", "module_overhead"):
@@ -180,12 +181,21 @@ class Profile:
             raise ValueError(f"missing grids: {', '.join(missing)}")
         for name, grid in self.grids.items():
             grid.validate(name)
+        if any(not (isinstance(value, float) and math.isfinite(value) and value >= 0)
+               for value in self.module_calls.values()):
+            raise ValueError("module_calls must map class names to non-negative seconds")
+
+    def module_call(self, module: torch.nn.Module) -> float:
+        """What one call of ``module`` costs beyond its aten ops: its class's measured Python work (fxreduce's
+        runtime modules do more per call than a bare nn.Module), else the generic module overhead."""
+        return self.module_calls.get(module_class_name(module), self.module_overhead)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "created": self.created, "machine": asdict(self.machine),
                 "call_overhead": self.call_overhead, "op_overhead": self.op_overhead,
                 "module_overhead": self.module_overhead, "bandwidth": [list(pair) for pair in self.bandwidth],
-                "grids": {name: asdict(grid) for name, grid in self.grids.items()}}
+                "grids": {name: asdict(grid) for name, grid in self.grids.items()},
+                "module_calls": dict(self.module_calls)}
 
     @classmethod
     def from_json(cls, data: Any) -> "Profile":
@@ -201,7 +211,8 @@ class Profile:
             profile = cls(Machine(**data["machine"]), float(data["call_overhead"]), float(data["op_overhead"]),
                           float(data["module_overhead"]),
                           tuple((int(size), float(seconds)) for size, seconds in data["bandwidth"]), grids,
-                          str(data.get("created", "")))
+                          str(data.get("created", "")),
+                          {str(name): float(seconds) for name, seconds in data["module_calls"].items()})
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
             raise ValueError(f"a field is missing or malformed ({type(error).__name__}: {error})") from None
         profile.validate()
@@ -222,6 +233,10 @@ class Profile:
         log_rate = sum(w * math.log(size / max(seconds - self.op_overhead, seconds * 0.05))
                        for (i, w) in weights for size, seconds in [self.bandwidth[i]])
         return moved / math.exp(log_rate)
+
+
+def module_class_name(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def default_profile_path(threads: int | None = None) -> Path:
@@ -445,10 +460,13 @@ class _NodeTracker(fx.Interpreter):
 _CALLS = ("call_module", "call_function", "call_method")
 
 
-def _node_latency(node: fx.Node, priced: list[tuple[str, float]], profile: Profile) -> NodeLatency:
+def _node_latency(gm: fx.GraphModule, node: fx.Node, priced: list[tuple[str, float]],
+                  profile: Profile) -> NodeLatency:
     seconds = sum(seconds for _, seconds in priced) + profile.op_overhead * sum(kind != "view" for kind, _ in priced)
     if node.op in _CALLS:
-        seconds += profile.call_overhead + (profile.module_overhead if node.op == "call_module" else 0.0)
+        seconds += profile.call_overhead
+    if node.op == "call_module":
+        seconds += profile.module_call(gm.get_submodule(node.target))
     weights: dict[str, float] = {}
     for kind, cost in priced:
         weights[kind] = weights.get(kind, 0.0) + cost
@@ -492,7 +510,7 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int]) -> La
                                                       f"({type(error).__name__}); priced from symbolic costs")
     finally:
         gm.train(was_training)
-    nodes = tuple(_node_latency(node, recorder.priced.get(node.name, []), profile) for node in gm.graph.nodes)
+    nodes = tuple(_node_latency(gm, node, recorder.priced.get(node.name, []), profile) for node in gm.graph.nodes)
     return Latency(sum(n.seconds for n in nodes), nodes, dict(dims))
 
 
@@ -515,7 +533,7 @@ def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Seq
         module.train(was_training)
     priced = recorder.priced.get("", [])
     return (sum(seconds for _, seconds in priced) + profile.op_overhead * sum(kind != "view" for kind, _ in priced)
-            + profile.call_overhead + profile.module_overhead)
+            + profile.call_overhead + profile.module_call(module))
 
 
 def example_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
@@ -556,7 +574,7 @@ def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str,
                 priced.append((grid, pricer.gemm(grid, m, n, max(total / (m * n), 1.0))))
             elif moved:
                 priced.append(("memory", profile.bytes_seconds(moved)))
-        nodes.append(_node_latency(node, priced, profile))
+        nodes.append(_node_latency(gm, node, priced, profile))
     if unpriced:
         note += f"; sizes the data decides left {', '.join(unpriced)} at their overheads"
     return Latency(sum(n.seconds for n in nodes), tuple(nodes), dict(dims), method="symbolic costs", note=note)
