@@ -22,7 +22,6 @@ seeds' through the pass alone (the same budget; the decomposed LSTM's shape prop
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import shlex

@@ -199,7 +199,7 @@ def lstm_layer_reference(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: 
 
 def lstm_layer_backward_reference(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, index, scale, reverse):
     """The hand-written backward of :func:`lstm_layer_reference`: (dxp, dh0, dc0, dwt)."""
-    steps, hidden = hs.shape[0], hs.shape[2]
+    steps = hs.shape[0]
     order = list(range(steps - 1, -1, -1)) if reverse else list(range(steps))
     dgates = torch.empty_like(acts)
     dwt = torch.zeros_like(wt)

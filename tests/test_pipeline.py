@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxreduce as fr
 from fxreduce.errors import OptionError, PassError, PassNotFoundError
-from fxreduce.passes import REGISTRY, Contract, Pass, Rewrite, option, register
+from fxreduce.passes import REGISTRY, Contract, Pass, option, register
 from fxreduce.pipeline import parse_spec
 from fxreduce.testing.contracts import check_contract
 from fxreduce.testing.strategies import models

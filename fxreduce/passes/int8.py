@@ -26,7 +26,6 @@ from torch import Tensor
 from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
 from ..cost_models.latency import Profile, example_shape, load_profile, module_seconds
-from ..errors import InputError
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
