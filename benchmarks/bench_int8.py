@@ -30,7 +30,7 @@ from _common import fix_threads, markdown_table, time_side_by_side, time_warm, w
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear  # noqa: E402
-from fxreduce.passes.int8 import to_int8  # noqa: E402
+from fxreduce.passes.lower_int8 import to_int8  # noqa: E402
 
 TITLE = "Int8 kernels (lower_int8)"
 LINEAR_SHAPES = [(64, 1024, 1024), (256, 1024, 4096), (32, 4096, 4096)]
@@ -175,7 +175,7 @@ def bench_models(cases, repeats: int) -> str:
         gm = fr.trace(model, (example,), {"N": (0, 0)})
         folded = fr.apply(gm, "fold_batchnorm").graph_module
         calibration = torch.randn(8, *shape)
-        int8 = fr.apply(folded, fr.Pipeline([fr.passes["lower_int8"](calibration=calibration)])).graph_module
+        int8 = fr.apply(folded, fr.Pipeline([fr.get_pass("lower_int8")(calibration=calibration)])).graph_module
         for batch in batches:
             x = torch.randn(batch, *shape)
             with torch.no_grad():

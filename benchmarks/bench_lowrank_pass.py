@@ -45,7 +45,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
 def bench(name: str) -> list[object]:
     model, example = _model(name)
     gm = fr.trace(model, (example,), dynamic={"N": (0, 0)})
-    pass_ = fr.passes["sparse_lowrank"](flop_reduction=4)
+    pass_ = fr.get_pass("sparse_lowrank")(flop_reduction=4)
     start = time.perf_counter()
     after = pass_.run(gm).graph_module
     pass_seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Decomposed fxreduce.modules.LSTM vs torch.nn.LSTM (oneDNN on CPU), side by side in one run.
+"""fxreduce.modules.DecomposedLSTM vs torch.nn.LSTM (oneDNN on CPU), side by side in one run.
 
 Workload: a 2-layer word-level language model (Embedding(2000) -> LSTM -> Linear decoder ->
 cross-entropy), T=35, batch 20, at H = 200 / 650 / 1500. "train step" is zero_grad + forward +
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from _common import fix_threads, markdown_table, time_side_by_side, write_section
 from fxreduce import native
-from fxreduce.modules.lstm import LSTM
+from fxreduce.modules.lstm import DecomposedLSTM
 
 VOCAB, STEPS, BATCH, LAYERS = 2000, 35, 20, 2
 
@@ -43,7 +43,7 @@ def models(hidden: int) -> dict[str, LanguageModel]:
     """Both language models with identical weights."""
     torch.manual_seed(0)
     reference = LanguageModel(nn.LSTM(hidden, hidden, LAYERS), hidden)
-    ours = LanguageModel(LSTM.from_torch(reference.lstm), hidden)
+    ours = LanguageModel(DecomposedLSTM.from_torch(reference.lstm), hidden)
     ours.embedding.load_state_dict(reference.embedding.state_dict())
     ours.decoder.load_state_dict(reference.decoder.state_dict())
     return {"nn.LSTM": reference, "ours": ours}

@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
 
     gm = fr.trace(model, (test_set[0][:2],), {"N": (0, 0)})
     calibration = train_set[0][:512]
-    result = fr.apply(gm, fr.Pipeline([fr.passes["lower_int8"](calibration=calibration)]))
+    result = fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=calibration)]))
     lowered = result.graph_module
     print("\n".join(result.report.lines()))
     exact = all(torch.equal(lowered.get_submodule(w.layer).dequantized_weight(), w.parameter.detach())

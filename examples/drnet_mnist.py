@@ -194,7 +194,7 @@ def build(config: Config, seed: int, example: torch.Tensor) -> Built:
     low, high = min(config.resolutions + config.fixed), max(config.resolutions + config.fixed)
     fixed_mflops = {r: 2 * float(cost.at(N=1, H=r, W=r).macs) / 1e6 for r in range(low, high + 1)}
     predictor = ResNet10Predictor(1, len(config.resolutions), width=config.predictor_width, stem_stride=1)
-    dynamic = fr.passes["dynamic_resolution"](resolutions=config.resolutions, predictor=predictor,
+    dynamic = fr.get_pass("dynamic_resolution")(resolutions=config.resolutions, predictor=predictor,
                                               predictor_input=config.predictor_input)
     result = fr.apply(traced, [dynamic], seed=seed)
     return Built(backbone, traced, result.graph_module, str(result.report).splitlines(), fixed_mflops)

@@ -106,7 +106,7 @@ def compress(gm: torch.fx.GraphModule, cut: float, method: str, allocation: str,
     options = {"model_flop_reduction": cut, "method": method, "allocation": allocation}
     if method == "whitened":
         options["calibration"] = calibration
-    pass_ = fr.passes["sparse_lowrank"](**options)
+    pass_ = fr.get_pass("sparse_lowrank")(**options)
     if not measure:
         return pass_.run(gm).graph_module, None, None
     result = fr.apply(gm, pass_)

@@ -4,7 +4,7 @@ from .cost_models import Certificate, GraphCost, certify, graph_cost as cost
 from .errors import FxReduceError
 from .inspection import inspect
 from .measurement import Measurement, measure
-from .passes import REGISTRY as passes
+from .passes import get_pass
 from .pipeline import Pipeline, PipelineResult, RewriteReport, parse_spec
 from .profiling import calibrate
 from .submodules import SubmoduleResult, apply
@@ -12,5 +12,5 @@ from .tracing import trace
 
 __version__ = "0.1.0"
 __all__ = ["Certificate", "FxReduceError", "GraphCost", "Measurement", "Pipeline", "PipelineResult", "RewriteReport",
-           "SubmoduleResult", "apply", "calibrate", "certify", "inspect", "cost", "measure", "parse_spec", "passes",
+           "SubmoduleResult", "apply", "calibrate", "certify", "cost", "get_pass", "inspect", "measure", "parse_spec",
            "trace"]

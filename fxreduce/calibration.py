@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .cost_models.propagation import set_mode
+from .meta import set_mode
 from .errors import InputError
 from .files import load_tensors
+from .text import error_summary
 
 
 class CalibrationData:
@@ -103,7 +104,7 @@ def run_calibration(gm: fx.GraphModule, batches: list[tuple], source: str, watch
         except Exception as error:
             shapes = ", ".join(str(tuple(t.shape)) for t in batch if isinstance(t, Tensor))
             raise InputError(f"the model does not run on calibration inputs of shape {shapes}: "
-                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                             f"{error_summary(error)}",
                              where=source, fix="give inputs of the shape and dtype the model expects") from None
         finally:
             set_mode(gm, was_training)

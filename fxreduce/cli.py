@@ -23,17 +23,17 @@ from . import __version__
 from .cost_models import GraphCost, certify, graph_cost, graph_info
 from .cost_models.latency import default_profile_path
 from .demo import TECHNIQUES
-from .errors import FxReduceError, InputError, UnsupportedError
+from .errors import FxReduceError, InputError, UnsupportedError, UsageError
 from .inspection import inspect
 from .measurement import measure
-from .models import InputShape, default_example_size, load_model, parse_input_shape
+from .models import InputShape, default_example_size, import_code, load_model, parse_input_shape
 from .passes import REGISTRY, get_pass
 from .pipeline import Pipeline, RewriteReport, parse_spec
 from .profiling import calibrate
 from .serialization import Loaded, Manifest, build, export, load, load_export, save
 from .submodules import apply_to_submodules
 from .testing.contracts import check_contract
-from .text import formula
+from .text import count, formula
 from .tracing import trace
 
 DEMO_PIPELINE = "fold_batchnorm,remove_dropout,eliminate_dead_code"
@@ -41,10 +41,6 @@ DEFAULT_SHAPE = "N,3,H,W"
 _EXPORT_SUFFIXES = (".pt2",)
 _SAVE_SUFFIXES = (".pt", ".pth")
 _SAVED = "(the saved model's original)"
-
-
-class UsageError(FxReduceError):
-    """The command line itself is wrong (unknown flag, missing argument)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,10 +73,7 @@ def _number(expr: Any) -> str:
     if isinstance(value, str):
         return value
     text = f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{text} ({value / scale:.3g} {unit})"
-    return text
+    return text if abs(value) < 1e3 else f"{text} ({count(value)})"
 
 
 def _shape(gm: fx.GraphModule) -> InputShape:
@@ -153,29 +146,14 @@ def _cost_lines(document: dict[str, Any]) -> list[str]:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    documents = []
-    for name, cls in sorted(REGISTRY.items()):
-        options = []
-        for field in dataclasses.fields(cls.Options):
-            if field.default is not dataclasses.MISSING:
-                default = field.default
-            elif field.default_factory is not dataclasses.MISSING:
-                default = field.default_factory()
-            else:
-                default = None
-            check = field.metadata.get("check")
-            options.append({"name": field.name, "default": default, "help": field.metadata.get("help", ""),
-                            "range": check[0] if check else None})
-        documents.append({"name": name, "summary": cls.summary, "contract": str(cls.contract),
-                          "exports": cls.exports, "needs": sorted(cls.needs), "invalidates": sorted(cls.invalidates),
-                          "provides": sorted(cls.provides), "options": options})
+    documents = [cls.describe() for _, cls in sorted(REGISTRY.items())]
     if args.format == "json":
         print(json.dumps(documents, indent=2, default=repr))
         return 0
     for document in documents:
         print(f"{document['name']}: {document['summary']}")
         print(f"  contract: {document['contract']}")
-        properties = "; ".join(f"{key}: {', '.join(document[key])}" for key in ("needs", "invalidates", "provides")
+        properties = "; ".join(f"{key}: {', '.join(document[key])}" for key in ("needs", "invalidates")
                                if document[key])
         print(f"  exports with torch.export: {'yes' if document['exports'] else 'no'}"
               + (f"; {properties}" if properties else ""))
@@ -249,7 +227,7 @@ def _with_calibration(spec: str, path: str | None) -> str:
                          fix="save a batch of inputs with torch.save(tensor, path)")
     parsed, used = [], False
     for name, options in parse_spec(spec):
-        fields = {f.name for f in dataclasses.fields(get_pass(name).Options)}
+        fields = {option["name"] for option in get_pass(name).describe()["options"]}
         if "calibration" in fields and options.get("calibration") is None:
             options, used = {**options, "calibration": path}, True
         parsed.append(name + ("(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")" if options else ""))
@@ -397,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxreduce", description="Computation-reducing compiler passes on torch.fx. "
                      "MODEL is default (the demo CNN), torchvision:NAME, package.module:factory or file.py:factory.")
     parser.add_argument("--threads", type=_positive, metavar="N", help="torch CPU threads (torch.set_num_threads)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import your own passes first (a module name or a .py file; repeatable): "
+                             "importing the file registers its passes")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -480,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
+        for location in args.imports:
+            import_code(location, where="--import")
         return args.run(args)
     except FxReduceError as error:
         print(f"fxreduce: error: {_one_line(error)}", file=sys.stderr)

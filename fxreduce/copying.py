@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import TraceError
+from .text import first_line
 
 
 def _tensors(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -52,6 +53,6 @@ def copy_model(model: torch.nn.Module, where: str) -> torch.nn.Module:
             raise
         names = ", ".join(path for path, _ in stale) or "a tensor attribute with autograd history"
         raise TraceError(f"cannot copy {type(model).__name__} before capture: {names} holds tensors computed "
-                         f"with gradients on, which copy.deepcopy refuses ({str(error).splitlines()[0]})",
+                         f"with gradients on, which copy.deepcopy refuses ({first_line(error)})",
                          where=where, fix="run the model under torch.no_grad() before capture, or delete those "
                                           "attributes (they are recomputed by each forward)") from None

@@ -25,6 +25,7 @@ from .measurement import time_side_by_side
 from .models import demo as demo_cnn
 from .pipeline import apply
 from .testing.contracts import check_contract
+from .text import count
 from .tracing import trace
 
 TECHNIQUES = ("sparse_lowrank", "lower_int8", "structured_dropout", "on_device", "dynamic_resolution")
@@ -101,19 +102,12 @@ class Section:
         proof = "proven for all sizes" if self.proven else "NOT proven for all sizes"
         ratio = f", {self.before / self.after:.2f}x" if self.after else ""
         return [f"workload: {self.workload}", f"rewrite:  {self.spec}",
-                f"cost:     {self.metric} {_count(self.before)} -> {_count(self.after)} "
+                f"cost:     {self.metric} {count(self.before)} -> {count(self.after)} "
                 f"(-{self.cut:.1f}%{ratio}; {proof})",
                 f"measured: {self.before_seconds * 1e3:.1f} ms -> {self.after_seconds * 1e3:.1f} ms, "
                 f"{self.speedup:.2f}x (side by side, median of interleaved runs)",
                 f"contract: {self.contract} -- {verdict} on {self.inputs_checked} input(s)",
                 *self.notes, f"full example: {self.command}"]
-
-
-def _count(value: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 class MLP(nn.Module):
@@ -368,7 +362,7 @@ def summary(sections: Sequence[Section], threads: int) -> list[str]:
     lines.insert(1, "  ".join("-" * width for width in widths))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines.append(f"speedups: {threads} torch threads, this machine, 1-minute load average {load:.1f}")
-    cores = os.cpu_count() or 1
+    cores = os.cpucount() or 1
     if load > cores:
         lines.append(f"warning: the load average is above the {cores} core(s): other processes shared the cores "
                      "while timing, so the speedups are noisy (the cost cuts and contracts are not affected)")

@@ -59,3 +59,11 @@ class ProfileError(FxReduceError):
 
 class ContractError(FxReduceError):
     """A rewritten graph breaks the contract its pass claims."""
+
+
+class RenderError(FxReduceError):
+    """An inspection cannot be rendered or written in the requested format."""
+
+
+class UsageError(FxReduceError):
+    """The command line itself is wrong (unknown flag, missing argument)."""

@@ -21,12 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import FxReduceError, InputError
-
-
-def first_sentence(error: BaseException) -> str:
-    """torch's error messages run to paragraphs; the first sentence says what happened."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text.split(". ")[0]
+from .text import first_sentence
 
 
 def digest(tensor: torch.Tensor) -> str:

@@ -15,6 +15,7 @@ lm_head shares wte's weight), which a rewrite that replaces the weight would unt
 
 from __future__ import annotations
 
+import fnmatch
 import operator
 import re
 from dataclasses import dataclass, field
@@ -26,10 +27,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .cost_models.propagation import META_KEY
+from . import meta
 
 aten = torch.ops.aten
-REWRITTEN_BY = "fxreduce_rewritten_by"
 
 _MODULE_KINDS: dict[type, str] = {
     torch.nn.Linear: "linear",
@@ -129,6 +129,18 @@ class Layer:
         form = type(self.module).__name__ if self.module is not None else str(self.node.target)
         return f"{self.name} ({form})"
 
+    def matches(self, pattern: str, *names: str) -> bool:
+        """Whether the glob ``pattern`` matches the layer's name, its node's name or one of ``names``."""
+        return any(fnmatch.fnmatchcase(name, pattern) for name in (self.name, self.node.name, *names))
+
+    def why_not_decomposable(self) -> str | None:
+        """Why fxreduce's decomposed LSTM cannot stand in for this LSTM layer (so no pass rewrites it), or None."""
+        if self.module is None:
+            return "an aten-level lstm (torch.export graph) has no module to rewrite; capture with method='fx'"
+        if getattr(self.module, "proj_size", 0):
+            return f"proj_size is unsupported by the decomposed LSTM (proj_size={self.module.proj_size})"
+        return None
+
 
 def _is_conv1d(module: torch.nn.Module) -> bool:
     """transformers' Conv1D (GPT-2's projections): an affine map with its weight stored (in, out)."""
@@ -137,7 +149,11 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
 
 
 def _module_kind(module: torch.nn.Module) -> str | None:
-    return "linear" if _is_conv1d(module) else _MODULE_KINDS.get(type(module))
+    """The layer kind of a module: torch's by type, transformers' Conv1D, and a runtime module's own
+    ``fxreduce_kind`` (fxreduce's decomposed LSTM is an "lstm" a later pass may rewrite again)."""
+    if _is_conv1d(module):
+        return "linear"
+    return _MODULE_KINDS.get(type(module)) or getattr(type(module), "fxreduce_kind", None)
 
 
 def _const(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
@@ -387,7 +403,7 @@ def replace_layer(gm: fx.GraphModule, layer: Layer, module: torch.nn.Module, *, 
         gm.add_submodule(target, module)
     with gm.graph.inserting_before(layer.node):
         new = gm.graph.call_module(target, args if args is not None else (layer.input,), kwargs)
-    new.meta[REWRITTEN_BY] = pass_name
+    meta.mark_rewritten(new, pass_name, replaced=layer.node.name)
     layer.result.replace_all_uses_with(new)
     _erase(gm, layer)
     if reuse:
@@ -433,26 +449,11 @@ def _drop_unread(gm: fx.GraphModule, target: str) -> None:
         owner = gm.get_submodule(owner_path) if owner_path else gm
 
 
-class LeafTracer(fx.Tracer):
-    """fx Tracer that keeps torch.nn modules, fxreduce runtime modules and user-named types as leaves."""
-
-    def __init__(self, leaf_modules: Iterable[type] = ()):
-        super().__init__()
-        self.extra_leaves = tuple(leaf_modules)
-
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return (
-            isinstance(module, self.extra_leaves)
-            or type(module).__module__.startswith("fxreduce.modules")
-            or super().is_leaf_module(module, qualified_name)
-        )
-
-
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The graph as a networkx DiGraph keyed by node name, with op/target/shape/cost attributes."""
     graph = nx.DiGraph()
     for node in gm.graph.nodes:
-        info = node.meta.get(META_KEY)
+        info = meta.info(node)
         graph.add_node(node.name, node=node, op=node.op, target=node.target,
                        shape=info.shape if info else None, cost=info.cost if info else None)
         for source in node.all_input_nodes:

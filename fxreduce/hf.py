@@ -10,7 +10,7 @@ transformers is never imported for other models. What they do:
 - caches: transformers' cache classes (DynamicCache, ...) are registered as pytree nodes with
   transformers' own helper, so torch.export can return them and the graph's outputs include the cache
   as the model builds it. Where that fails, the cache is dropped (``use_cache=False``) and the graph's
-  ``meta["fxreduce"].notes`` says so; a cache never makes capture fail;
+  ``graph_info(gm).notes`` says so; a cache never makes capture fail;
 - a cache object passed *as input* is refused (fxreduce captures a whole-sequence forward);
 - inputs shaped like ``input_ids`` (``attention_mask``, ``token_type_ids``, ``position_ids``) share its
   named dims N and T unless told otherwise;

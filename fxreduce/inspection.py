@@ -25,10 +25,10 @@ import torch
 import torch.fx as fx
 
 from .cost_models import GraphCost, NodeCost, graph_cost, graph_info
-from .errors import CostError, FxReduceError
-from .text import formula
+from . import meta
+from .errors import CostError, RenderError
+from .text import count, formula
 
-REWRITTEN_KEY = "fxreduce_rewritten_by"
 FORMATS = ("table", "json", "dot", "svg", "html")
 HIGHLIGHT_COLOR = "#ffb000"
 REMOVED_COLOR = "#9e9e9e"
@@ -52,10 +52,6 @@ METRICS: dict[str, Callable[[NodeCost], sympy.Expr]] = {
 """What inspection reports per node and in total; ``bytes`` is activation traffic (read + written)."""
 
 _DIFF_COLUMNS = ("flops", "params", "bytes")
-
-
-class RenderError(FxReduceError):
-    """An inspection cannot be rendered or written in the requested format."""
 
 
 @dataclass(frozen=True)
@@ -194,12 +190,12 @@ def describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
 def _view(gm: fx.GraphModule, cost: GraphCost, title: str) -> GraphView:
     rows: dict[str, NodeRow] = {}
     for node in gm.graph.nodes:
-        info = node.meta["fxreduce"]
+        info = meta.info(node)
         node_cost = cost.nodes[node.name]
         rows[node.name] = NodeRow(
             name=node.name, op=node.op, target=describe_target(gm, node),
             inputs=tuple(n.name for n in node.all_input_nodes), shape=info.shape, dtype=info.dtype,
-            cost=node_cost, rewritten_by=node.meta.get(REWRITTEN_KEY),
+            cost=node_cost, rewritten_by=meta.rewritten_by(node),
             metrics={key: get(node_cost) for key, get in METRICS.items()},
             module=node.target if node.op == "call_module" else None)
     totals = {key: sympy.expand(sympy.Add(*(row.metrics[key] for row in rows.values()))) for key in METRICS}
@@ -795,15 +791,7 @@ def _cut(text: str, width: int) -> str:
 
 def _number(value: int | float | None) -> str:
     """Compact: exact below 10,000, then K/M/G/T/P with three significant digits."""
-    if value is None:
-        return "?"
-    magnitude = abs(value)
-    if magnitude < 10_000:
-        return str(value) if isinstance(value, int) else f"{value:.4g}"
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if magnitude >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    raise AssertionError("unreachable: magnitude >= 10,000 matches K")
+    return count(value, exact_below=10_000)
 
 
 def _signed(value: int | float | None) -> str:

@@ -142,21 +142,35 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **extra)
 
 
-def _import_module(name: str):
+def import_code(location: str, where: str = "MODEL"):
+    """A module by dotted name (``my_package.passes``), or a .py file by path (``./lowrank_pass.py``).
+
+    The CLI's ``--import`` loads passes this way; importing their file registers them.
+    """
+    if location.endswith(".py") or "/" in location or os.sep in location:
+        return _import_path(location, where)
+    return _import_module(location, where)
+
+
+def _import_module(name: str, where: str = "MODEL"):
     if not all(_NAME.fullmatch(part) and not keyword.iskeyword(part) for part in name.split(".")):
-        raise InputError(f"{name!r} is not a module name", where="MODEL", fix=_REF_HELP)
+        raise InputError(f"{name!r} is not a module name", where=where, fix=_REF_HELP)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        raise InputError(f"cannot import module {name!r}: {error}", where="MODEL",
+        raise InputError(f"cannot import module {name!r}: {error}", where=where,
                          fix="install the package that provides it, or check the spelling") from None
 
 
-def _import_path(location: str):
+def _import_path(location: str, where: str = "MODEL"):
+    """The module of a .py file, executed once however often it is named (its passes register once)."""
     path = os.path.abspath(location)
     if not os.path.isfile(path):
-        raise InputError(f"no such file {location!r}", where="MODEL", fix="check the path of the model's .py file")
+        raise InputError(f"no such file {location!r}", where=where, fix="check the path of the .py file")
     name = "fxreduce_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == path:
+        return loaded
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

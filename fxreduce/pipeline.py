@@ -16,17 +16,13 @@ import sympy
 import torch
 import torch.fx as fx
 
+from . import meta
 from .cost_models import Certificate, GraphCost, certify, graph_cost, graph_info, propagate
 from .cost_models.latency import Latency, Profile, load_profile
-from .cost_models.propagation import META_KEY
 from .cost_models.symbolic import NodeCost
 from .errors import FxReduceError, OptionError, PassError, ProfileError
 from .passes import Pass, Rewrite, Skipped, get_pass
-from .text import formula
-
-# What a freshly traced graph may hold; passes that remove such layers invalidate the property.
-INITIAL_PROPERTIES = frozenset({"batchnorm", "dropout", "lstm"})
-
+from .text import count, formula, joined_names
 
 def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """ "a(x=1, y='s'),b" -> [("a", {"x": 1, "y": "s"}), ("b", {})]; options are Python literals."""
@@ -55,16 +51,6 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     if not parsed:
         raise OptionError("the pipeline spec names no pass", where=repr(spec), fix="e.g. 'fold_batchnorm'")
     return parsed
-
-
-def _human(value: sympy.Expr) -> str:
-    if not value.is_Number:
-        return str(value)
-    number = float(value)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(number) >= scale:
-            return f"{number / scale:.3g}{unit}"
-    return f"{number:.4g}"
 
 
 @dataclass
@@ -147,12 +133,12 @@ class RewriteReport:
             lines.append(head + f"  [{step.pass_.contract}]")
             values = {step.cost_before.symbols[k]: v for k, v in self.at.items() if k in step.cost_before.symbols}
             for item in step.rewrites:
-                flops_before = _human(sympy.sympify(item.before.flops).subs(values))
-                flops_after = _human(sympy.sympify(item.after.flops).subs(values))
-                other_before = _human(sympy.sympify(item.before.other).subs(values))
-                other_after = _human(sympy.sympify(item.after.other).subs(values))
-                target = _names(item.added) if item.added else "(removed)"
-                lines.append(f"  {_names(item.replaced)} -> {target}: {item.rewrite.what}; "
+                flops_before = count(sympy.sympify(item.before.flops).subs(values))
+                flops_after = count(sympy.sympify(item.after.flops).subs(values))
+                other_before = count(sympy.sympify(item.before.other).subs(values))
+                other_after = count(sympy.sympify(item.after.other).subs(values))
+                target = joined_names(item.added) if item.added else "(removed)"
+                lines.append(f"  {joined_names(item.replaced)} -> {target}: {item.rewrite.what}; "
                              f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}"
                              + (_predicted_speedup(latency, item) if latency else ""))
             for skipped in step.skipped:
@@ -161,15 +147,15 @@ class RewriteReport:
                 lines.append(f"  note: dim {dim} is no longer symbolic after this pass "
                              f"({step.cost_after.specialised.get(dim, 'unknown reason')})")
             flops_b, flops_a = self._value(step.cost_before, "flops"), self._value(step.cost_after, "flops")
-            lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {_human(flops_b)} -> {_human(flops_a)}"
+            lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {count(flops_b)} -> {count(flops_a)}"
                          f"{_percent(flops_b, flops_a)}; {step.certificate}")
             if latency:
                 lines.append(f"  predicted latency: {_latency_change(*latency)}")
         if self.steps:
             b, a = self._value(self.before, "flops"), self._value(self.after, "flops")
             params_b, params_a = self._value(self.before, "params"), self._value(self.after, "params")
-            lines.append(f"pipeline: FLOPs {_human(b)} -> {_human(a)}{_percent(b, a)}, params {_human(params_b)} -> "
-                         f"{_human(params_a)}; symbolic FLOPs after: {_shorten(self.after.flops)}")
+            lines.append(f"pipeline: FLOPs {count(b)} -> {count(a)}{_percent(b, a)}, params {count(params_b)} -> "
+                         f"{count(params_a)}; symbolic FLOPs after: {_shorten(self.after.flops)}")
             if isinstance(predicted, list):
                 dims = ", ".join(f"{k}={v}" for k, v in predicted[0][0].dims.items())
                 lines.append(f"pipeline: predicted latency{f' at {dims}' if dims else ''}: "
@@ -230,14 +216,13 @@ def _instantiate(item: Pass | str | type) -> list[Pass]:
 
 
 class Pipeline:
-    """An ordered composition of passes, checked for order on construction."""
+    """An ordered composition of passes (each checks its place in the order when it runs)."""
 
     def __init__(self, passes: Sequence[Pass | str | type] | Pass | type | str, *, seed: int = 0):
         single = isinstance(passes, (str, Pass)) or (isinstance(passes, type) and issubclass(passes, Pass))
         items = [passes] if single else list(passes)
         self.passes: list[Pass] = [p for item in items for p in _instantiate(item)]
         self.seed = seed
-        self.check_order()
 
     @classmethod
     def from_spec(cls, spec: str, *, seed: int = 0) -> "Pipeline":
@@ -250,24 +235,6 @@ class Pipeline:
     @property
     def exports(self) -> bool:
         return all(p.exports for p in self.passes)
-
-    def check_order(self) -> None:
-        """Every pass's ``needs`` must hold when it runs: no earlier pass may have invalidated them."""
-        properties = set(INITIAL_PROPERTIES)
-        broken_by: dict[str, str] = {}
-        for index, p in enumerate(self.passes):
-            missing = set(p.needs) - properties
-            if missing:
-                prop = sorted(missing)[0]
-                culprit = broken_by.get(prop)
-                raise PassError(
-                    f"pass {p.name} needs the graph's {prop}, which "
-                    + (f"the earlier pass {culprit} removes" if culprit else "no earlier pass provides"),
-                    where=f"position {index + 1} of the pipeline",
-                    fix=f"run {p.name} before {culprit}" if culprit else f"add a pass that provides {prop}")
-            for prop in p.invalidates:
-                broken_by[prop] = p.name
-            properties = (properties - set(p.invalidates)) | set(p.provides)
 
     def __call__(self, gm: fx.GraphModule) -> PipelineResult:
         info = graph_info(gm)
@@ -329,16 +296,9 @@ def _sum_costs(nodes: dict[str, fx.Node], names: list[str]) -> NodeCost:
     total = NodeCost()
     for name in names:
         node = nodes.get(name)
-        if node is not None and META_KEY in node.meta:
-            total = total + node.meta[META_KEY].cost
+        if node is not None and meta.info(node) is not None:
+            total = total + meta.info(node).cost
     return total
-
-
-def _names(names: list[str], shown: int = 4) -> str:
-    """Node names joined by +; long lists (a pass replacing every BatchNorm) name the first few and count the rest."""
-    if len(names) <= shown + 1:
-        return " + ".join(names)
-    return " + ".join(names[:shown]) + f" + {len(names) - shown} more"
 
 
 def apply(gm: fx.GraphModule, pipeline: Pipeline | Pass | str | Sequence[Pass | str], *, seed: int = 0) -> PipelineResult:

@@ -31,9 +31,10 @@ import torch.fx as fx
 
 from .cost_models import graph_info
 from .errors import FxReduceError, InputError, LoadError, UnsupportedError
-from .files import atomic_path, digest, first_sentence, load_tensors
+from .files import atomic_path, digest, load_tensors
 from .models import InputShape, default_example_size, load_model, parse_input_shape, ref_kind
 from .pipeline import Pipeline, PipelineResult
+from .text import first_sentence
 from .tracing import dynamic_shapes, trace
 
 FORMAT = "fxreduce.rewritten-graph"

@@ -19,10 +19,12 @@ import torch
 import torch.fx as fx
 
 from .copying import copy_model
-from .cost_models import certify
+from .cost_models import certify, graph_info
 from .errors import InputError
 from .passes import Pass
-from .pipeline import Pipeline, PipelineResult, apply as apply_graph
+from .pipeline import Pipeline, PipelineResult
+from .pipeline import apply as apply_graph
+from .text import count, error_summary
 from .tracing import trace
 
 
@@ -63,26 +65,18 @@ class SubmoduleReport:
     def lines(self) -> list[str]:
         lines = []
         for name, part in self.parts.items():
-            info = part.graph_module.meta["fxreduce"]
+            info = graph_info(part.graph_module)
             lines.append(f"submodule {name} ({info.source}, captured by {info.method}):")
             lines += ["  " + line for line in part.report.lines()]
         (flops_b, flops_a), (params_b, params_a) = self.totals("flops"), self.totals("params")
         change = f" ({100 * float((flops_a - flops_b) / flops_b):+.2f}%)" if flops_b else ""
-        lines.append(f"rewritten parts ({', '.join(self.parts)}) at their captured sizes: FLOPs {_human(flops_b)} -> "
-                     f"{_human(flops_a)}{change}, params {_human(params_b)} -> {_human(params_a)}; the rest of the "
+        lines.append(f"rewritten parts ({', '.join(self.parts)}) at their captured sizes: FLOPs {count(flops_b)} -> "
+                     f"{count(flops_a)}{change}, params {count(params_b)} -> {count(params_a)}; the rest of the "
                      f"model stays Python and is not counted")
         return lines
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
-
-
-def _human(value: sympy.Expr) -> str:
-    number = float(value)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(number) >= scale:
-            return f"{number / scale:.3g}{unit}"
-    return f"{number:.4g}"
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -133,7 +127,7 @@ def record_inputs(model: torch.nn.Module, names: Sequence[str], example_inputs: 
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in example_inputs)
         raise InputError(f"{type(model).__name__} does not run on example inputs ({shapes}): "
-                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                         f"{error_summary(error)}",
                          where="fxreduce.apply(example_inputs=...)",
                          fix="pass inputs the whole model accepts") from error
     finally:

@@ -1,4 +1,6 @@
-"""Formulas as a person writes them: ``ceil(H/32)`` where sympy keeps ``floor(H/32 - 1/32) + 1``.
+"""Text as people read it: counts (``1.23M``), one-line error summaries, and formulas.
+
+Formulas as a person writes them: ``ceil(H/32)`` where sympy keeps ``floor(H/32 - 1/32) + 1``.
 
 Shapes of strided convolutions and pools come out of the shape propagation as ``floor((H + a)/s) + 1``,
 nested once per stride. For integer-valued ``n`` and positive integers ``s``, ``a``, ``b``:
@@ -18,7 +20,46 @@ import functools
 import sympy
 from sympy.printing.str import StrPrinter
 
-__all__ = ["formula", "readable"]
+__all__ = ["count", "error_summary", "first_line", "first_sentence", "formula", "joined_names", "readable"]
+
+_SUFFIXES = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+
+
+def count(value: float | int | sympy.Basic | None, *, exact_below: float = 1e3) -> str:
+    """A count with a K/M/G/T/P suffix and three significant digits (``45.6M``); shown as it is below
+    ``exact_below``; a formula (not a number) as its text; None as ``?``."""
+    if value is None:
+        return "?"
+    if isinstance(value, sympy.Basic) and not value.is_Number:
+        return str(value)
+    number = float(value)
+    if abs(number) < exact_below:
+        return str(value) if isinstance(value, int) else f"{number:.4g}"
+    suffix, scale = next(((s, v) for s, v in _SUFFIXES if abs(number) >= v), ("", 1.0))
+    return f"{number / scale:.3g}{suffix}"
+
+
+def joined_names(names: list[str], shown: int = 4) -> str:
+    """Node names joined by +; a long list (a pass replacing every BatchNorm) names the first few and counts the rest."""
+    if len(names) <= shown + 1:
+        return " + ".join(names)
+    return " + ".join(names[:shown]) + f" + {len(names) - shown} more"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's run to paragraphs), or ''."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def first_sentence(error: BaseException) -> str:
+    """The first sentence of an error's first line: what happened, without the advice that follows."""
+    return first_line(error).split(". ")[0]
+
+
+def error_summary(error: BaseException) -> str:
+    """``TypeError: <first line>``: a caught error, said in one line inside one of ours."""
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _ratio(expr: sympy.Expr) -> tuple[sympy.Expr, int] | None:

@@ -27,7 +27,7 @@ from . import hf
 from .copying import copy_model, with_history
 from .cost_models.propagation import InputSpec, propagate
 from .errors import InputError, TraceError
-from .graph import LeafTracer
+from .text import error_summary
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -175,6 +175,21 @@ def _user_frame(error: BaseException) -> str:
     return "an unknown source line"
 
 
+class LeafTracer(fx.Tracer):
+    """fx Tracer that keeps torch.nn modules, fxreduce runtime modules and user-named types as leaves."""
+
+    def __init__(self, leaf_modules: Iterable[type] = ()):
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return (
+            isinstance(module, self.extra_leaves)
+            or type(module).__module__.startswith("fxreduce.modules")
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
 def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[type], concrete_args: Mapping | None):
     tracer = LeafTracer(leaf_modules)
     graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
@@ -207,7 +222,7 @@ def _check_runs(model: torch.nn.Module, inputs: tuple, names: Sequence[str] = ()
         shapes = [str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in inputs]
         shapes = ", ".join(f"{name} {shape}" for name, shape in zip(names, shapes)) if names else ", ".join(shapes)
         raise InputError(f"the model does not run on example inputs of shape {shapes}: "
-                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                         f"{error_summary(error)}",
                          where=_user_frame(error),
                          fix="pass example inputs of the shape and dtype the model expects") from error
 
@@ -231,7 +246,7 @@ def trace(
     a list of positions ties axes that are always equal ({"T": [("input_ids", 1), ("attention_mask", 1)]}).
     ``method`` is "auto" (fx, then torch.export; transformers models torch.export first), "fx" or "export".
     Symbolic propagation of a dim that fails or exceeds ``time_limit`` seconds falls back to its example
-    size; ``graph_module.meta["fxreduce"].specialised`` says which and why, ``.notes`` what capture left
+    size; ``graph_info(graph_module).specialised`` says which and why, ``.notes`` what capture left
     out. Transformers models: see fxreduce.hf.
     """
     if not isinstance(model, torch.nn.Module):
@@ -297,7 +312,7 @@ def _capture(model, inputs: _Inputs, spec: InputSpec, method, leaf_modules, conc
                     and (not_registered or hf.is_cache_failure(error))):
                 errors.append(("torch.export", error))
                 continue
-            reason = not_registered or f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            reason = not_registered or f"{error_summary(error)}"
         # The cache class cannot be exported: capture without it, and say so.
         model.__class__ = base
         hf.positional_forward(model, names, {**inputs.constants, "use_cache": False})
@@ -310,7 +325,7 @@ def _capture(model, inputs: _Inputs, spec: InputSpec, method, leaf_modules, conc
         return gm, "torch.export"
     _check_runs(model, inputs.values, names)
     first = errors[0][1]
-    tried = "; ".join(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for how, e in errors)
+    tried = "; ".join(f"{how}: {error_summary(e)}" for how, e in errors)
     if transformers_model:
         fix = hf.capture_fix(errors, keyword_inputs=bool(inputs.names))
     else:

@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fxreduce as fr
 from fxreduce.graph import dominators, find_chains, find_layers, region_between
+from fxreduce.modules import DecomposedLSTM
 from fxreduce.testing.contracts import check_contract
 
 
@@ -228,3 +229,28 @@ def test_admm_constrains_conv1d_and_transposed_weights_in_their_stored_layout():
     admm = ADMM(model, prune=0.5)
     assert [w.layer for w in admm.weights] == ["layers.0.inner", "layers.1", "layers.2.inner"]
     assert admm.weights[0].parameter is model.layers[0].inner.weight
+
+
+def test_fxreduces_decomposed_lstm_is_an_lstm_layer_and_the_skip_reasons_are_one():
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.torch_lstm = torch.nn.LSTM(4, 6)
+            self.ours = DecomposedLSTM(6, 6)
+            self.projected = torch.nn.LSTM(6, 8, proj_size=3)
+
+        def forward(self, x):
+            return self.projected(self.ours(self.torch_lstm(x)[0])[0])[0]
+
+    gm = fr.trace(Stacked(), (torch.randn(5, 2, 4),))
+    layers = find_layers(gm, ["lstm"])
+    assert [(layer.name, type(layer.module).__name__) for layer in layers] == [
+        ("torch_lstm", "LSTM"), ("ours", "DecomposedLSTM"), ("projected", "LSTM")]
+    assert [layer.why_not_decomposable() for layer in layers[:2]] == [None, None]
+    assert "proj_size is unsupported" in layers[2].why_not_decomposable()
+    exported = fr.trace(torch.nn.LSTM(4, 6), (torch.randn(5, 2, 4),), method="export")
+    (aten,) = find_layers(exported, ["lstm"])
+    assert aten.dialect == "aten" and "capture with method='fx'" in aten.why_not_decomposable()
+    reports = [str(fr.apply(exported, spec).report) for spec in ("decompose_lstm", "structured_dropout",
+                                                                  "sparse_lowrank(rank=2)")]
+    assert all("an aten-level lstm (torch.export graph) has no module to rewrite" in text for text in reports)

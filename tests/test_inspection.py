@@ -17,9 +17,10 @@ import torchvision
 from torch import nn
 
 import fxreduce as fr
-from fxreduce.cost_models import GraphInfo, InputSpec, NodeCost, NodeInfo, propagate, symbol
-from fxreduce.errors import CostError, FxReduceError
-from fxreduce.inspection import COLLAPSE_ABOVE, HIGHLIGHT_COLOR, REWRITTEN_KEY, RenderError, inspect
+from fxreduce import meta
+from fxreduce.cost_models import GraphInfo, InputSpec, NodeCost, NodeInfo, graph_info, propagate, symbol
+from fxreduce.errors import CostError, FxReduceError, RenderError
+from fxreduce.inspection import COLLAPSE_ABOVE, HIGHLIGHT_COLOR, inspect
 from fxreduce.inspection_page import view_model
 from fxreduce.text import formula
 
@@ -60,9 +61,10 @@ def rewrite():
     with graph.inserting_before(nodes["fc"]):
         factor = graph.call_module("fc_u", (nodes["flatten"],))
     nodes["fc"].args = (factor,)
-    factor.meta[REWRITTEN_KEY] = nodes["fc"].meta[REWRITTEN_KEY] = "low_rank"
+    meta.mark_rewritten(factor, "low_rank")
+    meta.mark_rewritten(nodes["fc"], "low_rank")
     after.recompile()
-    propagate(after, before.meta["fxreduce"].spec)
+    propagate(after, graph_info(before).spec)
     return before, after
 
 
@@ -78,11 +80,11 @@ def synthetic(size: int) -> fx.GraphModule:
     for i, node in enumerate(gm.graph.nodes):
         height, width = (sympy.floor((d - 1) / 2 ** (i % 5)) + 1 for d in (H, W))
         elements = 64 * N * height * width
-        node.meta["fxreduce"] = NodeInfo(shape=(N, 64, height, width), dtype=torch.float32, cost=NodeCost(
+        node.meta[meta.INFO] = NodeInfo(shape=(N, 64, height, width), dtype=torch.float32, cost=NodeCost(
             macs={"float32": (i % 7) * elements}, other=elements, params=sympy.Integer(i % 3),
             bytes_read=4 * elements, bytes_written=4 * elements))
     spec = InputSpec((torch.zeros(2, 64, 32, 32),), DIMS)
-    gm.meta["fxreduce"] = GraphInfo(spec=spec, method="synthetic", symbolic=("N", "H", "W"), specialised={},
+    gm.meta[meta.INFO] = GraphInfo(spec=spec, method="synthetic", symbolic=("N", "H", "W"), specialised={},
                                     fixed={}, constraints={})
     return gm
 
@@ -237,8 +239,8 @@ def test_large_graphs_render_every_format_with_cut_formulas():
     assert len(json.loads(inspection.to_json())["graph"]["nodes"]) == 2002
     changed = synthetic(2000)
     for node in list(changed.graph.nodes)[1:-1:2]:
-        node.meta["fxreduce"] = NodeInfo(node.meta["fxreduce"].shape, torch.float32, NodeCost())
-        node.meta[REWRITTEN_KEY] = "zero"
+        node.meta[meta.INFO] = NodeInfo(meta.shape(node), torch.float32, NodeCost())
+        meta.mark_rewritten(node, "zero")
     diff = inspect(gm, changed)
     assert len(diff.changed) == 1000
     assert diff.to_table() and diff.to_dot() and json.loads(diff.to_json())["diff"]["changed"]
@@ -288,8 +290,8 @@ def test_large_graphs_collapse_unchanged_runs():
     gm = synthetic(1500)
     changed = synthetic(1500)
     for node in list(changed.graph.nodes)[100:1400:200]:
-        node.meta[REWRITTEN_KEY] = "zero"
-        node.meta["fxreduce"] = NodeInfo(node.meta["fxreduce"].shape, torch.float32, NodeCost())
+        meta.mark_rewritten(node, "zero")
+        node.meta[meta.INFO] = NodeInfo(meta.shape(node), torch.float32, NodeCost())
     inspection = inspect(gm, changed)
     groups = inspection.collapsed
     members = [name for names in groups.values() for name in names]

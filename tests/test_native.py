@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxreduce
 from fxreduce import native
 from fxreduce.errors import OptionError
-from fxreduce.modules.lstm import LSTM
+from fxreduce.modules.lstm import DecomposedLSTM
 from fxreduce.modules.structured_dropout import StructuredDropoutLinear, StructuredDropoutLSTM
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
@@ -221,7 +221,7 @@ def test_other_dtypes_and_devices_take_the_torch_reference():
 
 
 def test_unsorted_and_repeated_keep_sets_are_rejected_by_the_module():
-    lstm = LSTM(6, 4)
+    lstm = DecomposedLSTM(6, 4)
     with pytest.raises(OptionError, match="repeats a unit"):
         from fxreduce.modules.lstm import KeepSet
         lstm.set_keep_sets(0, input=KeepSet(torch.tensor([[3, 1, 3]] * 2)))
@@ -256,7 +256,7 @@ def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_under_no_grad(monkey
     monkeypatch.setattr(native, "call", lambda name, *a: calls.append(name) or original(name, *a))
     torch.manual_seed(0)
     reference = nn.LSTM(5, 8, 2, bidirectional=True)
-    ours = LSTM.from_torch(reference)
+    ours = DecomposedLSTM.from_torch(reference)
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         out, (h, c) = ours(x)

@@ -69,11 +69,17 @@ def test_parse_spec():
     ("test_needs_dropout(factor='big')", OptionError, "must be float"),
     ("fold_batchnorm(", OptionError, "cannot parse"),
     ("fold_batchnorm(layers=os.system)", OptionError, "not a literal"),
-    ("remove_dropout,test_needs_dropout", PassError, "run test_needs_dropout before remove_dropout"),
 ])
 def test_bad_specs_raise_clear_errors(spec, error, match):
     with pytest.raises(error, match=match):
         fr.Pipeline(spec)
+
+
+def test_a_pass_needing_what_an_earlier_pass_took_out_fails_when_its_turn_comes():
+    with pytest.raises(PassError, match="pass test_needs_dropout rewrites dropout layers, which the earlier pass "
+                                        "remove_dropout took out of the graph"):
+        fr.apply(traced(), "remove_dropout,test_needs_dropout")
+    fr.apply(traced(), "test_needs_dropout,remove_dropout")
 
 
 def test_report_has_one_line_per_rewrite_and_certificate():
@@ -141,15 +147,15 @@ def test_fold_batchnorm_removes_every_eval_batchnorm_after_conv(generated):
 
 
 def test_a_single_pass_object_or_class_is_a_pipeline():
-    by_object = fr.apply(traced(), fr.passes["fold_batchnorm"]())
-    by_class = fr.apply(traced(), fr.passes["fold_batchnorm"])
+    by_object = fr.apply(traced(), fr.get_pass("fold_batchnorm")())
+    by_class = fr.apply(traced(), fr.get_pass("fold_batchnorm"))
     assert [s.pass_.name for s in by_object.report.steps] == ["fold_batchnorm"]
     assert by_object.graph_module.code == by_class.graph_module.code
 
 
 def test_reports_name_a_few_nodes_of_long_rewrites():
-    from fxreduce.pipeline import _names
+    from fxreduce.text import joined_names
 
-    assert _names(["a", "b"]) == "a + b"
-    assert _names([f"bn{i}" for i in range(5)]) == "bn0 + bn1 + bn2 + bn3 + bn4"
-    assert _names([f"bn{i}" for i in range(20)]) == "bn0 + bn1 + bn2 + bn3 + 16 more"
+    assert joined_names(["a", "b"]) == "a + b"
+    assert joined_names([f"bn{i}" for i in range(5)]) == "bn0 + bn1 + bn2 + bn3 + bn4"
+    assert joined_names([f"bn{i}" for i in range(20)]) == "bn0 + bn1 + bn2 + bn3 + 16 more"

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from .. import meta
 from ..errors import CostError, ProfileError
 from ..files import atomic_path
 
@@ -539,35 +540,35 @@ def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Seq
 def example_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
     """``node``'s output shape at the graph's example sizes (None for several outputs or data-decided sizes):
     the size a pass prices a layer at."""
-    from .propagation import META_KEY, graph_info, symbol
+    from .propagation import graph_info, symbol
 
-    meta = node.meta.get(META_KEY)
     spec = graph_info(gm).spec
     values = {symbol(name): spec.hint(name) for name in spec.dims}
-    return _numbers(meta.shape, values) if meta is not None else None
+    node_info = meta.info(node)
+    return _numbers(node_info.shape, values) if node_info is not None else None
 
 
 def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], note: str) -> Latency:
     """Each node priced from its symbolic cost at ``dims``: its MACs on the GEMM grid of its dtype, shaped
     as its output gives (M rows of N columns, K = MACs / (M N)), the rest as bytes moved. Sizes the data
     decides (a boolean mask's count) have no number: such nodes are priced at their overheads and named."""
-    from .propagation import META_KEY, symbol
+    from .propagation import symbol
 
     substitutions = {symbol(name): int(value) for name, value in dims.items()}
     pricer = _Pricer(profile)
     nodes, unpriced = [], []
     for node in gm.graph.nodes:
-        meta = node.meta.get(META_KEY)
+        node_info = meta.info(node)
         priced: list[tuple[str, float]] = []
-        if meta is not None and node.op in _CALLS:
-            cost = meta.cost.subs(substitutions)
+        if node_info is not None and node.op in _CALLS:
+            cost = node_info.cost.subs(substitutions)
             macs = {dtype: _number(value) for dtype, value in cost.macs.items()}
             moved = _number(cost.bytes_read + cost.bytes_written)
             if None in macs.values() or moved is None:
                 unpriced.append(node.name)
             elif any(macs.values()):
                 total = sum(macs.values())
-                shape = _numbers(meta.shape, substitutions)
+                shape = _numbers(node_info.shape, substitutions)
                 n = max(shape[-1], 1) if shape else round(total ** (1 / 3)) or 1
                 m = max(math.prod(shape) // n, 1) if shape else n
                 grid = "int8_gemm" if any("int8" in dtype for dtype in macs) else "gemm"

@@ -13,7 +13,6 @@ import contextlib
 import operator
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -21,15 +20,25 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._sympy import functions as torch_sympy
 
+from .. import meta
 from ..errors import InputError, TraceError
-from .counting import NodeCounts, OpCounter, SymbolicDecompositions, dtype_name, to_sympy
+from ..text import error_summary
+from .counting import (
+    NodeCounts,
+    OpCounter,
+    SymbolicDecompositions,
+    dtype_name,
+    to_sympy,
+)
 from .symbolic import ZERO, GraphCost, NodeCost
-
-META_KEY = "fxreduce"
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """Stored in node.meta["fxreduce"]: the node's output shape(s), dtype(s) and forward cost."""
+    """Stored in node.meta (``meta.info(node)``): the node's output shape(s), dtype(s) and forward cost."""
 
     shape: Any
     dtype: Any
@@ -115,7 +124,7 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class GraphInfo:
-    """Stored in graph_module.meta["fxreduce"]: how the graph was captured and what it runs on.
+    """Stored in graph_module.meta (``meta.info(gm)``): how the graph was captured and what it runs on.
 
     ``notes`` say what capture changed or left out (e.g. a transformers cache dropped from the outputs).
     """
@@ -253,6 +262,22 @@ def _fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], tra
 def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str, ...], training: bool) -> _Run:
     shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    fakes, raw_symbol = _fake_inputs(mode, spec, dynamic)
+    with mode:
+        # Parameters keep requires_grad even for a forward count: eager code such as
+        # nn.MultiheadAttention picks another kernel when no input requires grad.
+        state = {name: mode.from_tensor(_normal(p), static_shapes=True).requires_grad_(p.requires_grad)
+                 for name, p in gm.named_parameters()}
+        state.update({name: mode.from_tensor(_normal(b), static_shapes=True) for name, b in gm.named_buffers()})
+    counter, raw_meta, declared_inputs = _record(gm, mode, state, fakes, training)
+    to_user, symbolic, specialised, fixed, constraints = _resolve_dims(shape_env, raw_symbol)
+    return _Run(raw_meta, counter.counts, to_user, tuple(symbolic), specialised, fixed, constraints,
+                declared_inputs, shape_env)
+
+
+def _fake_inputs(mode: FakeTensorMode, spec: InputSpec, dynamic: tuple[str, ...]) -> tuple[list, dict[str, Any]]:
+    """Fake example inputs with each named axis a fresh symbol (tied axes share their dim's), and each
+    dim's raw ShapeEnv symbol."""
     wanted = {spec.positions(name)[0]: name for name in dynamic}
     tied = {position: name for name in dynamic for position in spec.positions(name)[1:]}
     raw_symbol: dict[str, sympy.Expr] = {}
@@ -279,25 +304,25 @@ def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str,
                 shape = [sizes[tied[(index, axis)]] if (index, axis) in tied else size
                          for axis, size in enumerate(fakes[index].shape)]
                 fakes[index] = torch.empty(shape, dtype=value.dtype, device=value.device)
-        # Parameters keep requires_grad even for a forward count: eager code such as
-        # nn.MultiheadAttention picks another kernel when no input requires grad.
-        state = {name: mode.from_tensor(_normal(p), static_shapes=True).requires_grad_(p.requires_grad)
-                 for name, p in gm.named_parameters()}
-        state.update({name: mode.from_tensor(_normal(b), static_shapes=True) for name, b in gm.named_buffers()})
+    return fakes, raw_symbol
+
+
+def _record(gm: fx.GraphModule, mode: FakeTensorMode, state: dict[str, torch.Tensor], fakes: list,
+            training: bool) -> tuple[OpCounter, dict[str, tuple[Any, Any]], dict[str, list[Any]]]:
+    """Run ``gm`` on fake inputs and parameters, counting every op per node (and the backward's, for a
+    training step); returns the counter, each node's raw (shape, dtype) and the inputs of modules that
+    declare their own cost."""
     counter = OpCounter()
     raw_meta: dict[str, tuple[Any, Any]] = {}
     declared_inputs: dict[str, list[Any]] = {}
 
-    class Recorder(fx.Interpreter):
+    class Recorder(LocatingInterpreter):
+        passthrough = (_Timeout,)
+
         def run_node(self, node: fx.Node) -> Any:
             _check_deadline()
             counter.current = node.name
-            try:
-                out = super().run_node(node)
-            except (_Timeout, KeyboardInterrupt):
-                raise
-            except Exception as error:
-                raise _NodeFailure(node, error) from error
+            out = super().run_node(node)
             raw_meta[node.name] = _shape_of(out)
             if node.op == "call_module" and hasattr(self.module.get_submodule(node.target), "fxreduce_macs"):
                 declared_inputs[node.name] = [raw_meta[a.name][0] for a in node.all_input_nodes]
@@ -307,7 +332,7 @@ def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str,
 
     was_training = gm.training
     if training:
-        set_mode(gm, True)
+        meta.set_mode(gm, True)
     try:
         with mode, counter, SymbolicDecompositions(), _reparametrize_module(gm, state):
             output = Recorder(gm).run(*fakes)
@@ -320,8 +345,14 @@ def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str,
                     loss = sum(o.float().sum() for o in outputs)
                     torch.autograd.grad(loss, leaves, allow_unused=True)
     finally:
-        set_mode(gm, was_training)
+        meta.set_mode(gm, was_training)
+    return counter, raw_meta, declared_inputs
 
+
+def _resolve_dims(shape_env: ShapeEnv, raw_symbol: dict[str, Any]):
+    """What the run learned of each named dim: still symbolic, pinned to a number, tied to another dim;
+    and the bounds the ShapeEnv found. Returns (raw symbol -> user expression, symbolic names,
+    specialised reasons, fixed values, constraints)."""
     to_user: dict[sympy.Symbol, sympy.Expr] = {}
     symbolic, specialised, fixed, constraints = [], {}, {}, {}
     for name, raw in raw_symbol.items():
@@ -344,22 +375,29 @@ def _grad_mode_fake_run(gm: fx.GraphModule, spec: InputSpec, dynamic: tuple[str,
                 upper = int(value_range.upper) if isinstance(value_range.upper, sympy.Integer) else None
                 constraints[name] = (max(lower, 1), upper)
     symbolic = [n for n in symbolic if n not in specialised]
-    return _Run(raw_meta, counter.counts, to_user, tuple(symbolic), specialised, fixed, constraints,
-                declared_inputs, shape_env)
+    return to_user, symbolic, specialised, fixed, constraints
 
 
-def set_mode(gm: fx.GraphModule, training: bool) -> None:
-    """Switch train/eval where the graph allows it (torch.export graphs bake their mode in)."""
-    try:
-        gm.train(training)
-    except NotImplementedError:
-        pass
+class NodeFailure(Exception):
+    """An error raised while running one node of a graph, and the node."""
 
-
-class _NodeFailure(Exception):
     def __init__(self, node: fx.Node, error: Exception):
         super().__init__(str(error))
         self.node, self.error = node, error
+
+
+class LocatingInterpreter(fx.Interpreter):
+    """An fx Interpreter whose errors name the node that raised them (as :class:`NodeFailure`)."""
+
+    passthrough: tuple[type[BaseException], ...] = ()
+
+    def run_node(self, node: fx.Node) -> Any:
+        try:
+            return super().run_node(node)
+        except self.passthrough:
+            raise
+        except Exception as error:
+            raise NodeFailure(node, error) from error
 
 
 def _run_with_fallback(gm: fx.GraphModule, spec: InputSpec, training: bool, time_limit: float | None,
@@ -374,7 +412,7 @@ def _run_with_fallback(gm: fx.GraphModule, spec: InputSpec, training: bool, time
                 return _fake_run(gm, spec, subset, training)
         except _Timeout:
             failures[",".join(subset)] = f"symbolic propagation did not finish in {time_limit:g} CPU s"
-        except _NodeFailure as failure:
+        except NodeFailure as failure:
             if not subset:
                 raise _example_failure(gm, spec, failure) from failure.error
             failures[",".join(subset)] = (f"symbolic propagation failed at node {failure.node.name} "
@@ -397,14 +435,14 @@ def _run_with_fallback(gm: fx.GraphModule, spec: InputSpec, training: bool, time
     raise AssertionError("unreachable: the all-concrete attempt either succeeds or raises")
 
 
-def _example_failure(gm: fx.GraphModule, spec: InputSpec, failure: _NodeFailure) -> InputError:
+def _example_failure(gm: fx.GraphModule, spec: InputSpec, failure: NodeFailure) -> InputError:
     node = failure.node
     shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in spec.example_inputs)
     origin = node.meta.get("stack_trace", "").strip().splitlines()
     where = f"node {node.name} ({node.op} {node.target})" + (f", {origin[-2].strip()}" if len(origin) >= 2 else "")
     return InputError(
-        f"the model does not run on example inputs of shape {shapes}: {type(failure.error).__name__}: "
-        f"{str(failure.error).splitlines()[0] if str(failure.error) else ''}",
+        f"the model does not run on example inputs of shape {shapes}: "
+        f"{error_summary(failure.error)}",
         where=where, fix="pass example inputs of the shape and dtype the model expects")
 
 
@@ -516,26 +554,24 @@ def propagate(gm: fx.GraphModule, spec: InputSpec, *, method: str = "symbolic_tr
     ``notes`` default to those of the GraphInfo ``gm`` already carries (a rewrite keeps its capture notes).
     """
     if notes is None:
-        previous = getattr(gm, "meta", {}).get(META_KEY)
+        previous = meta.info(gm)
         notes = previous.notes if isinstance(previous, GraphInfo) else ()
     spec.validate()
-    started = time.perf_counter()
     run = _run_with_fallback(gm, spec, training=False, time_limit=time_limit)
     convert = _Converter(run)
     costs = _node_costs(gm, run, convert, training=False)
     for node in gm.graph.nodes:
         shape, dtype = run.raw_meta.get(node.name, (None, None))
-        node.meta[META_KEY] = NodeInfo(shape=convert(shape), dtype=dtype, cost=costs[node.name])
+        node.meta[meta.INFO] = NodeInfo(shape=convert(shape), dtype=dtype, cost=costs[node.name])
     info = GraphInfo(spec=spec, method=method, symbolic=run.symbolic, specialised=run.specialised,
                      fixed=run.fixed, constraints=run.constraints, source=source, time_limit=time_limit,
                      notes=tuple(notes))
-    gm.meta[META_KEY] = info
-    gm.meta[META_KEY + "_seconds"] = time.perf_counter() - started
+    gm.meta[meta.INFO] = info
     return info
 
 
 def graph_info(gm: fx.GraphModule) -> GraphInfo:
-    info = getattr(gm, "meta", {}).get(META_KEY)
+    info = meta.info(gm)
     if info is None:
         from ..errors import CostError
 
@@ -551,11 +587,11 @@ def graph_cost(gm: fx.GraphModule, *, training: bool = False) -> GraphCost:
     if not training:
         nodes = {}
         for node in gm.graph.nodes:
-            meta = node.meta.get(META_KEY)
-            if meta is None:
+            node_info = meta.info(node)
+            if node_info is None:
                 raise TraceError("a node has no cost: the graph changed after it was propagated",
                                  where=f"node {node.name}", fix="re-run fxreduce.trace or a Pipeline on it")
-            nodes[node.name] = meta.cost
+            nodes[node.name] = node_info.cost
         return GraphCost(nodes, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints),
                          graph_module=gm)
     run = _run_with_fallback(gm, info.spec, training=True, time_limit=info.time_limit, dynamic=info.symbolic)

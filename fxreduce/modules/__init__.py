@@ -4,9 +4,9 @@ from .error_map import ErrorMapConv2d, ErrorMapLinear
 from .factorized import GroupLinear, LowRankLinear, SparseLowRankLinear
 from .instance_filter import InstanceFilter, default_filter
 from .int8 import Int8Conv2d, Int8Linear
-from .lstm import LSTM, KeepSet
+from .lstm import DecomposedLSTM, KeepSet
 from .structured_dropout import StructuredDropoutLinear, StructuredDropoutLSTM
 
-__all__ = ["LSTM", "ErrorMapConv2d", "ErrorMapLinear", "InstanceFilter", "Int8Conv2d", "Int8Linear", "KeepSet",
+__all__ = ["DecomposedLSTM", "ErrorMapConv2d", "ErrorMapLinear", "InstanceFilter", "Int8Conv2d", "Int8Linear", "KeepSet",
            "GroupLinear", "LowRankLinear", "SparseLowRankLinear",
            "StructuredDropoutLSTM", "StructuredDropoutLinear", "default_filter"]

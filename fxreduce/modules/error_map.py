@@ -67,8 +67,8 @@ def _is_fake(tensor: Tensor) -> bool:
 
 
 def l1_norms(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """L1 norms over ``dims``. ``abs().sum()`` rather than ``linalg.vector_norm(ord=1)``: measured 3x faster on
-    error maps and weights here (the norm kernel's reduction is not vectorised on this CPU build)."""
+    """L1 norms over ``dims``. ``abs().sum()`` rather than ``linalg.vector_norm(ord=1)``, whose reduction is
+    not vectorised on torch's CPU build (docs/benchmarks.md, "Design measurements")."""
     return tensor.abs().sum(dim=dims)
 
 
@@ -77,8 +77,7 @@ _ROW_BLOCK_BYTES = 1 << 20
 
 def row_l1_norms(matrix: Tensor) -> Tensor:
     """L1 norm of each row of a 2-D tensor, a block of rows (~1 MiB) at a time so that the ``abs``
-    temporary stays in cache: for ResNet-18's 512x4608 conv weight in a backward, one weight-sized
-    temporary cost 1.3 ms, against 0.2 ms for the sum itself."""
+    temporary stays in cache: a weight-sized temporary costs several times the sum itself."""
     rows_per_block = max(1, _ROW_BLOCK_BYTES // max(1, matrix.shape[1] * matrix.element_size()))
     if rows_per_block >= matrix.shape[0]:
         return l1_norms(matrix, (1,))
@@ -137,7 +136,7 @@ class _ErrorMapConv2d(torch.autograd.Function):
         strided_pointwise = weight.shape[2:] == (1, 1) and tuple(layer.conv_padding) == (0, 0) and tuple(stride) != (1, 1)
         if strided_pointwise:
             # A strided 1x1 conv reads only every stride-th pixel: its backward is the stride-1 backward on the
-            # subsampled input, scattered back (ResNet downsample shapes: 2-6x faster than the strided kernel).
+            # subsampled input, scattered back, which skips the strided kernel's reads of unused pixels.
             source, stride = x[:, :, :: stride[0], :: stride[1]], (1, 1)
         delta_kept = delta.index_select(1, kept)
         grad_input, grad_weight_kept, _ = aten.convolution_backward(
@@ -177,7 +176,7 @@ class _ErrorMapLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-class _ErrorMapPruning(nn.Module):
+class ErrorMapPruningModule(nn.Module):
     """What the Conv2d and Linear versions share: the keep fraction, the score, the channel choice.
 
     ``last_kept`` holds the kept output channels (sorted) of the last pruned backward. Setting
@@ -253,7 +252,7 @@ class _ErrorMapPruning(nn.Module):
         return text + (f", multiple={self.multiple}" if self.multiple > 1 else "")
 
 
-class ErrorMapConv2d(_ErrorMapPruning):
+class ErrorMapConv2d(ErrorMapPruningModule):
     """A Conv2d (same parameters, same forward) whose training backward prunes the error map channel-wise.
 
     Grouped convolutions keep the same number of channels in every group (the top ones of each group),
@@ -344,7 +343,7 @@ class ErrorMapConv2d(_ErrorMapPruning):
         return text + self._pruning_repr()
 
 
-class ErrorMapLinear(_ErrorMapPruning):
+class ErrorMapLinear(ErrorMapPruningModule):
     """A Linear (same parameters, same forward) whose training backward prunes the error map per output feature."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, keep: float = 0.3,

@@ -114,12 +114,13 @@ def _gemm_operand(matrix: Tensor) -> Tensor:
 def _block_diagonal(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
     """``x W^T + b`` for the block-diagonal W stored as ``weight`` (g, out/g, in/g): one batched GEMM that reads
     and writes the column blocks of plain (rows, features) matrices in place, through strided views that
-    BLAS takes as a leading dimension, with the bias in the GEMM's accumulator (no transposing copies, no
-    separate bias pass; 1.1-5x faster than bmm on transposed copies at AntMan's shapes).
+    BLAS takes as a leading dimension, with the bias in the GEMM's accumulator: no transposing copies and
+    no separate bias pass, which bmm on transposed copies would need (docs/benchmarks.md, "Design
+    measurements").
 
     With ``transposed`` it computes y^T = W x^T block by block into an (out, rows) matrix and returns y as
     its transpose: for a few outputs per block (a factor feeding another GEMM, which reads either layout)
-    MKL runs that orientation up to 2x faster (768 -> 60 in 4 blocks at 197 rows: 39 vs 81 us).
+    MKL's kernel for that orientation is the faster one.
     """
     groups, width = weight.shape[:2]
     if transposed:

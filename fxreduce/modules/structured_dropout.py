@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import OptionError
-from .lstm import LSTM, KeepSet, input_projection
+from .lstm import DecomposedLSTM, KeepSet, input_projection
 
 MODES = ("per_step", "per_sequence", "per_step_window")
 
@@ -87,7 +87,7 @@ def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, 
     return KeepSet.windows(order, starts, k, scale)
 
 
-class StructuredDropoutLSTM(LSTM):
+class StructuredDropoutLSTM(DecomposedLSTM):
     """The decomposed LSTM with batch-shared dropout drawn at every training forward.
 
     ``mask_input``: drop units of layer 0's input (the dropout that fed the LSTM); layers above 0 are
@@ -161,7 +161,7 @@ class StructuredDropoutLSTM(LSTM):
                 f"mask_input={self.mask_input}")
 
 
-def masked_lstm_reference(lstm: LSTM, input: Tensor, hx, keep_sets) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+def masked_lstm_reference(lstm: DecomposedLSTM, input: Tensor, hx, keep_sets) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """nn.LSTM's training forward with explicit 0/scale masks, densely, autograd through a per-step loop."""
     unbatched = input.dim() == 2
     x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if lstm.batch_first else input
@@ -206,9 +206,9 @@ class StructuredDropoutLinear(nn.Linear):
 
     With ``time_dim`` (the sequence axis of a 3-D input, e.g. a decoder after an LSTM) and a per-step
     ``mode``, each time step draws its own set, shared by the batch (the paper's case): T GEMMs of N rows,
-    the LSTM's per-step kernels. Otherwise one set serves every row of the call. Measured on the word LM
-    example, one set per call for the decoder costs ~15% validation perplexity at equal epochs and a set
-    per step ~2%: the decoder sees a different half of the units at every step. Eval mode is the plain Linear.
+    the LSTM's per-step kernels. Otherwise one set serves every row of the call. Per-step sets keep the
+    decoder close to ordinary dropout's accuracy, where one set per call does not (docs/structured-dropout.md):
+    the decoder sees a different half of the units at every step. Eval mode is the plain Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, p: float = 0.5, seed: int = 0,

@@ -1,8 +1,11 @@
-"""The registered passes. Importing this package registers every shipped pass."""
+"""The registered passes, one file each, named after the pass. Importing this package registers them all."""
 
-from . import dead_code, dynamic_resolution, folding, int8, lstm, on_device, sparse_lowrank, structured_dropout
-from .base import REGISTRY, Contract, Pass, PassOutcome, Rewrite, Skipped, get_pass, option, register
+from . import (decompose_lstm, dynamic_resolution, eliminate_dead_code, error_map_pruning, fold_batchnorm,
+               instance_filter, lower_int8, remove_dropout, sparse_lowrank, structured_dropout)
+from .base import (EVAL_EXACT, REGISTRY, Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, get_pass,
+                   option, register)
 
-__all__ = ["REGISTRY", "Contract", "Pass", "PassOutcome", "Rewrite", "Skipped", "dead_code", "dynamic_resolution",
-           "folding", "get_pass", "int8", "lstm", "on_device", "option", "register", "sparse_lowrank",
+__all__ = ["EVAL_EXACT", "REGISTRY", "Contract", "LayerSelection", "Pass", "PassOutcome", "Rewrite", "Skipped",
+           "decompose_lstm", "dynamic_resolution", "eliminate_dead_code", "error_map_pruning", "fold_batchnorm",
+           "get_pass", "instance_filter", "lower_int8", "option", "register", "remove_dropout", "sparse_lowrank",
            "structured_dropout"]

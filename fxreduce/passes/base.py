@@ -4,7 +4,11 @@ A pass is a small callable on torch.fx.passes.infra's PassBase: it receives a tr
 rewrites a deep copy, and records every rewrite (nodes replaced, nodes added, the contract claimed) and
 every layer it left alone with the reason. It never mutates its input and is deterministic for a seed.
 Options are a dataclass; each field carries its help text and range check, so specs, the CLI and
-errors all describe options the same way. Passes never import each other or the pipeline.
+errors all describe options the same way; passes that rewrite layers share :class:`LayerSelection`.
+A pass declares the layer kinds it rewrites (``needs``) and may replace by others (``invalidates``):
+torch.fx's ``ensures`` hook records on the output which kinds the pass took out of the graph, and
+``requires`` refuses to run a pass on a graph from which earlier passes took every kind it rewrites (it
+would find nothing), naming them. Passes never import each other or the pipeline.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..cost_models.propagation import set_mode
-from ..errors import OptionError, PassNotFoundError
+from .. import meta
+from ..errors import OptionError, PassError, PassNotFoundError
+from ..graph import Layer, find_layers
+from ..testing.kit import compare_outputs, run_eval
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class Contract:
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.statement}"
+
+
+EVAL_EXACT = Contract("exact", "outputs equal the original's in eval mode (float tolerance)")
 
 
 def option(default: Any, help: str, check: tuple[str, Callable[[Any], bool]] | None = None) -> Any:
@@ -74,12 +82,25 @@ class NoOptions:
     """The options of a pass that takes none."""
 
 
+@dataclass
+class LayerSelection:
+    """Options of a pass that rewrites layers: which ones, as a glob over their names."""
+
+    layers: str = option("*", "glob over layer names (module paths or node names; an LSTM's gate matrices as "
+                              "'lstm.hh_l0') to rewrite, e.g. 'layer1.*'",
+                         check=("a non-empty glob", lambda value: isinstance(value, str) and bool(value.strip())))
+
+    def selects(self, layer: Layer, *names: str) -> bool:
+        """Whether the glob matches the layer (or one of ``names``, e.g. an LSTM gate's)."""
+        return layer.matches(self.layers, *names)
+
+
 class Pass(PassBase):
     """Base of every fxreduce pass. Subclasses set the class attributes and implement :meth:`rewrite`.
 
-    ``needs`` are graph properties that must hold before the pass runs, ``invalidates`` those it breaks
-    and ``provides`` those it establishes; the pipeline checks an order against them.
-    ``exports`` says whether torch.export works on the pass's output in inference mode.
+    ``needs``: the layer kinds the pass rewrites; running it after passes that took all of them out of
+    the graph is an error (it would find nothing). ``invalidates``: the layer kinds it may replace by
+    others. ``exports`` says whether torch.export works on the pass's output in inference mode.
     """
 
     name: ClassVar[str]
@@ -87,7 +108,6 @@ class Pass(PassBase):
     Options: ClassVar[type] = NoOptions
     contract: ClassVar[Contract]
     needs: ClassVar[frozenset[str]] = frozenset()
-    provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     exports: ClassVar[bool] = True
 
@@ -103,14 +123,52 @@ class Pass(PassBase):
         raise NotImplementedError
 
     def run(self, gm: fx.GraphModule) -> PassOutcome:
-        """The pass on a deep copy of ``gm``; the input is never changed."""
+        """The pass on a deep copy of ``gm``, between torch.fx's ``requires`` (on the input) and ``ensures``
+        (on the output: torch's ``PassBase.__call__`` hands it the input, which a pass here never changes)."""
+        self.requires(gm)
         copied = copy.deepcopy(gm)
+        copied.meta[meta.HELD] = _kinds_held(copied, self.invalidates)
         outcome = PassOutcome(copied, [], [])
         self.rewrite(copied, outcome)
         if outcome.modified:
             copied.graph.lint()
             copied.recompile()
+        self.ensures(copied)
         return outcome
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        """Refuse a graph from which earlier passes took every layer kind this pass rewrites."""
+        removed = meta.removed_properties(graph_module)
+        kinds = sorted(kind for kind in self.needs if kind in removed)
+        if not kinds or _kinds_held(graph_module, self.needs):
+            return
+        culprits = sorted({removed[kind] for kind in kinds})
+        raise PassError(f"pass {self.name} rewrites {' and '.join(kinds)} layers, which the earlier pass"
+                        f"{'es' if len(culprits) > 1 else ''} {' and '.join(culprits)} took out of the graph",
+                        where=f"pass {self.name}", fix=f"run {self.name} before {' and '.join(culprits)}")
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        """Record on the output which ``invalidates`` kinds this pass took out (its input held them)."""
+        held = graph_module.meta.pop(meta.HELD, frozenset())
+        present = _kinds_held(graph_module, self.invalidates)
+        meta.record_removed(graph_module, set(held - present), set(present), self.name)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What ``fxreduce passes`` shows: summary, contract, graph properties and every option."""
+        options = []
+        for item in option_fields(cls.Options):
+            if item.default is not dataclasses.MISSING:
+                default = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                default = item.default_factory()
+            else:
+                default = None
+            check = item.metadata.get("check")
+            options.append({"name": item.name, "default": default, "help": item.metadata.get("help", ""),
+                            "range": check[0] if check else None})
+        return {"name": cls.name, "summary": cls.summary, "contract": str(cls.contract), "exports": cls.exports,
+                "needs": sorted(cls.needs), "invalidates": sorted(cls.invalidates), "options": options}
 
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
         """Check this pass's contract on one input; None if it holds, else what broke.
@@ -124,37 +182,9 @@ class Pass(PassBase):
         outcome = self.run(graph_module)
         return PassResult(outcome.graph_module, outcome.modified)
 
-
-def run_eval(gm: torch.nn.Module, inputs: tuple) -> object:
-    """Outputs of ``gm`` in eval mode without gradients; the module's mode is restored afterwards."""
-    was_training = gm.training
-    set_mode(gm, False)
-    try:
-        with torch.no_grad():
-            return gm(*inputs)
-    finally:
-        set_mode(gm, was_training)
-
-
-def compare_outputs(expected: object, actual: object, tolerance: float) -> str | None:
-    """None if every tensor of ``actual`` equals ``expected`` within a relative ``tolerance``."""
-    expected_leaves = torch.utils._pytree.tree_leaves(expected)
-    actual_leaves = torch.utils._pytree.tree_leaves(actual)
-    if len(expected_leaves) != len(actual_leaves):
-        return f"output structure changed: {len(expected_leaves)} leaves before, {len(actual_leaves)} after"
-    for index, (e, a) in enumerate(zip(expected_leaves, actual_leaves)):
-        if not isinstance(e, torch.Tensor):
-            if e != a:
-                return f"output {index} changed: {e!r} -> {a!r}"
-            continue
-        if e.shape != a.shape:
-            return f"output {index} shape changed: {tuple(e.shape)} -> {tuple(a.shape)}"
-        scale = e.abs().max().item() if e.numel() else 0.0
-        error = (e.double() - a.double()).abs().max().item() if e.numel() else 0.0
-        if not error <= tolerance * max(scale, 1.0):
-            return f"output {index} differs by {error:.3g} (allowed {tolerance:g} x max(|output|, 1) = " \
-                   f"{tolerance * max(scale, 1.0):.3g})"
-    return None
+    def __call__(self, graph_module: fx.GraphModule) -> PassResult:
+        """torch.fx's pass protocol; :meth:`run` already checks ``requires`` and ``ensures``."""
+        return self.call(graph_module)
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -179,6 +209,10 @@ def get_pass(name: str) -> type[Pass]:
     except KeyError:
         raise PassNotFoundError(f"unknown pass {name!r}", where="pipeline spec",
                                 fix=closest(name, list(REGISTRY)) + " (`fxreduce passes` lists them)") from None
+
+
+def _kinds_held(gm: fx.GraphModule, kinds: frozenset[str]) -> frozenset[str]:
+    return frozenset(kind for kind in kinds if find_layers(gm, [kind]))
 
 
 def option_fields(options_type: type) -> list[dataclasses.Field]:

@@ -21,13 +21,31 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..cost_models import GraphInfo, InputSpec, graph_cost, graph_info, propagate, symbol
-from ..cost_models.propagation import set_mode
+from .. import meta
+from ..cost_models import (
+    GraphInfo,
+    InputSpec,
+    graph_cost,
+    graph_info,
+    propagate,
+    symbol,
+)
+from ..cost_models.propagation import LocatingInterpreter, NodeFailure
 from ..errors import OptionError, UnsupportedError
-from ..graph import REWRITTEN_BY, Layer, find_layers, replace_layer, unique_name
-from ..modules.dynamic_resolution import (MobileNetPredictor, Resize, ResNet10Predictor, ResolutionAwareBatchNorm,
-                                          ResolutionChoice, ResolutionDispatch, force_resolution, resize)
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, compare_outputs, option, register, run_eval
+from ..graph import Layer, find_layers, replace_layer, unique_name
+from ..modules.dynamic_resolution import (
+    MobileNetPredictor,
+    Resize,
+    ResNet10Predictor,
+    ResolutionAwareBatchNorm,
+    ResolutionChoice,
+    ResolutionDispatch,
+    force_resolution,
+    resize,
+)
+from ..text import count, error_summary
+from ..testing.kit import compare_outputs, run_eval
+from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 PREDICTORS = ("resnet10", "mobilenet")
 DRNET_PREDICTOR_INPUT = 128 / 224  # DRNet fed its predictor a 128 px image for a 224 px backbone
@@ -113,13 +131,13 @@ class DynamicResolution(Pass):
         else:
             width = max(4, round(64 * self.options.predictor_width))
             predictor = ResNet10Predictor(channels, count, width)
-        set_mode(predictor, False)
+        meta.set_mode(predictor, False)
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 logits = predictor(torch.zeros(1, channels, size, size))
         except Exception as error:
             raise OptionError(f"the predictor fails on a (1, {channels}, {size}, {size}) image: "
-                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                              f"{error_summary(error)}",
                               where=f"dynamic_resolution(predictor={type(predictor).__name__})",
                               fix="pass a module that takes (N, C, p, p) images, p = predictor_input") from error
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, count):
@@ -128,7 +146,7 @@ class DynamicResolution(Pass):
                               f"{count} candidate resolutions", where=f"dynamic_resolution(predictor="
                               f"{type(predictor).__name__})", fix=f"give its last layer {count} outputs, one logit "
                                                                   "per resolution")
-        set_mode(predictor, training)
+        meta.set_mode(predictor, training)
         return predictor, counter.get_total_flops() // 2
 
     def _resolution_aware_norms(self, backbone: fx.GraphModule, outcome: PassOutcome) -> int:
@@ -184,22 +202,6 @@ def _image_input(gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor]:
     return placeholders[0], examples[0]
 
 
-class _NodeFailure(Exception):
-    def __init__(self, node: fx.Node, error: Exception):
-        super().__init__(str(error))
-        self.node, self.error = node, error
-
-
-class _Locating(fx.Interpreter):
-    """Runs the graph and names the node that fails."""
-
-    def run_node(self, node: fx.Node):
-        try:
-            return super().run_node(node)
-        except Exception as error:
-            raise _NodeFailure(node, error) from error
-
-
 SIZE_FIX = ("end the feature extractor with global/adaptive pooling (e.g. nn.AdaptiveAvgPool2d(1)) before the "
             "classifier so that any input size fits, or choose resolutions the model accepts")
 
@@ -207,16 +209,16 @@ SIZE_FIX = ("end the feature extractor with global/adaptive pooling (e.g. nn.Ada
 def _run_at(gm: fx.GraphModule, example: torch.Tensor, r: int) -> tuple:
     """The output shape of ``gm`` on one r x r image in eval mode; a failure names the node that fails."""
     modes = {module: module.training for module in gm.modules()}
-    set_mode(gm, False)
+    meta.set_mode(gm, False)
     try:
         with torch.no_grad():
-            out = _Locating(gm).run(torch.randn(1, example.shape[1], r, r, dtype=example.dtype))
-    except _NodeFailure as failure:
+            out = LocatingInterpreter(gm).run(torch.randn(1, example.shape[1], r, r, dtype=example.dtype))
+    except NodeFailure as failure:
         node, error = failure.node, failure.error
         fed_by = ", ".join(n.name for n in node.all_input_nodes)
         raise UnsupportedError(
             f"the model does not accept a {r}x{r} input: node {node.name} ({node.op} {_target(node)}) fails with "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            f"{error_summary(error)}",
             where=f"node {node.name}" + (f" (fed by {fed_by})" if fed_by else ""), fix=SIZE_FIX) from error
     finally:
         for module, training in modes.items():
@@ -260,7 +262,7 @@ def _norm_module(layer: Layer) -> tuple[nn.Module | None, str]:
         return None, "a functional BatchNorm without running statistics stays shared across resolutions"
     if any(n is not layer.input and n.op != "get_attr" for n in layer.node.all_input_nodes):
         return None, "a BatchNorm whose affine weights are computed in the graph stays shared across resolutions"
-    shape = getattr(layer.input.meta.get("fxreduce"), "shape", None)
+    shape = meta.shape(layer.input)
     kind = nn.BatchNorm2d if shape is not None and len(shape) == 4 else nn.BatchNorm1d
     norm = kind(mean.shape[0], eps=layer.attrs["eps"], affine=layer.weight is not None,
                 dtype=mean.dtype, device=mean.device)
@@ -287,7 +289,7 @@ def _per_resolution_macs(backbone: fx.GraphModule, original: GraphInfo, resoluti
     info = propagate(backbone, InputSpec(original.spec.example_inputs, dims), method=original.method,
                      source=f"{original.source} backbone")
     result = next(n for n in backbone.graph.nodes if n.op == "output").args[0]
-    shape = getattr(getattr(result, "meta", {}).get("fxreduce"), "shape", None)
+    shape = meta.shape(result)
     sizes = {symbol(height), symbol(width)}
     if len(set(output_shapes.values())) > 1 or any(isinstance(d, sympy.Basic) and d.free_symbols & sizes
                                                    for d in shape or ()):
@@ -322,23 +324,16 @@ def _insert_branch(gm: fx.GraphModule, image: fx.Node, modules: list[tuple[str, 
             gm.add_submodule(target, module)
             args = (image, previous) if index == len(modules) - 1 else (previous,)
             previous = gm.graph.call_module(target, args)
-            previous.meta[REWRITTEN_BY] = DynamicResolution.name
+            meta.mark_rewritten(previous, DynamicResolution.name)
             names.append(previous.name)
     output.args = (previous,)
     return names
 
 
-def _human(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 def _summary(resolutions: tuple, backbone_macs: tuple, predictor_macs: int, norms: int) -> str:
     """What the rewrite did, its expected FLOPs per image and when they are below the original's."""
     base = backbone_macs[0]
-    flops = lambda macs: _human(float(2 * macs))  # noqa: E731 -- FLOPs = 2 x multiply-adds
+    flops = lambda macs: count(float(2 * macs))  # noqa: E731 -- FLOPs = 2 x multiply-adds
     terms = " + ".join(f"{flops(base - c)}*p_{r}" for r, c in zip(resolutions[1:], backbone_macs[1:]))
     per_resolution = ", ".join(f"{r}: {flops(c)}" for r, c in zip(resolutions, backbone_macs))
     return (f"predictor ({flops(predictor_macs)} FLOPs/image) picks one of {resolutions} per image; the backbone "

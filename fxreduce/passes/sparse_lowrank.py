@@ -22,7 +22,6 @@ calibration its data error ||(W - W') X||_F / ||W X||_F on the calibration input
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -33,17 +32,17 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
+from .. import meta
 from ..calibration import SecondMoment, as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_cost, graph_info, symbol
-from ..cost_models.propagation import META_KEY
 from ..errors import OptionError
-from ..graph import REWRITTEN_BY, Layer, find_layers, replace_layer
+from ..graph import find_layers, replace_layer
 from ..modules.factorized import FORMS, LowRankLinear, factorize, macs_per_row
-from ..modules.lstm import LSTM
+from ..modules.lstm import DecomposedLSTM
 from ..modules.truncation import DEFAULT_DAMPING, Truncation, data_error, spectral_norm
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
+from ..testing.kit import capture_calls, run_eval
+from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
-SOURCE = "fxreduce_sparse_lowrank"  # node meta: {"source": original node name, "errors": {slot: e}}
 GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_sparse": ("out",),
                    "grouped_shuffle": ("in", "out")}
 SIZINGS = ("rank", "rank_ratio", "energy", "flop_reduction", "model_flop_reduction")
@@ -59,7 +58,7 @@ def _number(value) -> bool:
 
 
 @dataclass
-class SparseLowRankOptions:
+class SparseLowRankOptions(LayerSelection):
     form: str = option("lr", f"module family: {', '.join(FORMS)}", check=(f"one of {', '.join(FORMS)}",
                                                                           lambda v: v in FORMS))
     rank: int = option(None, "the rank r of every rewritten layer", check=("an int >= 1", _positive_int))
@@ -75,8 +74,6 @@ class SparseLowRankOptions:
                                          check=("a number > 1", lambda v: _number(v) and v > 1))
     groups: int = option(1, "blocks of the grouped factors (must divide their dims; form 'group' with "
                             "flop_reduction chooses it)", check=("an int >= 1", _positive_int))
-    layers: str = option("*", "glob over layer names (module paths, node names; LSTM gates as 'lstm.hh_l0')",
-                         check=("a non-empty glob", lambda v: isinstance(v, str) and bool(v.strip())))
     types: tuple = option(("linear", "lstm"), "layer types to rewrite: 'linear' and/or 'lstm'",
                           check=("a non-empty subset of ('linear', 'lstm')",
                                  lambda v: bool(v) and set(v) <= {"linear", "lstm"}))
@@ -166,7 +163,7 @@ def _lstm_slots(lstm: nn.Module) -> list[tuple[str, int, bool]]:
 def _dense_projection(lstm: nn.Module, kind: str, layer: int, reverse: bool) -> tuple[Tensor, Tensor | None] | None:
     """The dense weight and bias of one gate projection, or None when it is already replaced."""
     name = _slot_name(kind, layer, reverse)
-    if isinstance(lstm, LSTM):
+    if isinstance(lstm, DecomposedLSTM):
         projection = lstm.projection(kind, layer, reverse)
         if type(projection) is not nn.Linear:
             return None
@@ -182,8 +179,8 @@ class _Rows:
         self.values = {symbol(name): info.spec.hint(name) for name in info.symbolic}
 
     def __call__(self, node: fx.Node, leading: int | None = None) -> float:
-        meta = node.meta.get(META_KEY)
-        shape = meta.shape if meta is not None and isinstance(meta.shape, tuple) else ()
+        shape = meta.shape(node)
+        shape = shape if isinstance(shape, tuple) else ()
         dims = shape[:-1] if leading is None else shape[:leading]
         rows = sympy.Integer(1)
         for size in dims:
@@ -193,7 +190,7 @@ class _Rows:
 
 def _projection_weights(lstm: nn.Module, kind: str, layer: int, reverse: bool) -> tuple[Tensor, Tensor | None]:
     """The weight (dense, multiplied out if factorised) and bias of one gate projection."""
-    if isinstance(lstm, LSTM):
+    if isinstance(lstm, DecomposedLSTM):
         projection = lstm.projection(kind, layer, reverse)
         weight = projection.weight if type(projection) is nn.Linear else projection.dense_weight()
         return weight.detach(), None if projection.bias is None else projection.bias.detach()
@@ -202,7 +199,7 @@ def _projection_weights(lstm: nn.Module, kind: str, layer: int, reverse: bool) -
     return getattr(lstm, "weight_" + name).detach(), None if bias is None else bias.detach()
 
 
-def _gate_inputs(lstm: nn.Module, x: Tensor) -> dict[tuple[str, int, bool], Tensor]:
+def gate_inputs(lstm: nn.Module, x: Tensor) -> dict[tuple[str, int, bool], Tensor]:
     """What each gate projection of ``lstm`` reads over the sequence ``x`` (eval mode, zero initial state):
     the layer's input for ih, the previous step's hidden state for hh."""
     seq = x.unsqueeze(0) if x.dim() == 2 else (x if lstm.batch_first else x.transpose(0, 1))
@@ -254,6 +251,8 @@ class SparseLowRank(Pass):
                                    "||(W - W') X||_F / ||W X||_F on them is as the report states (for form 'lr' "
                                    "the smallest of any rank-r W')", tolerance=1e-4)
     Options = SparseLowRankOptions
+    needs = frozenset({"linear", "lstm"})
+    invalidates = frozenset({"linear"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         options = self.options
@@ -316,7 +315,7 @@ class SparseLowRank(Pass):
             gates: dict[fx.Node, dict] = {}
             for lstm_node, slot in lstms.get(node, []):
                 if lstm_node not in gates:
-                    gates[lstm_node] = _gate_inputs(gm.get_submodule(lstm_node.target), value)
+                    gates[lstm_node] = gate_inputs(gm.get_submodule(lstm_node.target), value)
                 slot.moment.add(gates[lstm_node][slot.projection], batch)
 
         run_calibration(gm, batches, source, set(linear) | set(lstms), on_value)
@@ -331,12 +330,9 @@ class SparseLowRank(Pass):
         slots: list[Slot] = []
         lstm_nodes: dict[fx.Node, list[Slot]] = {}
 
-        def selected(*names: str) -> bool:
-            return any(fnmatch.fnmatchcase(name, options.layers) for name in names)
-
         if "linear" in options.types:
             for layer in find_layers(gm, ["linear"]):
-                if not selected(layer.name, layer.node.name):
+                if not options.selects(layer):
                     continue
                 if layer.weight is None:
                     outcome.skipped.append(Skipped(layer.name, "its weight is computed in the graph; only "
@@ -348,20 +344,16 @@ class SparseLowRank(Pass):
                 slots.append(Slot(layer.name, layer.weight.detach(), None if layer.bias is None else
                                   layer.bias.detach(), rows(layer.input), layer.node))
         if "lstm" in options.types:
-            for node in gm.graph.nodes:
-                module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                if isinstance(node.target, torch._ops.OpOverload) and node.target is torch.ops.aten.lstm.input:
-                    outcome.skipped.append(Skipped(node.name, "an aten-level lstm (torch.export graph) has no "
-                                                              "module to factorise; capture with method='fx'"))
-                if not isinstance(module, (nn.LSTM, LSTM)):
+            for lstm in find_layers(gm, ["lstm"]):
+                reason = lstm.why_not_decomposable()
+                if reason:
+                    outcome.skipped.append(Skipped(lstm.node.name, reason))
                     continue
-                if isinstance(module, nn.LSTM) and module.proj_size:
-                    outcome.skipped.append(Skipped(node.target, "proj_size is unsupported by the decomposed LSTM"))
-                    continue
+                node, module = lstm.node, lstm.module
                 seq_rows = rows(node.args[0], leading=2)
                 for kind, layer, reverse in _lstm_slots(module):
                     name = f"{node.target}.{_slot_name(kind, layer, reverse)}"
-                    if not selected(name, node.target, node.name):
+                    if not options.selects(lstm, name):
                         continue
                     dense = _dense_projection(module, kind, layer, reverse)
                     if dense is None:
@@ -574,14 +566,13 @@ class SparseLowRank(Pass):
         layer = next(layer for layer in find_layers(gm, ["linear"]) if layer.node is slot.node)
         module, text, error, data = self._factorised(slot, choice)
         new = replace_layer(gm, layer, module, pass_name=self.name)
-        new.meta[SOURCE] = {"source": slot.node.name, "errors": {"": error},
-                            "data_errors": {} if data is None else {slot.name: data}}
+        meta.add_details(new, errors={"": error}, data_errors={} if data is None else {slot.name: data})
         outcome.rewrites.append(Rewrite([slot.node.name], [new.name], text, self.contract))
 
     def _rewrite_lstm(self, gm: fx.GraphModule, node: fx.Node, slots: list[Slot], choices: dict[str, Choice],
                       outcome: PassOutcome) -> None:
         original = gm.get_submodule(node.target)
-        lstm = LSTM.from_torch(original) if isinstance(original, nn.LSTM) else copy.deepcopy(original)
+        lstm = DecomposedLSTM.from_torch(original) if isinstance(original, nn.LSTM) else copy.deepcopy(original)
         errors, data_errors, texts = {}, {}, []
         for slot in slots:
             module, text, error, data = self._factorised(slot, choices[slot.name])
@@ -592,10 +583,9 @@ class SparseLowRank(Pass):
                 data_errors[slot.name] = data
             texts.append(f"{key} {text}")
         name = node.name
-        layer = Layer("lstm", node, "module", node.target, module=original)
+        layer = next(layer for layer in find_layers(gm, ["lstm"]) if layer.node is node)
         new = replace_layer(gm, layer, lstm, pass_name=self.name, args=tuple(node.args), kwargs=dict(node.kwargs))
-        new.meta[SOURCE] = {"source": name, "errors": errors, "data_errors": data_errors}
-        new.meta[REWRITTEN_BY] = self.name
+        meta.add_details(new, errors=errors, data_errors=data_errors)
         head = "nn.LSTM decomposed; " if isinstance(original, nn.LSTM) else ""
         outcome.rewrites.append(Rewrite([name], [new.name], head + "; ".join(texts), self.contract))
 
@@ -608,29 +598,16 @@ class SparseLowRank(Pass):
             if failure:
                 return failure
         originals = {node.name: node for node in before.graph.nodes}
-        rewritten = {node: after.get_submodule(node.target) for node in after.graph.nodes
-                     if node.op == "call_module" and SOURCE in node.meta}
-        seen: dict[fx.Node, Tensor] = {}
-
-        def record(node: fx.Node):
-            def hook(module, args, out) -> None:
-                seen.setdefault(node, args[0])
-            return hook
-
-        handles = [module.register_forward_hook(record(node)) for node, module in rewritten.items()]
-        try:
-            run_eval(after, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        rewritten = self._rewritten(after)
+        seen = {node: args[0] for node, (args, _) in capture_calls(after, rewritten, inputs).items()}
         tolerance = self.contract.tolerance
         for node, module in rewritten.items():
-            source, errors = node.meta[SOURCE]["source"], node.meta[SOURCE]["errors"]
+            source, errors = meta.replaced(node), meta.details(node)["errors"]
             if source not in originals:  # rewritten by an earlier pass of the pipeline, not by this one
                 continue
             original = originals[source]
             with torch.no_grad():
-                if isinstance(module, LSTM):
+                if isinstance(module, DecomposedLSTM):
                     old = before.get_submodule(original.target)
                     for kind, layer, reverse in _lstm_slots(module):
                         key = _slot_name(kind, layer, reverse)
@@ -659,17 +636,19 @@ class SparseLowRank(Pass):
                             f"{float((excess - allowed).max()):.3g}")
         return None
 
+    def _rewritten(self, after: fx.GraphModule) -> dict[fx.Node, nn.Module]:
+        """The modules this pass added to ``after``, by node."""
+        return {node: after.get_submodule(node.target) for node in after.graph.nodes
+                if node.op == "call_module" and meta.rewritten_by(node) == self.name and "errors" in meta.details(node)}
+
     def _check_data_errors(self, before: fx.GraphModule, after: fx.GraphModule) -> str | None:
         """Each stated ||(W - W') X||_F / ||W X||_F, recomputed from X X^T collected again on ``before``."""
         slots, _ = self._slots(before, PassOutcome(before, [], []))
         self._collect(before, slots)
         by_name = {slot.name: slot for slot in slots}
         tolerance = self.contract.tolerance
-        for node in after.graph.nodes:
-            if node.op != "call_module" or SOURCE not in node.meta:
-                continue
-            module = after.get_submodule(node.target)
-            for name, stated in node.meta[SOURCE].get("data_errors", {}).items():
+        for node, module in self._rewritten(after).items():
+            for name, stated in meta.details(node).get("data_errors", {}).items():
                 slot = by_name.get(name)
                 if slot is None:  # rewritten by an earlier pass of the pipeline, not by this one
                     continue
@@ -690,7 +669,7 @@ def _spectral_check(name: str, weight: Tensor, dense: Tensor, stated: float, tol
     return None
 
 
-def _lstm_agrees(name: str, module: LSTM, x: Tensor, tolerance: float) -> str | None:
+def _lstm_agrees(name: str, module: DecomposedLSTM, x: Tensor, tolerance: float) -> str | None:
     """The factorised LSTM computes what the same LSTM with each projection multiplied out computes."""
     dense = copy.deepcopy(module)
     for kind, layer, reverse in _lstm_slots(module):

@@ -19,20 +19,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import meta
 from ..cost_models import certify
-from ..cost_models.propagation import META_KEY, set_mode
 from ..errors import UnsupportedError
 from ..graph import Layer, bypass, find_chains, find_layers, only_user, replace_layer
-from ..modules.lstm import LSTM
 from ..modules.structured_dropout import (MODES, StructuredDropoutLinear, StructuredDropoutLSTM, check_settings,
                                           keep_count)
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, compare_outputs, option, register, run_eval
+from ..testing.kit import compare_outputs, run_eval, seeded_gradients
+from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 CHECK_SEED = 1234
 
 
 @dataclass
-class StructuredDropoutOptions:
+class StructuredDropoutOptions(LayerSelection):
     p: float = option(0.5, "dropout probability of every mask (k = round((1-p) * width) units kept, scaled by "
                            "1/(1-p))", check=("0 <= p < 1", lambda value: 0 <= value < 1))
     mode: str = option("per_step", "per_step: a uniform k-subset per time step (the paper); per_sequence: one per "
@@ -55,10 +55,10 @@ class StructuredDropoutOptions:
 
 def _training_certificate(module: nn.Module, source: fx.Node) -> str:
     """The training-step MACs of the rewritten GEMMs, dense (3x the forward) vs compacted, certified."""
-    info = source.meta.get(META_KEY)
-    if info is None:
+    shape = meta.shape(source)
+    if shape is None:
         return ""
-    shapes = (tuple(info.shape),)
+    shapes = (tuple(shape),)
     dense = sympy.expand(3 * sympy.Add(*map(sympy.sympify, module.fxreduce_macs(shapes, training=False).values())))
     compact = sympy.expand(sympy.Add(*map(sympy.sympify, module.fxreduce_macs(shapes, training=True).values())))
     ratio = sympy.simplify(dense / compact)
@@ -71,13 +71,8 @@ def _structured_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _lstm_layers(gm: fx.GraphModule) -> list[Layer]:
-    """nn.LSTM layers, and fxreduce's decomposed LSTMs (after decompose_lstm) not yet rewritten."""
-    layers = find_layers(gm, ["lstm"])
-    for node in gm.graph.find_nodes(op="call_module"):
-        module = gm.get_submodule(node.target)
-        if type(module) is LSTM:
-            layers.append(Layer("lstm", node, "module", node.target, module=module))
-    return sorted(layers, key=lambda layer: list(gm.graph.nodes).index(layer.node))
+    """nn.LSTM layers, and fxreduce's decomposed LSTMs (after decompose_lstm) not yet given masks."""
+    return [layer for layer in find_layers(gm, ["lstm"]) if not isinstance(layer.module, StructuredDropoutLSTM)]
 
 
 def _time_dim(gm: fx.GraphModule, dropout: Layer) -> int | None:
@@ -109,13 +104,15 @@ class StructuredDropout(Pass):
                                      "gradients equal a dense model applying the same explicit batch-shared masks "
                                      "(same seed)", tolerance=1e-6)
     Options = StructuredDropoutOptions
-    invalidates = frozenset({"dropout", "lstm"})
-    provides = frozenset({"structured_dropout"})
+    needs = frozenset({"dropout", "lstm"})
+    invalidates = frozenset({"dropout"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         o = self.options
         salt = 0
         for dropout, linear in find_chains(gm, ("dropout", "linear")):
+            if not o.selects(linear):
+                continue
             if linear.weight is None:
                 outcome.skipped.append(Skipped(linear.name, "its weight is computed in the graph; only parameter "
                                                             "weights are compacted"))
@@ -137,6 +134,8 @@ class StructuredDropout(Pass):
                                             f"keep set of {module.kept} of {module.in_features} input units {sets} "
                                             f"(p={o.p:g}){certificate}", self.contract))
         for layer in _lstm_layers(gm):
+            if not o.selects(layer):
+                continue
             reason = self._why_not(layer)
             if reason:
                 outcome.skipped.append(Skipped(layer.node.name, reason))
@@ -168,12 +167,11 @@ class StructuredDropout(Pass):
 
     @staticmethod
     def _why_not(layer: Layer) -> str | None:
+        reason = layer.why_not_decomposable()
+        if reason:
+            return reason
         module = layer.module
-        if module is None:
-            return "an aten-level lstm (torch.export graph) has no module to rewrite; capture with method='fx'"
-        if isinstance(module, nn.LSTM) and module.proj_size:
-            return f"proj_size={module.proj_size} is unsupported by the decomposed LSTM (left as it was)"
-        if isinstance(module, LSTM):
+        if not isinstance(module, nn.LSTM):
             try:
                 module.to_torch()
             except UnsupportedError:
@@ -198,20 +196,8 @@ def check_against_reference(after: nn.Module, inputs: tuple, tolerance: float) -
     for module in _structured_modules(reference):
         module.reference = True
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-    results = []
-    for model in (fast, reference):
-        set_mode(model, True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(CHECK_SEED)
-            output = model(*inputs)
-            leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
-                      and t.requires_grad]
-            generator = torch.Generator().manual_seed(CHECK_SEED)
-            loss = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves)
-        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-        grads = torch.autograd.grad(loss, params, allow_unused=True) if leaves else [None] * len(params)
-        results.append((output, {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}))
-    (output, grads), (expected_output, expected_grads) = results
+    output, grads = seeded_gradients(fast, inputs, CHECK_SEED)
+    expected_output, expected_grads = seeded_gradients(reference, inputs, CHECK_SEED)
     failure = compare_outputs(expected_output, output, tolerance)
     if failure:
         return f"training outputs vs the dense masked reference: {failure}"

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from .. import meta
 from ..cost_models import graph_info
 from ..errors import ContractError
 from ..passes import Pass
@@ -85,7 +86,7 @@ def check_contract(pass_: Pass | Pipeline | str | Sequence[Pass | str], model: t
     """Run each pass on ``model`` (traced, or traced here from ``inputs``/``dynamic``) and check its contract."""
     pipeline = pass_ if isinstance(pass_, Pipeline) else Pipeline([pass_] if isinstance(pass_, (Pass, str))
                                                                   else list(pass_), seed=seed)
-    gm = model if isinstance(model, fx.GraphModule) and "fxreduce" in model.meta else trace(model, inputs, dynamic)
+    gm = model if isinstance(model, fx.GraphModule) and meta.info(model) is not None else trace(model, inputs, dynamic)
     samples = random_inputs(gm, trials, seed)
     checks = []
     current = gm

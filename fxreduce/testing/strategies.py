@@ -28,7 +28,7 @@ from torch import nn
 
 from fxreduce.errors import InputError
 
-KINDS = ("mlp", "cnn", "lstm")
+MODEL_FAMILIES = ("mlp", "cnn", "lstm")
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
 _ACTIVATION_FUNCTIONS = {
@@ -740,7 +740,7 @@ def _size_range(name: str, value: Any, minimum: int, why: str) -> tuple[int, int
 
 
 def model_specs(
-    kinds: tuple[str, ...] = KINDS,
+    kinds: tuple[str, ...] = MODEL_FAMILIES,
     max_layers: int = 6,
     *,
     training: bool | st.SearchStrategy[bool] = False,
@@ -753,7 +753,7 @@ def model_specs(
     unknown = [kind for kind in kinds if kind not in _SPECS]
     if unknown or not kinds:
         raise InputError(f"unknown model kinds {unknown or list(kinds)}", where="models(kinds=...)",
-                         fix=f"choose from {list(KINDS)}")
+                         fix=f"choose from {list(MODEL_FAMILIES)}")
     if not isinstance(max_layers, int) or max_layers < 1:
         raise InputError(f"max_layers={max_layers!r} must be an int >= 1", where="models(max_layers=...)")
     specialised = "torch specialises sizes 0 and 1 when tracing with symbolic shapes"
@@ -768,7 +768,7 @@ def model_specs(
 
 
 def models(
-    kinds: tuple[str, ...] = KINDS,
+    kinds: tuple[str, ...] = MODEL_FAMILIES,
     max_layers: int = 6,
     *,
     training: bool | st.SearchStrategy[bool] = False,

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError, OptionError, TraceError, UnsupportedError
-from ..graph import LeafTracer, find_layers
-from ..modules.lstm import LSTM as DecomposedLSTM
+from ..graph import find_layers
+from ..text import error_summary
+from ..tracing import LeafTracer
 
 MAX_LEVELS = 127
 _LSTM_WEIGHT = "weight_[ih]h_l[0-9]*"
@@ -156,7 +157,7 @@ class LayerSummary:
 
 
 def _matches(pattern: str, names: Iterable[str]) -> bool:
-    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names)
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names)
 
 
 class ADMM:
@@ -215,8 +216,8 @@ class ADMM:
             try:
                 graph = fx.GraphModule(model, LeafTracer().trace(model))
             except Exception as error:
-                raise TraceError(f"cannot trace {type(model).__name__} to find its layers: {type(error).__name__}: "
-                                 f"{str(error).splitlines()[0] if str(error) else ''}", where="ADMM(model)",
+                raise TraceError(f"cannot trace {type(model).__name__} to find its layers: "
+                                 f"{error_summary(error)}", where="ADMM(model)",
                                  fix="pass graph=torch.fx.symbolic_trace(model, ...) traced your way") from error
         names = {id(p): name for name, p in model.named_parameters()}
         found, seen, weightless = [], set(), set()
@@ -228,23 +229,16 @@ class ADMM:
             found.append((names[id(parameter)], layer, parameter))
 
         for layer in find_layers(graph, ["linear", "conv2d", "lstm"]):
-            if not (fnmatch.fnmatchcase(layer.name, pattern) or fnmatch.fnmatchcase(layer.node.name, pattern)):
+            if not layer.matches(pattern):
                 continue
             if layer.kind == "lstm" and layer.module is not None:
-                for name, parameter in layer.module.named_parameters(recurse=False):
-                    if fnmatch.fnmatchcase(name, _LSTM_WEIGHT):
+                for name, parameter in layer.module.named_parameters():
+                    if fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], _LSTM_WEIGHT):
                         add(parameter, layer.name)
             elif layer.weight is None:
                 weightless.add(layer.name)
             else:
                 add(layer.parameter, layer.name)
-        for node in graph.graph.nodes:
-            if node.op == "call_module" and fnmatch.fnmatchcase(node.target, pattern):
-                module = graph.get_submodule(node.target)
-                if isinstance(module, DecomposedLSTM):
-                    for name, parameter in module.named_parameters():
-                        if fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], _LSTM_WEIGHT):
-                            add(parameter, node.target)
         order = {name: index for index, name in enumerate(names.values())}
         found.sort(key=lambda item: order[item[0]])
         return found, weightless

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import meta
 from ..cost_models import graph_cost, graph_info, symbol
 from ..errors import InputError
-from ..modules.error_map import _ErrorMapPruning
+from ..modules.error_map import ErrorMapPruningModule
 from ..modules.instance_filter import InstanceFilter
 
 KEEP = sympy.Symbol("alpha", positive=True)
@@ -64,12 +65,12 @@ def training_step_flops(model: fx.GraphModule, *, keep: sympy.Expr | float | Non
         node = nodes.get(name)
         if name in filters:
             forward, backward = filters[name].per_instance_macs()
-            instances = node.all_input_nodes[0].meta["fxreduce"].shape[0]
+            instances = meta.shape(node.all_input_nodes[0])[0]
             filtering += forward * instances + backward * instances * ratio
             continue
         module = model.get_submodule(node.target) if node is not None and node.op == "call_module" else None
-        if keep is not None and isinstance(module, _ErrorMapPruning):
-            shapes = [tuple(arg.meta["fxreduce"].shape) for arg in node.all_input_nodes]
+        if keep is not None and isinstance(module, ErrorMapPruningModule):
+            shapes = [tuple(meta.shape(arg)) for arg in node.all_input_nodes]
             step = module.fxreduce_macs(shapes, training=True, keep=sympy.sympify(keep))
             main += sympy.Add(*map(sympy.sympify, step.values()))
         else:

@@ -28,9 +28,9 @@ Function), ``module`` (the LSTM).
 
 from .factors import gemm_factors
 from .keep_sets import KeepSet
-from .module import KINDS, LSTM, TORCH_KERNEL_MAX_HIDDEN
+from .module import PROJECTIONS, DecomposedLSTM, TORCH_KERNEL_MAX_HIDDEN
 from .recurrence import autograd_recurrence, fast_recurrence
 from .step_projection import input_projection
 
-__all__ = ["KINDS", "LSTM", "TORCH_KERNEL_MAX_HIDDEN", "KeepSet", "autograd_recurrence", "fast_recurrence",
+__all__ = ["PROJECTIONS", "DecomposedLSTM", "TORCH_KERNEL_MAX_HIDDEN", "KeepSet", "autograd_recurrence", "fast_recurrence",
            "gemm_factors", "input_projection"]

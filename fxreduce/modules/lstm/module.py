@@ -17,7 +17,7 @@ from .keep_sets import KeepSet
 from .recurrence import autograd_recurrence, fast_recurrence
 from .step_projection import input_projection
 
-KINDS = ("ih", "hh")
+PROJECTIONS = ("ih", "hh")
 
 # Without the native kernels, a dense LSTM with hidden_size below this runs torch's fused LSTM kernel; at and
 # above it the decomposed recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads,
@@ -33,7 +33,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-class LSTM(nn.Module):
+class DecomposedLSTM(nn.Module):
     """Drop-in ``torch.nn.LSTM`` (no ``proj_size``, no PackedSequence) with replaceable projections.
 
     Each layer and direction has an input-to-hidden projection (``"ih"``, in -> 4H) and a
@@ -42,7 +42,10 @@ class LSTM(nn.Module):
     both ways; :meth:`set_projection` swaps one for any module (registered as ``proj_ih_l0`` etc.).
     Projections exposing ``gemm_factors()`` run on the fast kernels; others run per step by autograd.
     Keep sets (:meth:`set_keep_sets`) apply batch-shared dropout in training mode and shrink the GEMMs.
+    Graph queries see it as an "lstm" layer (``fxreduce_kind``), so passes rewrite it as they do nn.LSTM.
     """
+
+    fxreduce_kind = "lstm"
 
     def __init__(
         self,
@@ -61,14 +64,14 @@ class LSTM(nn.Module):
         if proj_size != 0:
             raise UnsupportedError(
                 f"LSTM proj_size={proj_size} is unsupported",
-                where="fxreduce.modules.LSTM",
+                where="fxreduce.modules.DecomposedLSTM",
                 fix="use proj_size=0 (for a cheaper recurrence, swap the hh projection for a low-rank module)",
             )
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise OptionError(f"LSTM {name} must be a positive int, got {value!r}", where="fxreduce.modules.LSTM")
+                raise OptionError(f"LSTM {name} must be a positive int, got {value!r}", where="fxreduce.modules.DecomposedLSTM")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise OptionError(f"LSTM dropout must be a number in [0, 1], got {dropout!r}", where="fxreduce.modules.LSTM")
+            raise OptionError(f"LSTM dropout must be a number in [0, 1], got {dropout!r}", where="fxreduce.modules.DecomposedLSTM")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, 0
@@ -101,14 +104,14 @@ class LSTM(nn.Module):
         return self.input_size if layer == 0 else self.hidden_size * len(self._directions())
 
     def _slot(self, kind: str, layer: int, reverse: bool) -> str:
-        if kind not in KINDS:
-            raise OptionError(f"projection kind must be 'ih' or 'hh', got {kind!r}", where="fxreduce.modules.LSTM")
+        if kind not in PROJECTIONS:
+            raise OptionError(f"projection kind must be 'ih' or 'hh', got {kind!r}", where="fxreduce.modules.DecomposedLSTM")
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise OptionError(
-                f"layer {layer!r} out of range for an LSTM of {self.num_layers} layers", where="fxreduce.modules.LSTM"
+                f"layer {layer!r} out of range for an LSTM of {self.num_layers} layers", where="fxreduce.modules.DecomposedLSTM"
             )
         if reverse and not self.bidirectional:
-            raise OptionError("reverse=True needs a bidirectional LSTM", where="fxreduce.modules.LSTM")
+            raise OptionError("reverse=True needs a bidirectional LSTM", where="fxreduce.modules.DecomposedLSTM")
         return _suffix(kind, layer, bool(reverse))
 
     def projection(self, kind: str, layer: int, reverse: bool = False) -> nn.Module:
@@ -230,12 +233,12 @@ class LSTM(nn.Module):
         """nn.LSTM's forward: ``(output, (h_n, c_n))`` for (T, N, in), (N, T, in) or unbatched (T, in)."""
         if isinstance(input, PackedSequence):
             raise UnsupportedError(
-                "PackedSequence input is unsupported", where="fxreduce.modules.LSTM", fix="pad the sequences"
+                "PackedSequence input is unsupported", where="fxreduce.modules.DecomposedLSTM", fix="pad the sequences"
             )
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise InputError(
                 f"LSTM expects input (T, N, {self.input_size}) or (T, {self.input_size}), got {tuple(input.shape)}",
-                where="fxreduce.modules.LSTM",
+                where="fxreduce.modules.DecomposedLSTM",
             )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
@@ -279,7 +282,7 @@ class LSTM(nn.Module):
                 if keep is not None and keep.per_step and keep.index.shape[0] != x.shape[0]:
                     raise InputError(
                         f"a per-step keep set of layer {layer} has {keep.index.shape[0]} steps, the input {x.shape[0]}",
-                        where="fxreduce.modules.LSTM",
+                        where="fxreduce.modules.DecomposedLSTM",
                         fix="give the index one row per time step",
                     )
             if layer > 0 and self.dropout > 0 and self.training and keep_in is None:
@@ -305,7 +308,7 @@ class LSTM(nn.Module):
         for name, state in (("h0", h0), ("c0", c0)):
             if tuple(state.shape) != shape:
                 expected = (shape[0], shape[2]) if unbatched else shape
-                raise InputError(f"LSTM {name} must have shape {expected}", where="fxreduce.modules.LSTM")
+                raise InputError(f"LSTM {name} must have shape {expected}", where="fxreduce.modules.DecomposedLSTM")
         return h0, c0
 
     def _direction(self, x, h0, c0, layer, reverse, keep_in, keep_hidden) -> tuple[Tensor, Tensor]:
@@ -366,14 +369,14 @@ class LSTM(nn.Module):
         return total * 3 if training else total
 
     @classmethod
-    def from_torch(cls, lstm: nn.LSTM) -> "LSTM":
+    def from_torch(cls, lstm: nn.LSTM) -> "DecomposedLSTM":
         """A copy of ``lstm`` (weights copied, ``lstm`` untouched), in the same train/eval mode."""
         if not isinstance(lstm, nn.LSTM):
             raise OptionError(f"from_torch expects a torch.nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise UnsupportedError(
                 f"nn.LSTM with proj_size={lstm.proj_size} is unsupported",
-                where="LSTM.from_torch",
+                where="DecomposedLSTM.from_torch",
                 fix="convert an LSTM without projections",
             )
         weight = lstm.weight_ih_l0
@@ -387,7 +390,7 @@ class LSTM(nn.Module):
 
     def to_torch(self) -> nn.LSTM:
         """An equivalent ``torch.nn.LSTM`` (factorised projections multiplied out; keep sets dropped)."""
-        slots = [(kind, layer, reverse) for layer in range(self.num_layers) for reverse in self._directions() for kind in KINDS]
+        slots = [(kind, layer, reverse) for layer in range(self.num_layers) for reverse in self._directions() for kind in PROJECTIONS]
         dense = {}
         for kind, layer, reverse in slots:
             factors = self._factors(kind, layer, reverse)

@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 import fxreduce as fr
+from fxreduce import meta
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -104,13 +105,12 @@ def test_a_large_diff_draws_unchanged_runs_collapsed_and_still_finds_every_node(
     from selenium.webdriver.support.ui import WebDriverWait
 
     from fxreduce.cost_models import NodeCost, NodeInfo
-    from fxreduce.inspection import REWRITTEN_KEY
     from test_inspection import synthetic
 
     before, after = synthetic(1500), synthetic(1500)
     for node in list(after.graph.nodes)[100:1400:200]:
-        node.meta[REWRITTEN_KEY] = "zero"
-        node.meta["fxreduce"] = NodeInfo(node.meta["fxreduce"].shape, torch.float32, NodeCost())
+        meta.mark_rewritten(node, "zero")
+        node.meta[meta.INFO] = NodeInfo(meta.shape(node), torch.float32, NodeCost())
     page = fr.inspect(before, after).write(tmp_path / "large.html")
     browser.get(page.as_uri())
     wait = WebDriverWait(browser, 30)

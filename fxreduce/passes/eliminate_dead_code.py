@@ -12,7 +12,6 @@ class EliminateDeadCode(Pass):
     name = "eliminate_dead_code"
     summary = "remove nodes whose results are never used (and submodules no node calls any more)"
     contract = Contract("exact", "outputs equal the original's (only unused, side-effect-free nodes go)")
-    provides = frozenset({"no_dead_code"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         before = [node.name for node in gm.graph.nodes]

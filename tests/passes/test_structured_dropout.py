@@ -374,7 +374,7 @@ def test_example_quick_run_learns_in_every_variant(monkeypatch):
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "structured_dropout_lm.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "structured_dropout_lm.py"
     spec = importlib.util.spec_from_file_location("structured_dropout_lm", path)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up there

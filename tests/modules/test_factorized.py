@@ -11,7 +11,7 @@ from torch import nn
 
 import fxreduce as fr
 from fxreduce.errors import OptionError
-from fxreduce.modules import LSTM
+from fxreduce.modules import DecomposedLSTM
 from fxreduce.modules.factorized import (GroupLinear, LowRankLinear, SparseLowRankLinear, factorize,
                                          macs_per_row)
 
@@ -152,8 +152,8 @@ def test_traced_cost_uses_the_declared_formula():
 def test_decomposed_lstm_runs_factorised_gates_like_their_dense_form(form):
     torch.manual_seed(0)
     reference = nn.LSTM(8, 16, batch_first=True)
-    lstm = LSTM.from_torch(reference)
-    dense = LSTM.from_torch(reference)
+    lstm = DecomposedLSTM.from_torch(reference)
+    dense = DecomposedLSTM.from_torch(reference)
     for kind in ("ih", "hh"):
         module = factorize(lstm.projection(kind, 0).weight, form, 8, 2, lstm.projection(kind, 0).bias)
         lstm.set_projection(kind, 0, False, module)

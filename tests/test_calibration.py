@@ -20,7 +20,7 @@ from fxreduce.modules import LowRankLinear
 from fxreduce.modules.factorized import factorize
 from fxreduce.modules.truncation import Truncation, data_error
 from fxreduce.passes import get_pass
-from fxreduce.passes.sparse_lowrank import _gate_inputs
+from fxreduce.passes.sparse_lowrank import gate_inputs
 from fxreduce.testing.contracts import check_contract
 
 
@@ -97,7 +97,7 @@ def test_lstm_gate_statistics_see_the_states_the_lstm_computes(bidirectional):
     lstm = nn.LSTM(5, 6, 2, batch_first=True, bidirectional=bidirectional).eval()
     x = torch.randn(3, 7, 5)
     out = lstm(x)[0].double()
-    inputs = _gate_inputs(lstm, x)
+    inputs = gate_inputs(lstm, x)
     assert torch.allclose(inputs[("ih", 0, False)], x.double())
     assert torch.allclose(inputs[("ih", 1, False)], inputs[("ih", 1, bidirectional)])
     forward = out[..., :6]

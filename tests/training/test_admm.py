@@ -275,7 +275,7 @@ def test_z_and_u_stay_identical_across_ddp_ranks():
 
 
 def test_example_smoke_run():
-    path = Path(__file__).resolve().parent.parent / "examples" / "admm_lenet5.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "admm_lenet5.py"
     spec = importlib.util.spec_from_file_location("admm_lenet5", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

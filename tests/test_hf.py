@@ -17,7 +17,7 @@ from fxreduce import hf
 from fxreduce.cli import main
 from fxreduce.cost_models import graph_info, symbol
 from fxreduce.errors import InputError, TraceError
-from fxreduce.passes.base import run_eval
+from fxreduce.testing import run_eval
 from fxreduce.serialization import build, export, load, load_export, save
 from fxreduce.testing.contracts import random_inputs
 
@@ -203,7 +203,7 @@ def test_rewritten_models_save_load_and_export(family, spec, tmp_path):
     loaded = load(tmp_path / "model.pt", confirm=lambda manifest: True)
     torch.testing.assert_close(run_eval(loaded.graph_module, (ids,)).logits, expected.logits)
     assert graph_info(loaded.graph_module).symbolic == ("N", "T")
-    assert fr.passes[spec].exports
+    assert fr.get_pass(spec).exports
     export(tmp_path / "model.pt2", built.graph_module)
     program = load_export(tmp_path / "model.pt2", trusted=True)
     torch.testing.assert_close(run_eval(program.graph_module, (ids,)).logits, expected.logits)

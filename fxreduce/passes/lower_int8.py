@@ -14,7 +14,6 @@ even for ADMM's sparsest layers.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +22,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import meta
 from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
 from ..cost_models.latency import Profile, example_shape, load_profile, module_seconds
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
+from ..testing.kit import capture_calls
+from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
-SOURCE = "fxreduce_int8_source"
-WEIGHT_ERROR = "fxreduce_int8_weight_error"
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
 
@@ -92,9 +91,7 @@ def to_int8(weight: Tensor, per_channel: bool = True) -> Int8Weights:
 
 
 @dataclass
-class LowerInt8Options:
-    layers: str = option("*", "glob over layer names (module paths or node names) to lower, e.g. 'features.*'",
-                         check=("a non-empty glob", lambda value: bool(value.strip())))
+class LowerInt8Options(LayerSelection):
     per_channel: bool = option(True, "weights off any grid are rounded with one scale per output channel "
                                      "(False: one per layer)")
     calibration: Any = option(None, "inputs that set Conv2d activation scales: a file saved with torch.save "
@@ -114,9 +111,6 @@ class LowerInt8Options:
     def __post_init__(self) -> None:
         self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
 
-    def selects(self, layer: Layer) -> bool:
-        return fnmatch.fnmatchcase(layer.name, self.layers) or fnmatch.fnmatchcase(layer.node.name, self.layers)
-
 
 def _why_not(layer: Layer) -> str | None:
     if layer.weight is None:
@@ -125,8 +119,8 @@ def _why_not(layer: Layer) -> str | None:
         return layer.why_shared()
     if layer.weight.dtype != torch.float32:
         return f"its weight is {layer.weight.dtype}; the int8 kernels replace float32 layers"
-    info = layer.input.meta.get("fxreduce")
-    dims = len(info.shape) if info is not None and isinstance(info.shape, tuple) else None
+    shape = meta.shape(layer.input)
+    dims = len(shape) if isinstance(shape, tuple) else None
     if layer.kind == "linear" and dims is not None and dims < 2:
         return "a 1-D (unbatched) input; the int8 Linear takes (..., in_features)"
     if layer.kind == "conv2d":
@@ -192,7 +186,8 @@ class LowerInt8(Pass):
                                    "stated activation-quantization bound (error_bound) of the float layer with "
                                    "those weights")
     Options = LowerInt8Options
-    provides = frozenset({"int8"})
+    needs = frozenset({"conv2d", "linear"})
+    invalidates = frozenset({"conv2d", "linear"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         layers = []
@@ -228,8 +223,7 @@ class LowerInt8(Pass):
                 continue
             replaced = [layer.node.name] + ([relu.name] if relu is not None else [])
             new = replace_layer(gm, layer, module, pass_name=self.name)
-            new.meta[SOURCE] = layer.node.name
-            new.meta[WEIGHT_ERROR] = weights.error
+            meta.add_details(new, weight_error=weights.error)
             if relu is not None:
                 _remove_relu(gm, relu, new)
             if weights.exact:
@@ -282,29 +276,18 @@ class LowerInt8(Pass):
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:
         originals = {layer.node.name: layer for layer in find_layers(before, ["linear", "conv2d"])}
         lowered = {node: after.get_submodule(node.target) for node in after.graph.nodes
-                   if node.op == "call_module" and SOURCE in node.meta}
+                   if node.op == "call_module" and "weight_error" in meta.details(node)}
         for node, module in lowered.items():
-            original = originals[node.meta[SOURCE]].weight.detach()
+            original = originals[meta.replaced(node)].weight.detach()
             error = float((module.dequantized_weight() - original).abs().max())
-            if not error <= node.meta[WEIGHT_ERROR]:
-                return f"{node.name}: dequantized weights differ by {error:.3g}, the report says {node.meta[WEIGHT_ERROR]:.3g}"
-        seen: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def record(name: str):
-            def hook(module, args, out) -> None:
-                seen.setdefault(name, (args[0], out))
-            return hook
-
-        handles = [module.register_forward_hook(record(node.name)) for node, module in lowered.items()]
-        try:
-            run_eval(after, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+            stated = meta.details(node)["weight_error"]
+            if not error <= stated:
+                return f"{node.name}: dequantized weights differ by {error:.3g}, the report says {stated:.3g}"
+        seen = capture_calls(after, lowered, inputs)
         for node, module in lowered.items():
-            if node.name not in seen:
+            if node not in seen:
                 continue
-            x, out = seen[node.name]
+            (x, *_), out = seen[node]
             excess = ((out - module.reference(x)).abs() - module.error_bound(x)).max()
             if excess > 0:
                 return f"{node.name}: int8 output exceeds its activation-quantization bound by {float(excess):.3g}"

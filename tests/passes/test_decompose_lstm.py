@@ -9,10 +9,10 @@ from hypothesis import given, settings
 
 import fxreduce as fr
 from fxreduce.cli import main
-from fxreduce.modules.lstm import LSTM
+from fxreduce.modules.lstm import DecomposedLSTM
 from fxreduce.testing import check_contract, lstm_models
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 from word_lm import word_language_model  # noqa: E402
 
@@ -31,7 +31,7 @@ def test_word_language_model_keeps_outputs_costs_and_exports():
     gm = fr.trace(model, (torch.randint(0, 2000, (2, 7)),), {"N": (0, 0), "T": (0, 1)})
     result = fr.apply(gm, "decompose_lstm")
     rewritten = result.graph_module
-    assert any(isinstance(m, LSTM) for m in rewritten.modules())
+    assert any(isinstance(m, DecomposedLSTM) for m in rewritten.modules())
     torch.testing.assert_close(rewritten(tokens), model(tokens), rtol=1e-4, atol=1e-5)
     before, after = fr.cost(gm), fr.cost(rewritten)
     assert before.nodes["lstm"].total_macs == sum(after.nodes["lstm_1"].parts.values())
@@ -62,4 +62,4 @@ def test_proj_size_is_left_alone_with_reason():
     result = fr.apply(fr.trace(Projected(), (torch.randn(5, 2, 4),)), "decompose_lstm")
     assert "proj_size is unsupported" in str(result.report)
     with pytest.raises(fr.FxReduceError, match="proj_size"):
-        LSTM(4, 8, proj_size=3)
+        DecomposedLSTM(4, 8, proj_size=3)

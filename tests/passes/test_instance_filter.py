@@ -20,12 +20,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxreduce as fr
 from fxreduce.errors import InputError, OptionError
 from fxreduce.modules.instance_filter import InstanceFilter, default_filter
-from fxreduce.passes.on_device import InstanceFilterPass
+from fxreduce.passes.instance_filter import InstanceFilterPass
 from fxreduce.testing.contracts import check_contract
 from fxreduce.testing.strategies import cnn_models
 from fxreduce.training.on_device import KEEP, KEPT_RATIO, OnDeviceTrainer, ThresholdState, training_step_flops
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "on_device_mnist.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "on_device_mnist.py"
 
 
 class MeanSign(nn.Module):

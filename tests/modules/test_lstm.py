@@ -1,4 +1,4 @@
-"""fxreduce.modules.LSTM against torch.nn.LSTM and against a dense per-step reference.
+"""fxreduce.modules.DecomposedLSTM against torch.nn.LSTM and against a dense per-step reference.
 
 The reference below is deliberately naive (autograd through a per-step loop calling each projection
 module), so it checks the hand-written backward, the projection protocol and the keep-set gathers.
@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxreduce.errors import CostError, InputError, OptionError, UnsupportedError
 from fxreduce import native
 from fxreduce.modules.lstm import module as lstm_module, onednn, recurrence
-from fxreduce.modules.lstm import LSTM, KeepSet
+from fxreduce.modules.lstm import DecomposedLSTM, KeepSet
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,7 @@ def dense_mask(keep: KeepSet, width: int, dtype) -> torch.Tensor:
     return mask
 
 
-def reference(lstm: LSTM, x, hx=None, input_masks=None, hidden_masks=None):
+def reference(lstm: DecomposedLSTM, x, hx=None, input_masks=None, hidden_masks=None):
     """Time-major batched LSTM through lstm.projection(...) modules, masks multiplied densely."""
     input_masks, hidden_masks = input_masks or {}, hidden_masks or {}
     directions = (False, True) if lstm.bidirectional else (False,)
@@ -166,7 +166,7 @@ def make_pair(cfg):
     keys = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional")
     torch.manual_seed(cfg["seed"] + 1)
     ref = nn.LSTM(**{k: cfg[k] for k in keys}, dtype=cfg["dtype"])
-    return ref, LSTM.from_torch(ref)
+    return ref, DecomposedLSTM.from_torch(ref)
 
 
 @settings(deadline=None, max_examples=40)
@@ -206,7 +206,7 @@ def test_gradients_equal_nn_lstm(cfg):
 def test_float32_without_onednn_uses_addmm_and_matches(torch_path):
     torch.manual_seed(0)
     ref = nn.LSTM(7, 9, 2, bidirectional=True)
-    ours = LSTM.from_torch(ref)
+    ours = DecomposedLSTM.from_torch(ref)
     with torch.backends.mkldnn.flags(enabled=False):
         results = []
         for module in (ref, ours):
@@ -260,7 +260,7 @@ def test_packed_onednn_steps_match(monkeypatch, bidirectional, torch_path):
 
 def test_inference_saves_nothing_for_backward(monkeypatch, torch_path):
     torch.manual_seed(0)
-    ours = LSTM(4, 5, 2, bidirectional=True)
+    ours = DecomposedLSTM(4, 5, 2, bidirectional=True)
     x = torch.randn(6, 2, 4)
     expected = ours(x)[0].detach()
 
@@ -278,7 +278,7 @@ def test_same_initialisation_as_nn_lstm_under_the_same_seed():
     torch.manual_seed(3)
     ref = nn.LSTM(4, 6, 2, bidirectional=True)
     torch.manual_seed(3)
-    ours = LSTM(4, 6, 2, bidirectional=True)
+    ours = DecomposedLSTM(4, 6, 2, bidirectional=True)
     for (name, p), (ref_name, q) in zip(ours.named_parameters(), ref.named_parameters()):
         assert name == ref_name and torch.equal(p, q)
 
@@ -286,7 +286,7 @@ def test_same_initialisation_as_nn_lstm_under_the_same_seed():
 def test_state_dicts_load_both_ways_and_conversions_copy():
     torch.manual_seed(0)
     ref = nn.LSTM(3, 5, 2, bidirectional=True, batch_first=True)
-    ours = LSTM(3, 5, 2, bidirectional=True, batch_first=True)
+    ours = DecomposedLSTM(3, 5, 2, bidirectional=True, batch_first=True)
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict())
     other = nn.LSTM(3, 5, 2, bidirectional=True, batch_first=True)
@@ -295,7 +295,7 @@ def test_state_dicts_load_both_ways_and_conversions_copy():
     assert torch.equal(other(x)[0], ref(x)[0])
 
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    converted = LSTM.from_torch(ref)
+    converted = DecomposedLSTM.from_torch(ref)
     with torch.no_grad():
         for p in converted.parameters():
             p.add_(1)
@@ -307,13 +307,13 @@ def test_state_dicts_load_both_ways_and_conversions_copy():
 
 def test_proj_size_is_unsupported():
     with pytest.raises(UnsupportedError, match="unsupported.*proj_size=0"):
-        LSTM(4, 8, proj_size=2)
+        DecomposedLSTM(4, 8, proj_size=2)
     with pytest.raises(UnsupportedError, match="unsupported"):
-        LSTM.from_torch(nn.LSTM(4, 8, proj_size=2))
+        DecomposedLSTM.from_torch(nn.LSTM(4, 8, proj_size=2))
 
 
 def test_input_errors():
-    ours = LSTM(4, 5, 2)
+    ours = DecomposedLSTM(4, 5, 2)
     with pytest.raises(InputError):
         ours(torch.randn(3, 2, 7))
     with pytest.raises(InputError, match="h0"):
@@ -321,13 +321,13 @@ def test_input_errors():
     with pytest.raises(UnsupportedError):
         ours(nn.utils.rnn.pack_sequence([torch.randn(3, 4)]))
     with pytest.raises(OptionError):
-        LSTM(4, 5, dropout=1.5)
+        DecomposedLSTM(4, 5, dropout=1.5)
 
 
 def test_dropout_between_layers_draws_the_same_masks_as_nn_lstm():
     torch.manual_seed(0)
     ref = nn.LSTM(5, 6, 3, dropout=0.4, bidirectional=True, dtype=torch.float64).train()
-    ours = LSTM.from_torch(ref)
+    ours = DecomposedLSTM.from_torch(ref)
     assert ours.training
     results = []
     for module in (ref, ours):
@@ -366,7 +366,7 @@ def projection_cases(draw):
 @given(projection_cases())
 def test_swapped_projections_match_the_reference(case):
     torch.manual_seed(case["seed"])
-    ours = LSTM(3, case["hidden"], case["layers"], bidirectional=case["bidirectional"], dtype=torch.float64)
+    ours = DecomposedLSTM(3, case["hidden"], case["layers"], bidirectional=case["bidirectional"], dtype=torch.float64)
     for kind, layer, reverse, choice, dims in case["swaps"]:
         if choice == "chain":
             ours.set_projection(kind, layer, reverse, Chain(dims))
@@ -394,7 +394,7 @@ def test_fast_path_for_gemm_factors_and_autograd_loop_for_opaque(monkeypatch):
     calls = []
     original = recurrence._Recurrence.apply
     monkeypatch.setattr(recurrence._Recurrence, "apply", lambda *a: calls.append(1) or original(*a))
-    ours = LSTM(3, 4, dtype=torch.float64)
+    ours = DecomposedLSTM(3, 4, dtype=torch.float64)
     ours.set_projection("hh", 0, False, Chain([4, 2, 16]))
     ours(torch.randn(5, 2, 3, dtype=torch.float64))
     assert calls == [1]
@@ -405,7 +405,7 @@ def test_fast_path_for_gemm_factors_and_autograd_loop_for_opaque(monkeypatch):
 
 def test_projection_round_trip_conversion_and_errors():
     torch.manual_seed(0)
-    ours = LSTM(3, 4, 2, bidirectional=True)
+    ours = DecomposedLSTM(3, 4, 2, bidirectional=True)
     keys = list(ours.state_dict())
     dense = ours.projection("hh", 1, reverse=True)
     assert isinstance(dense, nn.Linear) and dense.weight is ours.weight_hh_l1_reverse
@@ -461,7 +461,7 @@ def test_keep_sets_equal_the_dense_masked_reference(case):
     torch.manual_seed(case["seed"])
     generator = torch.Generator().manual_seed(case["seed"])
     hidden, steps = case["hidden"], case["steps"]
-    ours = LSTM(case["input_size"], hidden, case["layers"], bidirectional=case["bidirectional"],
+    ours = DecomposedLSTM(case["input_size"], hidden, case["layers"], bidirectional=case["bidirectional"],
                 dropout=case["dropout"], dtype=torch.float64)
     widths = [case["input_size"]] + [hidden * (2 if case["bidirectional"] else 1)] * (case["layers"] - 1)
     if case["projection"] != "dense":
@@ -504,7 +504,7 @@ def test_keep_sets_equal_the_dense_masked_reference(case):
 
 
 def test_keep_set_validation():
-    ours = LSTM(4, 5, 2)
+    ours = DecomposedLSTM(4, 5, 2)
     with pytest.raises(OptionError, match="repeats"):
         ours.set_keep_sets(0, input=KeepSet(torch.tensor([1, 1]), 2.0))
     with pytest.raises(OptionError, match="lie in"):
@@ -534,7 +534,7 @@ def test_declared_macs_equal_the_gemms_that_run(mode, low_rank):
     sets really shrink the GEMMs (forward and backward) rather than multiplying zeros."""
     steps, batch, n_in, hidden = 7, 3, 6, 4
     torch.manual_seed(0)
-    ours = LSTM(n_in, hidden, 2, bidirectional=True, dtype=torch.float64)
+    ours = DecomposedLSTM(n_in, hidden, 2, bidirectional=True, dtype=torch.float64)
     if low_rank:
         ours.set_projection("hh", 1, True, Chain([hidden, 2, 4 * hidden]))
         ours.set_projection("ih", 0, False, Chain([n_in, 3, 4 * hidden]))
@@ -547,19 +547,19 @@ def test_declared_macs_equal_the_gemms_that_run(mode, low_rank):
     declared = ours.fxreduce_macs((tuple(x.shape),), training=True)
     assert counted_macs(ours, x) == sum(declared.values())
     if mode is not None:
-        dense = LSTM(n_in, hidden, 2, bidirectional=True).fxreduce_macs((tuple(x.shape),), training=True)
+        dense = DecomposedLSTM(n_in, hidden, 2, bidirectional=True).fxreduce_macs((tuple(x.shape),), training=True)
         assert sum(declared.values()) < sum(dense.values())
 
 
 def test_declared_macs_hand_count_and_symbols():
     T, N = sympy.symbols("T N", positive=True, integer=True)
-    ours = LSTM(10, 8, 2, bidirectional=True)
+    ours = DecomposedLSTM(10, 8, 2, bidirectional=True)
     macs = ours.fxreduce_macs(((T, N, 10),))
     assert set(macs) == {"ih_l0", "hh_l0", "ih_l0_reverse", "hh_l0_reverse",
                          "ih_l1", "hh_l1", "ih_l1_reverse", "hh_l1_reverse"}
     assert macs["ih_l0"] == T * N * 32 * 10 and macs["hh_l0"] == T * N * 32 * 8
     assert macs["ih_l1_reverse"] == T * N * 32 * 16
-    assert LSTM(10, 8).fxreduce_macs(((5, 10),), training=True) == {"ih_l0": 3 * 5 * 32 * 10, "hh_l0": 3 * 5 * 32 * 8}
+    assert DecomposedLSTM(10, 8).fxreduce_macs(((5, 10),), training=True) == {"ih_l0": 3 * 5 * 32 * 10, "hh_l0": 3 * 5 * 32 * 8}
 
     class Declared(Opaque):
         def fxreduce_macs(self, input_shapes, training=False):
@@ -586,7 +586,7 @@ def test_small_dense_lstms_take_nn_lstms_kernel(monkeypatch, bidirectional, batc
     monkeypatch.setattr(lstm_module, "fast_recurrence", decomposed)
     torch.manual_seed(0)
     reference = nn.LSTM(5, 8, 2, batch_first=batch_first, bidirectional=bidirectional)
-    ours = LSTM.from_torch(reference)
+    ours = DecomposedLSTM.from_torch(reference)
     x = torch.randn(3, 4, 5)
     for train in (False, True):
         reference.train(train), ours.train(train)

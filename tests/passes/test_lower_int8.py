@@ -13,7 +13,7 @@ from torch import nn
 import fxreduce as fr
 from fxreduce.errors import InputError, OptionError
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear, storage_of
-from fxreduce.passes.int8 import find_grid, to_int8
+from fxreduce.passes.lower_int8 import find_grid, to_int8
 from fxreduce.testing.contracts import check_contract
 from fxreduce.testing.strategies import models
 from fxreduce.training.admm import exact_scale, project_quantized
@@ -205,16 +205,16 @@ def test_calibration_from_a_file_and_bad_calibration_input(tmp_path):
     torch.save(data, path)
     from_file = fr.apply(_traced(), f"lower_int8(calibration={str(path)!r})")
     assert f"calibration file {path}" in from_file.report.steps[0].rewrites[0].rewrite.what
-    given_tensor = fr.apply(_traced(), fr.Pipeline([fr.passes["lower_int8"](calibration=data)]))
+    given_tensor = fr.apply(_traced(), fr.Pipeline([fr.get_pass("lower_int8")(calibration=data)]))
     assert "1 given calibration batch" in given_tensor.report.steps[0].rewrites[0].rewrite.what
     x = torch.randn(4, 3, 14, 14)
     assert torch.equal(from_file.graph_module(x), given_tensor.graph_module(x))
     with pytest.raises(InputError, match="no such calibration file"):
         fr.apply(_traced(), f"lower_int8(calibration={str(tmp_path / 'missing.pt')!r})")
     with pytest.raises(InputError, match="does not run on calibration inputs of shape"):
-        fr.apply(_traced(), fr.Pipeline([fr.passes["lower_int8"](calibration=torch.randn(2, 5, 14, 14))]))
+        fr.apply(_traced(), fr.Pipeline([fr.get_pass("lower_int8")(calibration=torch.randn(2, 5, 14, 14))]))
     with pytest.raises(OptionError, match="calibration_batches=0"):
-        fr.passes["lower_int8"](calibration_batches=0)
+        fr.get_pass("lower_int8")(calibration_batches=0)
     with pytest.raises(InputError, match="-128"):
         Int8Linear.from_int8(torch.full((2, 2), -128, dtype=torch.int8), torch.ones(2))
 

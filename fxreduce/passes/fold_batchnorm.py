@@ -1,21 +1,17 @@
-"""Eval-mode folding: BatchNorm into the preceding Conv2d/Linear, and Dropout (the identity) away.
+"""fold_batchnorm: eval-mode BatchNorm folded into the preceding Conv2d / Linear.
 
-Both are exact in eval mode. Layers in training mode are left alone with the reason: folding a BatchNorm
-that still normalises by batch statistics, or removing a dropout that still drops, changes the model.
+Exact in eval mode. A BatchNorm in training mode is left alone with the reason: folding one that still
+normalises by batch statistics changes the model.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
-from ..graph import Layer, bypass, find_chains, find_layers, replace_layer
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register
-
-EVAL_EXACT = Contract("exact", "outputs equal the original's in eval mode (float tolerance)")
+from .. import meta
+from ..graph import Layer, bypass, find_chains, replace_layer
+from .base import EVAL_EXACT, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, register
 
 
 def _folded_module(layer: Layer, batchnorm: Layer) -> torch.nn.Module:
@@ -51,21 +47,12 @@ def _why_not_foldable(layer: Layer, batchnorm: Layer) -> str | None:
         return layer.why_shared()
     if isinstance(layer.attrs.get("padding"), str):
         return f"{layer.describe()} uses padding={layer.attrs['padding']!r}; fold needs explicit padding"
-    shape = getattr(layer.result.meta.get("fxreduce"), "shape", None)
+    shape = meta.shape(layer.result)
     if layer.kind == "linear" and (shape is None or len(shape) != 2):
         return "a Linear followed by BatchNorm1d folds only for 2-D (batch, features) outputs"
     if batchnorm.attrs["running_mean"].shape[0] != layer.weight.shape[0]:
         return "BatchNorm channels do not match the layer's output channels"
     return None
-
-
-@dataclass
-class LayerSelection:
-    layers: str = option("*", "glob over layer names (module paths or node names) to rewrite, e.g. 'layer1.*'",
-                         check=("a non-empty glob", lambda value: bool(value.strip())))
-
-    def selects(self, layer: Layer) -> bool:
-        return fnmatch.fnmatchcase(layer.name, self.layers) or fnmatch.fnmatchcase(layer.node.name, self.layers)
 
 
 @register
@@ -74,6 +61,7 @@ class FoldBatchNorm(Pass):
     summary = "fold eval-mode BatchNorm into the preceding Conv2d / Linear (one GEMM instead of GEMM + scale)"
     contract = EVAL_EXACT
     Options = LayerSelection
+    needs = frozenset({"batchnorm"})
     invalidates = frozenset({"batchnorm"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
@@ -95,24 +83,3 @@ class FoldBatchNorm(Pass):
                 bypass(gm, batchnorm, replacement=new)
                 outcome.rewrites.append(Rewrite(replaced, [new.name], "BatchNorm folded into the layer's weight "
                                                                       "and bias", self.contract))
-
-
-@register
-class RemoveDropout(Pass):
-    name = "remove_dropout"
-    summary = "remove eval-mode Dropout (the identity) from the graph"
-    contract = EVAL_EXACT
-    Options = LayerSelection
-    invalidates = frozenset({"dropout"})
-
-    def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
-        for layer in find_layers(gm, ["dropout"]):
-            if not self.options.selects(layer):
-                continue
-            if layer.attrs["training"] and layer.attrs["p"] > 0:
-                outcome.skipped.append(Skipped(layer.name, "dropout in training mode is not the identity; "
-                                                           "call model.eval() before tracing"))
-                continue
-            bypass(gm, layer)
-            outcome.rewrites.append(Rewrite([layer.node.name], [], "eval-mode dropout is the identity",
-                                            self.contract))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph import find_layers, replace_layer
-from ..modules.lstm import LSTM
-from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, register
+from ..modules.lstm import DecomposedLSTM
+from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, register
 
 
 @register
@@ -20,17 +20,17 @@ class DecomposeLSTM(Pass):
     name = "decompose_lstm"
     summary = "swap torch.nn.LSTM for fxreduce's decomposed LSTM (fused recurrence, replaceable projections)"
     contract = Contract("exact", "outputs and final states equal torch.nn.LSTM's (float tolerance)", tolerance=1e-4)
-    provides = frozenset({"decomposed_lstm"})
+    Options = LayerSelection
+    needs = frozenset({"lstm"})
 
     def rewrite(self, gm: fx.GraphModule, outcome: PassOutcome) -> None:
         for layer in find_layers(gm, ["lstm"]):
-            if layer.module is None:
-                outcome.skipped.append(Skipped(layer.node.name, "an aten-level lstm (torch.export graph) has no "
-                                                                "module to decompose; capture with method='fx'"))
+            if not self.options.selects(layer) or isinstance(layer.module, DecomposedLSTM):
                 continue
-            if layer.module.proj_size:
-                outcome.skipped.append(Skipped(layer.node.name, "proj_size is unsupported by the decomposed LSTM"))
+            reason = layer.why_not_decomposable()
+            if reason:
+                outcome.skipped.append(Skipped(layer.node.name, reason))
                 continue
-            new = replace_layer(gm, layer, LSTM.from_torch(layer.module), pass_name=self.name,
+            new = replace_layer(gm, layer, DecomposedLSTM.from_torch(layer.module), pass_name=self.name,
                                 args=tuple(layer.node.args), kwargs=dict(layer.node.kwargs))
             outcome.rewrites.append(Rewrite([layer.node.name], [new.name], "nn.LSTM decomposed", self.contract))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxreduce as fr
 from fxreduce.errors import OptionError
 from fxreduce.modules.error_map import ErrorMapConv2d, ErrorMapLinear, kept_count, row_l1_norms, select_channels
-from fxreduce.passes.on_device import ErrorMapPruning
+from fxreduce.passes.error_map_pruning import ErrorMapPruning
 from fxreduce.testing.contracts import check_contract
 from fxreduce.testing.distributed import run_distributed
 from fxreduce.testing.strategies import cnn_models
