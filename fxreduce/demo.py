@@ -362,7 +362,7 @@ def summary(sections: Sequence[Section], threads: int) -> list[str]:
     lines.insert(1, "  ".join("-" * width for width in widths))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines.append(f"speedups: {threads} torch threads, this machine, 1-minute load average {load:.1f}")
-    cores = os.cpucount() or 1
+    cores = os.cpu_count() or 1
     if load > cores:
         lines.append(f"warning: the load average is above the {cores} core(s): other processes shared the cores "
                      "while timing, so the speedups are noisy (the cost cuts and contracts are not affected)")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxreduce as fr
+from fxreduce import meta
 from fxreduce.errors import InputError, OptionError
 from fxreduce.modules import LowRankLinear
 from fxreduce.modules.factorized import factorize
@@ -150,8 +151,7 @@ def test_check_catches_a_misstated_data_error():
     pass_ = get_pass("sparse_lowrank")(rank=4, calibration=[torch.randint(0, 48, (4, 7))])
     after = pass_.run(gm).graph_module
     node = next(node for node in after.graph.nodes if node.op == "call_module" and node.target == "decoder")
-    meta = node.meta["fxreduce_sparse_lowrank"]["data_errors"]
-    meta["decoder"] *= 0.5
+    meta.details(node)["data_errors"]["decoder"] *= 0.5
     assert "||(W - W')X||_F / ||WX||_F" in pass_.check(gm, after, (torch.randint(0, 48, (3, 7)),))
 
 

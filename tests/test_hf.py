@@ -179,12 +179,15 @@ def test_every_projection_is_rewritten_and_contracts_hold(family, spec):
     assert all(torch.isfinite(x).all() for x in torch.utils._pytree.tree_leaves(out) if x.is_floating_point())
 
 
-@pytest.mark.parametrize("family, shape", [("gpt2", "N,T=12:long"), ("bert", "N,T=12:long"),
-                                           ("llama", "N,T=12:long"), ("vit", "N,3,32,32"),
-                                           ("distilbert", "N,T=12:long")])
-def test_fxreduce_verify_on_every_family(family, shape, capsys):
-    status = main(["verify", f"fxreduce.hf:{family}", "--pipeline", "sparse_lowrank,lower_int8",
-                   "--input-shape", shape, "--trials", "1"])
+@pytest.mark.parametrize("family, shape, pipeline", [
+    ("gpt2", "N,T=12:long", "sparse_lowrank"), ("bert", "N,T=12:long", "sparse_lowrank"),
+    ("llama", "N,T=12:long", "sparse_lowrank"), ("vit", "N,3,32,32", "sparse_lowrank,lower_int8"),
+    ("distilbert", "N,T=12:long", "sparse_lowrank")])
+def test_fxreduce_verify_on_every_family(family, shape, pipeline, capsys):
+    """sparse_lowrank factorises every Linear of the text models, so lower_int8 after it would find none (the
+    order check refuses that); ViT keeps its patch convolution for lower_int8."""
+    status = main(["verify", f"fxreduce.hf:{family}", "--pipeline", pipeline, "--input-shape", shape,
+                   "--trials", "1"])
     out = capsys.readouterr().out
     assert status == 0 and "every contract holds" in out
 

@@ -145,7 +145,9 @@ class Pass(PassBase):
         culprits = sorted({removed[kind] for kind in kinds})
         raise PassError(f"pass {self.name} rewrites {' and '.join(kinds)} layers, which the earlier pass"
                         f"{'es' if len(culprits) > 1 else ''} {' and '.join(culprits)} took out of the graph",
-                        where=f"pass {self.name}", fix=f"run {self.name} before {' and '.join(culprits)}")
+                        where=f"pass {self.name}",
+                        fix=f"run {self.name} before {' and '.join(culprits)}, or leave one of them out where both "
+                            f"rewrite the same layers")
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         """Record on the output which ``invalidates`` kinds this pass took out (its input held them)."""

@@ -37,7 +37,8 @@ from ..calibration import SecondMoment, as_calibration, is_calibration, load_cal
 from ..cost_models import graph_cost, graph_info, symbol
 from ..errors import OptionError
 from ..graph import find_layers, replace_layer
-from ..modules.factorized import FORMS, LowRankLinear, factorize, macs_per_row
+from ..cost_models.latency import Profile, load_profile, module_seconds
+from ..modules.factorized import FORMS, GroupLinear, LowRankLinear, SparseLowRankLinear, factorize, macs_per_row
 from ..modules.lstm import DecomposedLSTM
 from ..modules.truncation import DEFAULT_DAMPING, Truncation, data_error, spectral_norm
 from ..testing.kit import capture_calls, run_eval
@@ -94,6 +95,13 @@ class SparseLowRankOptions(LayerSelection):
                                      "error under the MAC budget; measured to lose perplexity against even "
                                      "ranks on both example LMs, docs/antman.md)",
                              check=("'global' or 'even'", lambda v: v in ("global", "even")))
+    objective: str = option("flops", "flops: the given form, sized by the sizing rule; latency: per layer the form "
+                                     "and groups this machine's latency profile predicts fastest at the same "
+                                     "reduction, and no rewrite where none is predicted faster than the dense layer",
+                            check=("flops or latency", lambda v: v in ("flops", "latency")))
+    profile: str = option(None, "latency profile for objective='latency': a path, or None for the one "
+                                "`fxreduce calibrate` wrote", check=("a path or None", lambda v: v is None
+                                                                     or isinstance(v, str)))
 
     def __post_init__(self) -> None:
         given = [name for name in SIZINGS if getattr(self, name) is not None]
@@ -109,6 +117,15 @@ class SparseLowRankOptions(LayerSelection):
             raise OptionError("method='whitened' needs calibration inputs", where="sparse_lowrank(...)",
                               fix="give calibration='inputs.pt' (or tensors; the CLI's --calibration FILE), "
                                   "or method='svd'")
+        if self.objective == "latency" and not (given == ["flop_reduction"] or not given
+                                                 or given == ["model_flop_reduction"]):
+            raise OptionError(f"objective='latency' chooses the rank for a MAC reduction, but {given[0]} fixes it",
+                              where="sparse_lowrank(objective='latency')",
+                              fix="size it with flop_reduction or model_flop_reduction")
+        if self.objective == "latency" and self.allocation == "global":
+            raise OptionError("objective='latency' picks each layer's form by its own predicted time; "
+                              "allocation='global' spends one rank budget across layers",
+                              where="sparse_lowrank(objective='latency')", fix="use allocation='even'")
         if self.allocation == "global" and self.form != "lr":
             raise OptionError(f"allocation='global' ranks the singular values of one factorisation; form "
                               f"{self.form!r} truncates block by block", where=f"sparse_lowrank(form={self.form!r})",
@@ -142,12 +159,23 @@ class Slot:
 class Choice:
     rank: int | None
     groups: int
-    why: str = ""  # the global allocation's reason for this rank
+    why: str = ""  # the global allocation's or the latency objective's reason for this choice
+    form: str | None = None  # None: the pass's form option
 
     def describe(self, form: str) -> str:
+        form = self.form or form
         parts = [form] + ([f"r={self.rank}"] if self.rank is not None else []) + (
             [f"g={self.groups}"] if self.groups > 1 or form == "group" else [])
         return " ".join(parts)
+
+
+def _shaped(form: str, n: int, m: int, choice: Choice, bias: bool) -> nn.Module:
+    """A module of ``form`` with the chosen sizes (any values: the latency model prices shapes)."""
+    if form == "lr":
+        return LowRankLinear(n, m, choice.rank, bias)
+    if form == "group":
+        return GroupLinear(n, m, choice.groups, bias)
+    return SparseLowRankLinear(n, m, choice.rank, choice.groups, form, bias)
 
 
 def _slot_name(kind: str, layer: int, reverse: bool) -> str:
@@ -267,8 +295,9 @@ class SparseLowRank(Pass):
         if options.model_flop_reduction is not None and options.allocation == "global":
             choices = self._allocate(gm, slots, reduction, outcome)
         else:
+            profile = load_profile(options.profile) if options.objective == "latency" else None
             for slot in slots:
-                choice = self._choose(slot, reduction)
+                choice = self._choose(slot, reduction) if profile is None else self._fastest(slot, reduction, profile)
                 if isinstance(choice, str):
                     outcome.skipped.append(Skipped(slot.name, choice))
                 else:
@@ -463,17 +492,47 @@ class SparseLowRank(Pass):
             choices[slot.name] = Choice(rank, 1, why)
         return choices
 
-    def _choose(self, slot: Slot, reduction: float | None) -> Choice | str:
-        """The (rank, groups) for one weight; a string says why the layer is left alone."""
+    def _fastest(self, slot: Slot, reduction: float, profile: Profile) -> Choice | str:
+        """objective='latency': of every form and group count that meets ``reduction``, the one the profile
+        predicts fastest at the example sizes; a string (why) when none beats the dense layer."""
+        m, n = slot.weight.shape
+        shape = (max(int(round(slot.rows)), 1), n)
+        dense = module_seconds(profile, nn.Linear(n, m, bias=slot.bias is not None), shape)
+        timed = []
+        for form in FORMS:
+            for groups in [1] if form == "lr" else [g for g in (2, 4, 8, 16) if m % g == 0 and n % g == 0]:
+                try:
+                    choice = self._choose(slot, reduction, form, groups)
+                except OptionError:
+                    continue
+                if isinstance(choice, str):
+                    continue
+                module = _shaped(form, n, m, choice, slot.bias is not None)
+                timed.append((module_seconds(profile, module, shape), form, choice))
+        if not timed:
+            return self._choose(slot, reduction)
+        seconds, form, choice = min(timed, key=lambda item: item[0])
+        if seconds >= dense:
+            return (f"no factorisation at {reduction:.3g}x is predicted faster on this machine: the best, "
+                    f"{choice.describe(form)}, {seconds * 1e6:.3g} us against {dense * 1e6:.3g} us dense on input "
+                    f"{'x'.join(map(str, shape))} (latency profile; objective='latency')")
+        return Choice(choice.rank, choice.groups, f"predicted {seconds * 1e6:.3g} us against {dense * 1e6:.3g} us "
+                      f"dense on input {'x'.join(map(str, shape))}, fastest of {len(timed)} forms and group counts",
+                      form)
+
+    def _choose(self, slot: Slot, reduction: float | None, form: str | None = None,
+                groups: int | None = None) -> Choice | str:
+        """The (rank, groups) for one weight in ``form`` (default: the form option); a string says why the
+        layer is left alone."""
         options = self.options
-        form = options.form
+        form = form or options.form
         m, n = slot.weight.shape
         where = f"layer {slot.name} ({n} -> {m})"
         reason = self._unfit(slot)
         if reason:
             return reason
         dims = {"in": n, "out": m}
-        groups = 1 if form == "lr" else options.groups
+        groups = 1 if form == "lr" else groups or options.groups
         if form == "group":
             if reduction is not None:
                 common = [g for g in range(2, math.gcd(m, n) + 1) if m % g == 0 and n % g == 0 and g >= reduction]
@@ -484,7 +543,7 @@ class SparseLowRank(Pass):
             self._check_groups(groups, {k: dims[k] for k in GROUPED_FACTORS[form]}, where)
             if groups == 1:
                 return "groups=1 is the dense layer; nothing to save"
-            return Choice(None, groups)
+            return Choice(None, groups, form=form)
         self._check_groups(groups, {k: dims[k] for k in GROUPED_FACTORS[form]}, where)
         largest = _multiple_at_most(min(m, n), groups)
         if options.rank is not None:
@@ -517,7 +576,7 @@ class SparseLowRank(Pass):
             even = _break_even(form, m, n, groups)
             return (f"rank {rank} would not reduce cost: {form} with g={groups} saves only below the break-even "
                     f"r < {sympy.nsimplify(even)} = {float(even):.1f}")
-        return Choice(rank, groups)
+        return Choice(rank, groups, form=form)
 
     @staticmethod
     def _check_groups(groups: int, sizes: dict[str, int], where: str) -> None:
@@ -530,21 +589,22 @@ class SparseLowRank(Pass):
         """The module for one slot, the report's text for it, its weight error e = ||W - W'||_2 and, with
         calibration, its relative data error ||(W - W') X||_F / ||W X||_F."""
         options, weight = self.options, slot.weight
+        form = choice.form or options.form
         moment = None if slot.moment is None else slot.moment.gram
-        if options.form == "lr":
+        if form == "lr":
             truncation = self._truncation(slot)
             module = LowRankLinear.from_truncation(truncation, choice.rank, slot.bias)
             approximation = truncation.dense(choice.rank)
             error = truncation.spectral_error(choice.rank)
         else:
-            module = factorize(weight, options.form, choice.rank, choice.groups, slot.bias, moment, options.damping)
+            module = factorize(weight, form, choice.rank, choice.groups, slot.bias, moment, options.damping)
             approximation = module.dense_weight().detach().double()
             error = spectral_norm(weight.double() - approximation)
         with torch.no_grad():
             norm = float(weight.double().norm())
             relative = float((weight.double() - approximation).norm()) / norm if norm > 0 else 0.0
         m, n = weight.shape
-        ratio = m * n / macs_per_row(options.form, n, m, choice.rank, choice.groups)
+        ratio = m * n / macs_per_row(form, n, m, choice.rank, choice.groups)
         params = sum(p.numel() for p in module.parameters())
         dense_params = weight.numel() + (0 if slot.bias is None else slot.bias.numel())
         text = (f"{choice.describe(options.form)}: {float(ratio):.2f}x fewer MACs, params {dense_params} -> "

@@ -17,7 +17,7 @@ import fxreduce as fr
 from fxreduce.cli import main
 from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
                                           module_class_name, module_seconds, monotone_grid)
-from fxreduce.errors import CostError, ProfileError
+from fxreduce.errors import CostError, OptionError, ProfileError
 
 RATE = 1e10  # MACs per second of the synthetic profile
 OVERHEAD = 1e-6
@@ -292,3 +292,24 @@ def test_a_module_class_is_charged_its_measured_call_cost(tmp_path):
     assert charged.seconds == pytest.approx(plain.seconds + 2 * (1e-3 - 1e-6))
     profile = fr.calibrate(tmp_path / "profile.json", quick=True, progress=False)
     assert {"torch.nn.modules.linear.Linear", name} <= set(profile.module_calls)
+
+
+def test_sparse_lowrank_picks_the_form_predicted_fastest_and_skips_where_none_is(tmp_path):
+    gm = _mlp_graph(1024)
+    fast, overhead_bound = tmp_path / "fast.json", tmp_path / "overhead.json"
+    synthetic_profile().save(fast)
+    synthetic_profile(op_overhead=1e-3).save(overhead_bound)
+    chosen = fr.apply(gm, f"sparse_lowrank(objective='latency', flop_reduction=4, profile={str(fast)!r})")
+    step = chosen.report.steps[0]
+    assert [r.rewrite.replaced for r in step.rewrites] == [["fc1"], ["fc2"]] and not step.skipped
+    assert all("fastest of" in r.rewrite.what and "predicted" in r.rewrite.what for r in step.rewrites)
+    assert chosen.report.certificate.proven
+    kept = fr.apply(gm, f"sparse_lowrank(objective='latency', profile={str(overhead_bound)!r})").report.steps[0]
+    assert not kept.rewrites and [s.node for s in kept.skipped] == ["fc1", "fc2"]
+    assert all("no factorisation at 4x is predicted faster on this machine" in s.reason for s in kept.skipped)
+    assert "fastest of" not in str(fr.apply(gm, "sparse_lowrank").report)  # the FLOP objective stays the default
+
+
+def test_sparse_lowrank_latency_objective_refuses_a_fixed_rank():
+    with pytest.raises(OptionError, match="objective='latency' chooses the rank for a MAC reduction, but rank"):
+        fr.Pipeline("sparse_lowrank(objective='latency', rank=4)")

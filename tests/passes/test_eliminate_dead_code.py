@@ -20,7 +20,7 @@ class WithDeadBranch(nn.Module):
 def test_unread_nodes_and_their_submodules_are_removed_and_outputs_stay_equal():
     gm = fr.trace(WithDeadBranch(), (torch.randn(3, 4),), {"N": (0, 0)})
     result = fr.apply(gm, "eliminate_dead_code")
-    removed = sorted(name for r in result.report.steps[0].rewrites for name in r.replaced)
+    removed = sorted(name for r in result.report.steps[0].rewrites for name in r.rewrite.replaced)
     assert removed == ["relu", "unused"]
     assert not hasattr(result.graph_module, "unused") and hasattr(gm, "unused")
     assert result.report.certificate.proven

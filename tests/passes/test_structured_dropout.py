@@ -325,7 +325,7 @@ def test_bad_input():
     projected = fxreduce.trace(LanguageModel(proj_size=4).eval(), (tokens(),))
     result = fxreduce.apply(projected, "structured_dropout(p=0.5)")
     skipped = result.report.steps[0].skipped
-    assert any("proj_size=4 is unsupported" in s.reason for s in skipped)
+    assert any("proj_size is unsupported by the decomposed LSTM (proj_size=4)" in s.reason for s in skipped)
     assert not any(isinstance(m, StructuredDropoutLSTM) for m in result.graph_module.modules())
     plain = fxreduce.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), (torch.randn(2, 4),))
     report = fxreduce.apply(plain, "structured_dropout(p=0.5)").report
