@@ -21,7 +21,7 @@ from fxreduce import meta
 from fxreduce.cost_models import GraphInfo, InputSpec, NodeCost, NodeInfo, graph_info, propagate, symbol
 from fxreduce.errors import CostError, FxReduceError, RenderError
 from fxreduce.inspection import COLLAPSE_ABOVE, HIGHLIGHT_COLOR, inspect
-from fxreduce.inspection_page import view_model
+from fxreduce.inspection.page import view_model
 from fxreduce.text import formula
 
 N, H, W = symbol("N"), symbol("H"), symbol("W")
@@ -207,7 +207,7 @@ def test_dot_parses_and_svg_shows_the_highlight_colour(rewrite, resnet):
 
 
 def test_svg_without_graphviz_says_how_to_get_it(rewrite, monkeypatch):
-    monkeypatch.setattr("fxreduce.inspection.shutil.which", lambda name: None)
+    monkeypatch.setattr("fxreduce.inspection.dot.shutil.which", lambda name: None)
     with pytest.raises(RenderError, match=r"install graphviz \(apt-get install graphviz\) or use format=dot") as error:
         inspect(*rewrite).to_svg()
     assert isinstance(error.value, FxReduceError)

@@ -1,4 +1,4 @@
-// fxreduce inspect page: lays out the view model that fxreduce.inspection_page embeds; computes nothing.
+// fxreduce inspect page: lays out the view model that fxreduce.inspection.page embeds; computes nothing.
 (function () {
   "use strict";
   const data = JSON.parse(document.getElementById("fxreduce-data").textContent);

@@ -12,9 +12,9 @@ _HOMES = {
     "ContractResult": "contracts", "PassCheck": "contracts", "check_contract": "contracts",
     "random_inputs": "contracts",
     "RankError": "distributed", "RankTimeoutError": "distributed", "run_distributed": "distributed",
-    "MODEL_FAMILIES": "strategies", "GeneratedModel": "strategies", "ModelSpec": "strategies", "cnn_models": "strategies",
-    "linear_shapes": "strategies", "lstm_models": "strategies", "mlp_models": "strategies",
-    "model_specs": "strategies", "models": "strategies",
+    "GeneratedModel": "specs", "ModelSpec": "specs",
+    "MODEL_FAMILIES": "strategies", "cnn_models": "strategies", "linear_shapes": "strategies",
+    "lstm_models": "strategies", "mlp_models": "strategies", "model_specs": "strategies", "models": "strategies",
 }
 
 __all__ = sorted(_HOMES)

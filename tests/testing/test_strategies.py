@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from fxreduce.errors import InputError
+from fxreduce.testing.specs import GeneratedModel
 from fxreduce.testing.strategies import (
-    GeneratedModel,
     cnn_models,
     linear_shapes,
     lstm_models,

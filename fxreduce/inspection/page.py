@@ -17,7 +17,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .inspection import Inspection, NodeRow
+    from .model import Inspection
+    from .view import NodeRow
 
 _ASSETS = resources.files("fxreduce") / "assets"
 _PROLOGUE = re.compile(r"^.*?(?=<svg)", re.S)
@@ -39,7 +40,7 @@ def _costs(inspection: "Inspection", row: "NodeRow | None") -> dict[str, Any] | 
 
 def _node(inspection: "Inspection", name: str, data: dict, index: int, group: str | None,
           rewrites: dict[int, int], replaces: dict[str, list[str]]) -> dict[str, Any]:
-    printer = inspection._printer
+    printer = inspection.printer
     row, status = data["row"], data["status"]
     before = inspection.before.rows.get(name) if inspection.is_diff else None
     after = row if status != "removed" else None
@@ -55,7 +56,7 @@ def _node(inspection: "Inspection", name: str, data: dict, index: int, group: st
 
 def view_model(inspection: "Inspection") -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
-    printer = inspection._printer
+    printer = inspection.printer
     rewrites = inspection.rewrites
     index_of = {id(r): i for i, r in enumerate(rewrites)}
     member = {name: group for group, names in inspection.collapsed.items() for name in names}
