@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
+from ..cost_models.latency import Profile, load_profile
 from ..errors import OptionError, PassError, PassNotFoundError
 from ..graph import Layer, find_layers
 from ..testing.kit import compare_outputs, run_eval
@@ -93,6 +94,23 @@ class LayerSelection:
     def selects(self, layer: Layer, *names: str) -> bool:
         """Whether the glob matches the layer (or one of ``names``, e.g. an LSTM gate's)."""
         return layer.matches(self.layers, *names)
+
+
+@dataclass
+class LatencyObjective:
+    """Options of a pass that can decide by this machine's predicted time instead of multiply-adds."""
+
+    objective: str = option("flops", "flops: decide by multiply-adds; latency: by this machine's latency profile "
+                                     "(lower_int8 keeps a layer in float32 where int8 is predicted no faster, "
+                                     "sparse_lowrank picks each layer's form by predicted time or leaves it dense)",
+                            check=("flops or latency", lambda value: value in ("flops", "latency")))
+    profile: str = option(None, "latency profile for objective='latency': a path, or None for the one "
+                                "`fxreduce calibrate` wrote", check=("a path or None", lambda value: value is None
+                                                                     or isinstance(value, str)))
+
+    def latency_profile(self) -> Profile | None:
+        """The profile to decide by, or None under the FLOP objective."""
+        return load_profile(self.profile) if self.objective == "latency" else None
 
 
 class Pass(PassBase):

@@ -25,11 +25,11 @@ from torch import Tensor
 from .. import meta
 from ..calibration import as_calibration, is_calibration, load_calibration, run_calibration
 from ..cost_models import graph_info
-from ..cost_models.latency import Profile, example_shape, load_profile, module_seconds
+from ..cost_models.latency import Profile, example_shape, module_seconds
 from ..graph import Layer, find_layers, only_user, replace_layer
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
 from ..testing.kit import capture_calls
-from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
+from .base import Contract, LatencyObjective, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
@@ -91,7 +91,7 @@ def to_int8(weight: Tensor, per_channel: bool = True) -> Int8Weights:
 
 
 @dataclass
-class LowerInt8Options(LayerSelection):
+class LowerInt8Options(LatencyObjective, LayerSelection):
     per_channel: bool = option(True, "weights off any grid are rounded with one scale per output channel "
                                      "(False: one per layer)")
     calibration: Any = option(None, "inputs that set Conv2d activation scales: a file saved with torch.save "
@@ -101,12 +101,6 @@ class LowerInt8Options(LayerSelection):
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
-    objective: str = option("flops", "flops: lower every selected layer; latency: leave a layer in float32 where "
-                                     "this machine's latency profile predicts int8 slower at the example sizes",
-                            check=("flops or latency", lambda value: value in ("flops", "latency")))
-    profile: Any = option(None, "latency profile for objective='latency': a path, or None for the one "
-                                "`fxreduce calibrate` wrote", check=("a path or None", lambda value: value is None
-                                                                     or isinstance(value, str)))
 
     def __post_init__(self) -> None:
         self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
@@ -201,7 +195,7 @@ class LowerInt8(Pass):
                 layers.append(layer)
         convs = [layer for layer in layers if layer.kind == "conv2d"]
         ranges, source = self._calibrate(gm, convs) if convs else ({}, "")
-        profile = load_profile(self.options.profile) if self.options.objective == "latency" else None
+        profile = self.options.latency_profile()
         for layer in layers:
             relu = _relu_user(gm, layer.result) if self.options.fuse_relu else None
             weights = to_int8(layer.weight, self.options.per_channel)

@@ -37,12 +37,12 @@ from ..calibration import SecondMoment, as_calibration, is_calibration, load_cal
 from ..cost_models import graph_cost, graph_info, symbol
 from ..errors import OptionError
 from ..graph import find_layers, replace_layer
-from ..cost_models.latency import Profile, load_profile, module_seconds
+from ..cost_models.latency import Profile, module_seconds
 from ..modules.factorized import FORMS, GroupLinear, LowRankLinear, SparseLowRankLinear, factorize, macs_per_row
 from ..modules.lstm import DecomposedLSTM
 from ..modules.truncation import DEFAULT_DAMPING, Truncation, data_error, spectral_norm
 from ..testing.kit import capture_calls, run_eval
-from .base import Contract, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
+from .base import Contract, LatencyObjective, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_sparse": ("out",),
                    "grouped_shuffle": ("in", "out")}
@@ -59,7 +59,7 @@ def _number(value) -> bool:
 
 
 @dataclass
-class SparseLowRankOptions(LayerSelection):
+class SparseLowRankOptions(LatencyObjective, LayerSelection):
     form: str = option("lr", f"module family: {', '.join(FORMS)}", check=(f"one of {', '.join(FORMS)}",
                                                                           lambda v: v in FORMS))
     rank: int = option(None, "the rank r of every rewritten layer", check=("an int >= 1", _positive_int))
@@ -95,13 +95,6 @@ class SparseLowRankOptions(LayerSelection):
                                      "error under the MAC budget; measured to lose perplexity against even "
                                      "ranks on both example LMs, docs/antman.md)",
                              check=("'global' or 'even'", lambda v: v in ("global", "even")))
-    objective: str = option("flops", "flops: the given form, sized by the sizing rule; latency: per layer the form "
-                                     "and groups this machine's latency profile predicts fastest at the same "
-                                     "reduction, and no rewrite where none is predicted faster than the dense layer",
-                            check=("flops or latency", lambda v: v in ("flops", "latency")))
-    profile: str = option(None, "latency profile for objective='latency': a path, or None for the one "
-                                "`fxreduce calibrate` wrote", check=("a path or None", lambda v: v is None
-                                                                     or isinstance(v, str)))
 
     def __post_init__(self) -> None:
         given = [name for name in SIZINGS if getattr(self, name) is not None]
@@ -295,7 +288,7 @@ class SparseLowRank(Pass):
         if options.model_flop_reduction is not None and options.allocation == "global":
             choices = self._allocate(gm, slots, reduction, outcome)
         else:
-            profile = load_profile(options.profile) if options.objective == "latency" else None
+            profile = options.latency_profile()
             for slot in slots:
                 choice = self._choose(slot, reduction) if profile is None else self._fastest(slot, reduction, profile)
                 if isinstance(choice, str):
