@@ -3,7 +3,7 @@
 The profile is calibrated at the start of the run (``fxreduce calibrate``'s full grid), so prediction
 and measurement see the same machine state. Rewrites: int8 Linear and Conv2d (lower_int8) at batch 1 / 8
 / 64; low-rank, grouped and sparse x low-rank Linear layers (sparse_lowrank) at 2x-12x MAC cuts and
-batch 1-200, ViT-B's MLP, an LSTM LM's gate matrices; fold_batchnorm on ResNet-18. Each rewrite's
+batch 1-200, ViT-B's MLP, an LSTM LM's gate matrices; fold_batchnorm on ResNet-18; error_map_pruning's training step on pairs of 3x3 convolutions. Each rewrite's
 before and after run side by side (interleaved, eval, no_grad); its predicted speedup is
 latency(before) / latency(after). Whole models: ten torchvision models at batch 1 and 8, predicted vs
 measured seconds. Goals (issue 18): median relative error of the speedups <= 10%, >= 90% within 20%;
@@ -47,6 +47,7 @@ class Case:
     after: torch.fx.GraphModule
     inputs: tuple
     dims: dict
+    training: bool = False  # a training step (forward, backward, SGD update) rather than the eval forward
 
 
 class MLP(nn.Module):
@@ -71,13 +72,13 @@ class WordLM(nn.Module):
 
 
 def _rewrite(label: str, model: nn.Module, x: torch.Tensor, dim: tuple[str, int, int], spec: str,
-             baseline: str | None = None) -> Case:
+             baseline: str | None = None, training: bool = False) -> Case:
     name, axis, size = dim
     torch.manual_seed(0)
-    gm = fr.trace(model.eval(), (x,), {name: (0, axis)})
+    gm = fr.trace(model.train(training), (x,), {name: (0, axis)})
     before = fr.apply(gm, baseline).graph_module if baseline else gm
     after = fr.apply(gm, f"{baseline},{spec}" if baseline else spec).graph_module
-    return Case(label, before, after, (x,), {name: size})
+    return Case(label, before, after, (x,), {name: size}, training)
 
 
 def rewrite_cases(quick: bool) -> list[Case]:
@@ -116,6 +117,13 @@ def rewrite_cases(quick: bool) -> list[Case]:
     for batch in (1, 8):
         cases.append(_rewrite(f"fold_batchnorm ResNet-18 batch {batch}", torchvision.models.resnet18(),
                               torch.randn(batch, 3, 224, 224), ("N", 0, batch), "fold_batchnorm"))
+    for channels, size in ((64, 56), (256, 14)):
+        for keep in (0.5, 0.3):
+            convs = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+            cases.append(_rewrite(f"error_map_pruning keep {keep} {channels}ch {size}px batch 16, training step",
+                                  convs, torch.randn(16, channels, size, size), ("N", 0, 16),
+                                  f"error_map_pruning(keep={keep})", training=True))
     return cases
 
 
@@ -126,14 +134,26 @@ def _eval_call(gm: torch.fx.GraphModule, inputs: tuple):
     return call
 
 
+def _training_call(gm: torch.fx.GraphModule, inputs: tuple):
+    """What the latency model's training step prices: forward, backward of the summed output, SGD update."""
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-6)
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        gm(*inputs).sum().backward()
+        optimizer.step()
+    return call
+
+
 def measure_rewrites(cases: list[Case], profile, repeats: int) -> list[list[object]]:
     rows = []
     for case in tqdm(cases, desc="rewrites", leave=False):
-        case.before.eval(), case.after.eval()
-        times = time_side_by_side({"before": _eval_call(case.before, case.inputs),
-                                   "after": _eval_call(case.after, case.inputs)}, repeats=repeats)
-        predicted = (fr.cost(case.before).latency(profile, **case.dims).seconds
-                     / fr.cost(case.after).latency(profile, **case.dims).seconds)
+        case.before.train(case.training), case.after.train(case.training)
+        call = _training_call if case.training else _eval_call
+        times = time_side_by_side({"before": call(case.before, case.inputs),
+                                   "after": call(case.after, case.inputs)}, repeats=repeats)
+        predicted = (fr.cost(case.before, training=case.training).latency(profile, **case.dims).seconds
+                     / fr.cost(case.after, training=case.training).latency(profile, **case.dims).seconds)
         measured = times["before"] / times["after"]
         rows.append([case.label, f"{measured:.2f}x", f"{predicted:.2f}x", predicted / measured - 1])
     return rows

@@ -172,9 +172,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
     document = _cost_document(args.model, gm, cost, point)
     lines = _cost_lines(document)
     if args.latency:
-        if args.training:
-            raise UsageError("--latency predicts the eval forward, not a training step", where="--latency",
-                             fix="drop --training")
         latency = cost.latency(args.profile, **{**_example_dims(gm), **point})
         document["latency"] = {"seconds": latency.seconds, "method": latency.method, "dims": dict(latency.dims),
                                "nodes": {node.name: {"seconds": node.seconds, "kind": node.kind}
@@ -394,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--training", action="store_true", help="count a training step (forward + backward)")
     cost.add_argument("--format", choices=("table", "json"), default="table")
     cost.add_argument("--latency", action="store_true",
-                      help="also predict the eval latency at --at on this machine (needs `fxreduce calibrate`)")
+                      help="also predict the latency at --at on this machine (the training step with --training; "
+                           "needs `fxreduce calibrate`)")
     cost.add_argument("--profile", metavar="FILE", help="latency profile to use (default: the one calibrate wrote)")
     cost.set_defaults(run=cmd_cost)
 

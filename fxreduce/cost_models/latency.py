@@ -23,6 +23,7 @@ node is priced from its symbolic cost instead, and the result says so.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from .. import meta
@@ -284,7 +285,9 @@ class NodeLatency:
 
 @dataclass(frozen=True)
 class Latency:
-    """A graph's predicted eval-forward seconds at concrete dims, with the per-node breakdown."""
+    """A graph's predicted seconds at concrete dims (eval forward, or a training step), per node.
+
+    A training step's backward is one entry, ``backward``, and the SGD update another, ``update``."""
 
     seconds: float
     nodes: tuple[NodeLatency, ...]
@@ -325,10 +328,6 @@ def _format_seconds(seconds: float) -> str:
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(size) for size in value.shape)
-
-
-def _shape_or_value(value: Any) -> Any:
-    return value.shape if isinstance(value, torch.Tensor) else value
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -373,8 +372,7 @@ class _Pricer:
     def by_formula(self, packet: Any, formula: Callable, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
         """An op with a registered FLOP formula (fxreduce's native kernels among them), priced as one GEMM
         shaped by its output: M rows of its last dim N, K = MACs / (M N)."""
-        macs = formula(*tree_map(_shape_or_value, args), **tree_map(_shape_or_value, kwargs),
-                       out_shape=tree_map(_shape_or_value, out)) / 2
+        macs = formula(*args, **kwargs, out_val=out) / 2  # torch's FlopCounterMode calls formulas so
         first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.dim()), None)
         kind = "gemm" if getattr(packet, "_qualified_op_name", "").startswith("aten::") else "native"
         if not macs or first is None:
@@ -493,26 +491,51 @@ def concrete_inputs(gm: fx.GraphModule, dims: Mapping[str, int], make: Callable[
                              lambda value, shape: make(tuple(shape), value.dtype))
 
 
-def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int]) -> Latency:
-    """``gm``'s predicted eval-forward seconds at ``dims`` on the machine ``profile`` measured."""
+def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], training: bool = False) -> Latency:
+    """``gm``'s predicted seconds at ``dims`` on the machine ``profile`` measured: the eval forward, or with
+    ``training`` a training step (train-mode forward, the backward of the summed outputs to every trainable
+    parameter, and an SGD update reading and writing each parameter and its gradient)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
 
     recorder = _Recorder(_Pricer(profile))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         inputs = concrete_inputs(gm, dims, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        state = {name: fake.from_tensor(p, static_shapes=True).requires_grad_(p.requires_grad)
+                 for name, p in gm.named_parameters()} if training else {}
+    trainable = [p for p in gm.parameters() if p.requires_grad]
+    parameters = _reparametrize_module(gm, state) if training else contextlib.nullcontext()
     was_training = gm.training
-    gm.eval()
+    gm.train(training)
     try:
-        with torch.no_grad(), fake, recorder:
-            _NodeTracker(gm, recorder).run(*inputs)
+        with torch.set_grad_enabled(training), fake, recorder, parameters:
+            outputs = _NodeTracker(gm, recorder).run(*inputs)
+            if training:
+                recorder.node = "backward"
+                leaves = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+                wanted = [t for t in state.values() if t.requires_grad]
+                if leaves and wanted:
+                    torch.autograd.grad(sum(t.float().sum() for t in leaves), wanted, allow_unused=True)
     except Exception as error:
+        if training:
+            raise CostError(f"the training step's fake run stopped at node {recorder.node}: "
+                            f"{type(error).__name__}", where="latency(training=True)",
+                            fix="predict the eval forward (fxreduce.cost(gm).latency(...)) for this graph") from error
         return _predict_from_costs(gm, profile, dims, f"the fake run stopped at node {recorder.node} "
                                                       f"({type(error).__name__}); priced from symbolic costs")
     finally:
         gm.train(was_training)
     nodes = tuple(_node_latency(gm, node, recorder.priced.get(node.name, []), profile) for node in gm.graph.nodes)
-    return Latency(sum(n.seconds for n in nodes), nodes, dict(dims))
+    if training:
+        backward = recorder.priced.get("backward", [])
+        update = [("memory", profile.bytes_seconds(3 * p.numel() * p.element_size())) for p in trainable]
+        nodes += tuple(NodeLatency(name, sum(seconds for _, seconds in priced)
+                                   + profile.op_overhead * sum(kind != "view" for kind, _ in priced),
+                                   "backward" if name == "backward" else "memory", len(priced))
+                       for name, priced in (("backward", backward), ("update", update)))
+    return Latency(sum(n.seconds for n in nodes), nodes, dict(dims), method="fake run" + (
+        " (training step)" if training else ""))
 
 
 def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Sequence[int],

@@ -598,4 +598,4 @@ def graph_cost(gm: fx.GraphModule, *, training: bool = False) -> GraphCost:
     convert = _Converter(run)
     costs = _node_costs(gm, run, convert, training=True)
     return GraphCost(costs, symbols, dict(info.specialised), dict(info.fixed), dict(info.constraints),
-                     training=True)
+                     training=True, graph_module=gm)

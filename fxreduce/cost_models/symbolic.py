@@ -188,21 +188,19 @@ class GraphCost:
         )
 
     def latency(self, profile: Any = None, **dims: int) -> Any:
-        """The graph's predicted eval-forward latency at ``dims`` (a :class:`~.latency.Latency`: ``.seconds``
-        and a per-node breakdown), priced with ``profile`` (a Profile, a path, or None for the one
-        ``fxreduce calibrate`` wrote)."""
+        """The graph's predicted latency at ``dims`` (a :class:`~.latency.Latency`: ``.seconds`` and a
+        per-node breakdown): the eval forward, or for a training-step cost (``fr.cost(gm, training=True)``)
+        forward, backward and an SGD update. Priced with ``profile`` (a Profile, a path, or None for the
+        one ``fxreduce calibrate`` wrote)."""
         from ..errors import CostError
         from .latency import Profile, load_profile, predict
 
         if self.graph_module is None:
             raise CostError("this cost has no graph to predict a latency for", where="GraphCost.latency",
                             fix="take the cost with fxreduce.cost(graph_module)")
-        if self.training:
-            raise CostError("latency predicts the eval forward; this is a training-step cost",
-                            where="GraphCost.latency", fix="take fxreduce.cost(graph_module) without training=True")
         if not isinstance(profile, Profile):
             profile = load_profile(profile)
-        return predict(self.graph_module, profile, {**self.bound, **dims})
+        return predict(self.graph_module, profile, {**self.bound, **dims}, training=self.training)
 
     def summary(self) -> dict[str, sympy.Expr]:
         """The headline totals, as a dict (for tables, JSON and reports)."""

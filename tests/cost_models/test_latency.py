@@ -313,3 +313,30 @@ def test_sparse_lowrank_picks_the_form_predicted_fastest_and_skips_where_none_is
 def test_sparse_lowrank_latency_objective_refuses_a_fixed_rank():
     with pytest.raises(OptionError, match="objective='latency' chooses the rank for a MAC reduction, but rank"):
         fr.Pipeline("sparse_lowrank(objective='latency', rank=4)")
+
+
+def test_a_training_step_is_priced_as_forward_backward_and_update():
+    gm = _mlp_graph(1024).eval()
+    profile = synthetic_profile()
+    forward = fr.cost(gm).latency(profile, N=64)
+    step = fr.cost(gm, training=True).latency(profile, N=64)
+    by_name = {node.name: node for node in step.nodes}
+    assert step.method == "fake run (training step)" and {"backward", "update"} <= set(by_name)
+    gemms = 64 * (64 * 1024 + 1024 * 64) / RATE
+    assert forward.seconds == pytest.approx(gemms, rel=0.2)
+    assert by_name["backward"].seconds == pytest.approx(2 * gemms, rel=0.35)
+    assert step.seconds > 2.5 * forward.seconds
+    assert not gm.training and all(p.grad is None for p in gm.parameters())
+
+
+def test_training_step_prediction_sees_error_map_prunings_smaller_backward():
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
+    gm = fr.trace(model.train(), (torch.randn(4, 16, 32, 32),), {"N": (0, 0)})
+    pruned = fr.apply(gm, "error_map_pruning(keep=0.25)").graph_module
+    profile = synthetic_profile()
+    dense, sparse = (fr.cost(g, training=True).latency(profile, N=16) for g in (gm, pruned))
+    backward = [next(n.seconds for n in latency.nodes if n.name == "backward") for latency in (dense, sparse)]
+    assert backward[1] < 0.6 * backward[0]
+    forward = [sum(n.seconds for n in latency.nodes if n.name not in ("backward", "update"))
+               for latency in (dense, sparse)]
+    assert forward[1] == pytest.approx(forward[0], rel=0.25)
