@@ -105,3 +105,8 @@ def test_describe_is_what_the_cli_lists():
     assert described["needs"] == ["batchnorm"] and described["invalidates"] == ["batchnorm"]
     assert [option["name"] for option in described["options"]] == ["layers"]
     assert described["contract"].startswith("exact:")
+
+
+def test_a_pass_run_again_after_itself_finds_nothing_rather_than_failing():
+    twice = fr.apply(mlp(), "lower_int8,lower_int8").report
+    assert len(twice.steps[0].rewrites) == 2 and "nothing to rewrite" in str(twice).split("\n", 2)[-1]
