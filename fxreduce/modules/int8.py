@@ -8,9 +8,9 @@ quantizes its input with a static scale found by calibration and requantizes its
 Both use 7-bit activations (0..127, torch's ``reduce_range``), which keeps fbgemm's u8 x s8 pair sums
 inside int16 on AVX2 CPUs without VNNI; on others it only halves the activation resolution.
 
-Measured on a 2-core AVX-512 CPU: fbgemm's dynamic Linear ran 2-5x fp32 and oneDNN's qlinear 1.3-2.9x;
-fbgemm's static Conv2d 1.3-2x fp32 at ResNet-18's batch-8 shapes, oneDNN's qconv 0.6-1.2x. So fbgemm
-it is; the choice lives only in ``_prepack_linear``, ``_conv_plan`` and the ``_run_*`` functions below.
+fbgemm rather than oneDNN's quantized kernels because it ran faster at every shape compared (docs/benchmarks.md,
+"Design measurements"); the choice lives only in ``_prepack_linear``, ``_conv_plan`` and the ``_run_*``
+functions below.
 
 Prepacked fbgemm weights are TorchScript objects: a state_dict cannot hold them and torch.export
 refuses them. So the modules keep int8 weights and scales as plain tensors, and the kernels are
@@ -61,7 +61,7 @@ def _versions(*tensors: Tensor | None) -> tuple:
 def _quantized_weight(weight: Tensor, scale: Tensor) -> Tensor:
     zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
     # torch warns once per process that quantized tensors are deprecated; this module uses them on purpose
-    # (fbgemm is the fastest int8 CPU kernel measured), and the first one is always made here.
+    # (fbgemm's prepacked weights are quantized tensors), and the first one is always made here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
         return torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero_points, 0)
@@ -94,7 +94,7 @@ def is_pointwise(kernel_size: Sequence[int], padding: Sequence[int], stride: Seq
 
     It reads every stride-th pixel, so the input is subsampled (and copied channels-last) first anyway;
     fbgemm's static GEMM with float32 output then skips the output's requantize and dequantize, which cost
-    as much as the GEMM at these sizes: 1.1-1.4x faster than the conv path at batch 1, the same at 8.
+    as much as the GEMM itself at ResNet's downsample sizes.
     """
     return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and tuple(stride) != (1, 1) and groups == 1
 
@@ -186,8 +186,8 @@ _PLAIN = (Tensor, nn.Parameter)
 def _eager(*tensors: Tensor | None) -> bool:
     """True when running on plain tensors outside any tracing: then the kernel is called directly.
 
-    The custom op's dispatch costs ~13 us a call (measured), 4% of a 64x1024x1024 int8 GEMM; tracing,
-    export and the cost model's fake tensors must go through the op so they see one node with a fake kernel.
+    The custom op's dispatch has a fixed cost per call that small GEMMs feel; tracing, export and the cost
+    model's fake tensors must go through the op so they see one node with a fake kernel.
     """
     return (_get_current_dispatch_mode() is None and not torch.compiler.is_compiling()
             and all(t is None or type(t) in _PLAIN for t in tensors))
