@@ -127,9 +127,28 @@ void (*row_dots_fn())(const RowDots<T>&, int64_t, int64_t) {
 }
 
 template <typename T>
-void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
+int64_t panel_width() {
+  return kernels().column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
+}
+
+// src (rows, cols) with any strides, packed into column panels (Panels) in a buffer owned by the caller.
+template <typename T>
+Tensor pack_panels(const Tensor& src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  const int64_t width = panel_width<T>(), panels = (cols + width - 1) / width;
+  Tensor packed = at::empty({std::max<int64_t>(1, panels * rows * width)}, src.options());
   const KernelTable& k = kernels();
-  const int64_t tile = k.column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
+  auto fn = std::is_same<T, float>::value
+                ? reinterpret_cast<void (*)(const Panels<T>&, int64_t, int64_t)>(k.pack_panels_f)
+                : reinterpret_cast<void (*)(const Panels<T>&, int64_t, int64_t)>(k.pack_panels_d);
+  const Panels<T> p{src.data_ptr<T>(), rows, cols, row_stride, col_stride, packed.data_ptr<T>()};
+  at::parallel_for(0, panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, rows * width)),
+                   [&](int64_t p0, int64_t p1) { fn(p, p0, p1); });
+  return packed;
+}
+
+template <typename T>
+void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
+  const int64_t tile = panel_width<T>();
   const int64_t blocks = (columns + tile - 1) / tile;
   const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
@@ -296,11 +315,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
   const int64_t T = xp_in.size(0), N = xp_in.size(1), H = xp_in.size(2) / 4;
   const int64_t k = index.has_value() ? index->size(-1) : H;
   auto idx = checked_index(index, T, k, H, op);
-  Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({T, N, 4 * H}, xp.options());
   Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
   if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
   const Layer L{T, N, H, k, reverse};
+  const bool by_rows = split_rows(N, H, xp.element_size());
+  // By rows, W^T is packed once for all steps (read straight from any strides, W_hh itself included).
+  Tensor wt = by_rows ? wt_in : wt_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fxreduce", [&] {
     auto gemm = rows_gemm_fn<scalar_t>();
     auto cell = cell_forward<scalar_t>();
@@ -316,15 +338,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
     auto h_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? h0_p : hs_p + prev_of(n) * N * H; };
     auto c_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? c0_p : cs_p + prev_of(n) * N * H; };
     auto kept_of = [&](int64_t t) { return index_p ? index_p + t * index_stride : nullptr; };
-    if (split_rows(N, H, sizeof(scalar_t))) {
+    if (by_rows) {
+      const Tensor packed = pack_panels<scalar_t>(wt, H, 4 * H, wt.stride(0), wt.stride(1));
+      const scalar_t* panels = packed.data_ptr<scalar_t>();
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
         std::vector<scalar_t> z((r1 - r0) * k);
         for (int64_t n = 0; n < T; ++n) {
           const int64_t t = L.step(n);
           const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, r0, r1, z.data());
           scalar_t* gates = acts_p + (t * N + r0) * 4 * H;
-          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0,
-                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1)};
+          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, panels, 0, 0, kept_of(t), 0, gates, 0,
+                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1), H};
           gemm(g, 0, 4 * H);
           const scalar_t* c_prev = c_prev_of(n);
           for (int64_t r = r0; r < r1; ++r) {
@@ -377,7 +401,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const int64_t k = index.has_value() ? index->size(-1) : H;
   auto idx = checked_index(index, T, k, H, op);
   Tensor dhs = dhs_in.contiguous(), acts = acts_in.contiguous(), cs = cs_in.contiguous(), tcs = tcs_in.contiguous();
-  Tensor hs = hs_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor hs = hs_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  // Dense, dh = dgates @ W_hh runs on W_hh = wt^T packed once (read from wt's strides); with a keep set, on
+  // dot products with the kept rows of wt.
+  const bool dense = !idx.has_value();
+  Tensor wt = dense ? wt_in : wt_in.contiguous();
   Tensor dgates = at::empty({T, N, 4 * H}, acts.options());
   Tensor dc = dc_last.contiguous().clone();
   Tensor dh = T > 0 ? dhs[reverse ? 0 : T - 1].clone() : at::zeros({N, H}, acts.options());
@@ -387,6 +415,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     auto cell = cell_backward<scalar_t>();
     auto dots = row_dots_fn<scalar_t>();
+    auto gemm = rows_gemm_fn<scalar_t>();
+    const Tensor packed = dense ? pack_panels<scalar_t>(wt, 4 * H, H, wt.stride(1), wt.stride(0)) : Tensor();
+    const scalar_t* panels = dense ? packed.data_ptr<scalar_t>() : nullptr;
     const scalar_t *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>(), *tcs_p = tcs.data_ptr<scalar_t>();
     const scalar_t *dhs_p = dhs.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
     scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>(), *dc_p = dc.data_ptr<scalar_t>();
@@ -414,20 +445,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
       return RowDots<scalar_t>{1, r1 - r0, k, 4 * H, dg_p + (t * N + r0) * 4 * H, 0, 4 * H, w_p, 0, 4 * H, kept, 0,
                                dh_p + r0 * H, 0, H, kept, 0, true, alpha};
     };
+    auto recurrent_dense = [&](int64_t n, int64_t r0, int64_t r1) {
+      return RowsGemm<scalar_t>{1, r1 - r0, 4 * H, dg_p + (L.step(n) * N + r0) * 4 * H, 0, 4 * H, 1, panels, 0, 0,
+                                nullptr, 0, dh_p + r0 * H, 0, H, nullptr, 0, nullptr, 0, 0, true, scalar_t(1), 4 * H};
+    };
     if (split_rows(N, H, sizeof(scalar_t))) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t n = T - 1; n >= 0; --n) {
           cells(n, r0, r1);
-          dots(recurrent(n, r0, r1), 0, k);
+          if (dense) {
+            gemm(recurrent_dense(n, r0, r1), 0, H);
+          } else {
+            dots(recurrent(n, r0, r1), 0, k);
+          }
         }
       });
       return;
     }
     for (int64_t n = T - 1; n >= 0; --n) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
-      run_row_dots(recurrent(n, 0, N));
+      if (dense) {
+        run_rows_gemm(recurrent_dense(n, 0, N), H);
+      } else {
+        run_row_dots(recurrent(n, 0, N));
+      }
     }
   });
+  if (dense) {
+    // dW_hh = sum_t dgates_t^T h_(t-1), in W_hh's own (4H, H) layout: returned as its transpose, the
+    // gradient of a wt that is W_hh.t() reaches the parameter without a copy. Two GEMMs: the step that
+    // reads h0, then all others against hs shifted by one step (no concatenated copy).
+    Tensor dw = at::zeros({4 * H, H}, acts.options());
+    AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+      const scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *hs_p = hs.data_ptr<scalar_t>();
+      const int64_t first = reverse ? T - 1 : 0;  // the step whose state entering it is h0
+      auto add = [&](const scalar_t* dg, const scalar_t* h, int64_t rows) {
+        RowsGemm<scalar_t> a{1, 4 * H, rows, dg, 0, 1, 4 * H, h, 0, H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, H,
+                             nullptr, 0, nullptr, 0, 0, true, scalar_t(1)};
+        run_rows_gemm(a, H);
+      };
+      add(dg_p + first * N * 4 * H, h0.data_ptr<scalar_t>(), N);
+      if (T > 1) add(dg_p + (reverse ? 0 : N * 4 * H), hs_p + (reverse ? N * H : 0), (T - 1) * N);
+    });
+    return {dgates, dh, dc, dw.t()};
+  }
   // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step).
   Tensor h_prev = reverse ? at::cat({hs.slice(0, 1), h0.unsqueeze(0)}) : at::cat({h0.unsqueeze(0), hs.slice(0, 0, T - 1)});
   Tensor z = h_prev;
