@@ -267,11 +267,10 @@ void check_lstm(const char* op, const Tensor& xp, const Tensor& h0, const Tensor
 // How a layer's time loop is split across threads. The recurrence of each batch row depends on that row
 // only, so with enough rows per thread each thread runs the whole sequence for its rows: one parallel
 // region per call, no synchronisation per step; every thread then reads all of W^T per step, which pays
-// while W^T stays in cache. Otherwise every step splits the hidden units (forward: the four gate columns
-// of a unit range and their cells in one region) and, backward, the state gradient's columns.
+// while W^T stays in cache. Otherwise every step splits the GEMM's column panels, then (forward) the cells'
+// rows; backward, the cells' rows, then the state gradient's columns.
 constexpr int64_t kRowSplitMaxWeightBytes = 8 << 20;
 constexpr int64_t kMinRowsPerThread = 5;
-constexpr int64_t kUnitBlock = 16;
 
 bool split_rows(int64_t N, int64_t H, int64_t element_size) {
   const int64_t threads = at::get_num_threads();
@@ -320,62 +319,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
   Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
   if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
   const Layer L{T, N, H, k, reverse};
-  const bool by_rows = split_rows(N, H, xp.element_size());
-  // By rows, W^T is packed once for all steps (read straight from any strides, W_hh itself included).
-  Tensor wt = by_rows ? wt_in : wt_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fxreduce", [&] {
     auto gemm = rows_gemm_fn<scalar_t>();
     auto cell = cell_forward<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(scale);
     scalar_t *hs_p = hs.data_ptr<scalar_t>(), *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>();
     scalar_t* tcs_p = tcs.data_ptr<scalar_t>();
-    const scalar_t *xp_p = xp.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>();
+    const scalar_t* xp_p = xp.data_ptr<scalar_t>();
     const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
     const int64_t* index_p = index_data(idx);
     const int64_t index_stride = index_group_stride(idx);
+    // W^T packed once for all steps, read straight from any strides (W_hh.t() itself included).
+    const Tensor packed = pack_panels<scalar_t>(wt_in, H, 4 * H, wt_in.stride(0), wt_in.stride(1));
+    const scalar_t* panels = packed.data_ptr<scalar_t>();
     // Step n's pieces: the state it reads, its keep set, its gate buffer and the projection it adds.
     auto prev_of = [&](int64_t n) { return n == 0 ? int64_t(-1) : L.step(n - 1); };
     auto h_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? h0_p : hs_p + prev_of(n) * N * H; };
     auto c_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? c0_p : cs_p + prev_of(n) * N * H; };
     auto kept_of = [&](int64_t t) { return index_p ? index_p + t * index_stride : nullptr; };
-    if (by_rows) {
-      const Tensor packed = pack_panels<scalar_t>(wt, H, 4 * H, wt.stride(0), wt.stride(1));
-      const scalar_t* panels = packed.data_ptr<scalar_t>();
+    // Rows [r0, r1) of step n: the GEMM into the gate buffer (plus the projection), given its input a.
+    auto step_gemm = [&](int64_t n, int64_t r0, int64_t r1, const scalar_t* a) {
+      const int64_t t = L.step(n);
+      return RowsGemm<scalar_t>{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, panels, 0, 0, kept_of(t), 0,
+                                acts_p + (t * N + r0) * 4 * H, 0, 4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0,
+                                4 * H, false, scalar_t(1), H};
+    };
+    auto cells = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n);
+      const scalar_t* c_prev = c_prev_of(n);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = (t * N + r) * H;
+        cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+      }
+    };
+    if (split_rows(N, H, sizeof(scalar_t))) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
         std::vector<scalar_t> z((r1 - r0) * k);
         for (int64_t n = 0; n < T; ++n) {
-          const int64_t t = L.step(n);
-          const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, r0, r1, z.data());
-          scalar_t* gates = acts_p + (t * N + r0) * 4 * H;
-          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, panels, 0, 0, kept_of(t), 0, gates, 0,
-                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1), H};
-          gemm(g, 0, 4 * H);
-          const scalar_t* c_prev = c_prev_of(n);
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t o = (t * N + r) * H;
-            cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
-          }
+          gemm(step_gemm(n, r0, r1, step_input(h_prev_of(n), H, kept_of(L.step(n)), k, s, r0, r1, z.data())), 0, 4 * H);
+          cells(n, r0, r1);
         }
       });
       return;
     }
+    // Otherwise per step: the GEMM split by column panels, then the cells split by rows.
     std::vector<scalar_t> z(N * k);
-    const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
     for (int64_t n = 0; n < T; ++n) {
-      const int64_t t = L.step(n);
-      const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, 0, N, z.data());
-      const scalar_t* c_prev = c_prev_of(n);
-      scalar_t* gates = acts_p + t * N * 4 * H;
-      RowsGemm<scalar_t> g{1, N, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0, 4 * H,
-                           nullptr, 0, xp_p + t * N * 4 * H, 0, 4 * H, false, scalar_t(1)};
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        const int64_t u0 = b0 * kUnitBlock, u1 = std::min(b1 * kUnitBlock, H);
-        for (int64_t gate = 0; gate < 4; ++gate) gemm(g, gate * H + u0, gate * H + u1);
-        for (int64_t r = 0; r < N; ++r) {
-          const int64_t o = (t * N + r) * H + u0;
-          cell(H, u1 - u0, gates + r * 4 * H + u0, c_prev + r * H + u0, cs_p + o, tcs_p + o, hs_p + o);
-        }
-      });
+      run_rows_gemm(step_gemm(n, 0, N, step_input(h_prev_of(n), H, kept_of(L.step(n)), k, s, 0, N, z.data())), 4 * H);
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
     }
   });
   return {hs, cs[L.step(T - 1)].clone(), acts, cs, tcs};
