@@ -227,13 +227,15 @@ Tensor gather_matmul_weight_grad(const Tensor& x, const Tensor& dout, const std:
   const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = dout.size(2);
   auto idx = checked_index(index, G, K, rows, op);
   Tensor xc = x.contiguous(), dc = dout.contiguous();
-  Tensor result = at::zeros({rows, out}, x.options());
+  // Without an index the GEMM writes every row exactly once; a keep set leaves the other rows zero.
+  const bool every_row = !idx.has_value() && G * N > 0;
+  Tensor result = every_row ? at::empty({rows, out}, x.options()) : at::zeros({rows, out}, x.options());
   if (result.numel() == 0 || x.numel() == 0) return result;
   const bool one_group = !idx.has_value() || idx->dim() == 1;  // one set for all: a single GEMM over G*N rows
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : G, K, one_group ? G * N : N, xc.data_ptr<scalar_t>(), N * K, 1, K,
                          dc.data_ptr<scalar_t>(), N * out, out, nullptr, 0, result.data_ptr<scalar_t>(), 0, out,
-                         index_data(idx), one_group ? 0 : K, nullptr, 0, 0, true, scalar_t(1)};
+                         index_data(idx), one_group ? 0 : K, nullptr, 0, 0, !every_row, scalar_t(1)};
     run_rows_gemm(a, out);
   });
   return result;
@@ -400,8 +402,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   Tensor dgates = at::empty({T, N, 4 * H}, acts.options());
   Tensor dc = dc_last.contiguous().clone();
   Tensor dh = T > 0 ? dhs[reverse ? 0 : T - 1].clone() : at::zeros({N, H}, acts.options());
-  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
-  if (T == 0) return {dgates, dh, dc, dwt};
+  if (T == 0) return {dgates, dh, dc, at::zeros({H, 4 * H}, acts.options())};
   const Layer L{T, N, H, k, reverse};
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     auto cell = cell_backward<scalar_t>();
@@ -466,17 +467,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     // dW_hh = sum_t dgates_t^T h_(t-1), in W_hh's own (4H, H) layout: returned as its transpose, the
     // gradient of a wt that is W_hh.t() reaches the parameter without a copy. Two GEMMs: the step that
     // reads h0, then all others against hs shifted by one step (no concatenated copy).
-    Tensor dw = at::zeros({4 * H, H}, acts.options());
+    Tensor dw = at::empty({4 * H, H}, acts.options());
     AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
       const scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *hs_p = hs.data_ptr<scalar_t>();
       const int64_t first = reverse ? T - 1 : 0;  // the step whose state entering it is h0
-      auto add = [&](const scalar_t* dg, const scalar_t* h, int64_t rows) {
+      auto gemm = [&](const scalar_t* dg, const scalar_t* h, int64_t rows, bool accumulate) {
         RowsGemm<scalar_t> a{1, 4 * H, rows, dg, 0, 1, 4 * H, h, 0, H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, H,
-                             nullptr, 0, nullptr, 0, 0, true, scalar_t(1)};
+                             nullptr, 0, nullptr, 0, 0, accumulate, scalar_t(1)};
         run_rows_gemm(a, H);
       };
-      add(dg_p + first * N * 4 * H, h0.data_ptr<scalar_t>(), N);
-      if (T > 1) add(dg_p + (reverse ? 0 : N * 4 * H), hs_p + (reverse ? N * H : 0), (T - 1) * N);
+      gemm(dg_p + first * N * 4 * H, h0.data_ptr<scalar_t>(), N, false);
+      if (T > 1) gemm(dg_p + (reverse ? 0 : N * 4 * H), hs_p + (reverse ? N * H : 0), (T - 1) * N, true);
     });
     return {dgates, dh, dc, dw.t()};
   }
@@ -489,6 +490,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   }
   const bool one_group = !idx.has_value() || idx->dim() == 1;
   Tensor zc = z.contiguous();
+  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : T, k, one_group ? T * N : N, zc.data_ptr<scalar_t>(), N * k, 1, k,
                          dgates.data_ptr<scalar_t>(), N * 4 * H, 4 * H, nullptr, 0, dwt.data_ptr<scalar_t>(), 0,
