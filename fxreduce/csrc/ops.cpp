@@ -146,13 +146,37 @@ Tensor pack_panels(const Tensor& src, int64_t rows, int64_t cols, int64_t row_st
   return packed;
 }
 
+// Rows [m0, m1) of every group of a (whose C rows are not scattered), as a call of their own.
+template <typename T>
+RowsGemm<T> row_range(const RowsGemm<T>& a, int64_t m0, int64_t m1) {
+  RowsGemm<T> part = a;
+  part.M = m1 - m0;
+  part.A += m0 * a.a_row;
+  part.C += m0 * a.ldc;
+  if (a.D) part.D += m0 * a.ldd;
+  return part;
+}
+
+// Split by column tiles; a tall GEMM with few tiles (a weight gradient's H columns: 11 tiles of 64 at
+// H=650 give one thread 6 and the other 5, the last one narrow) splits its rows instead, unless an index
+// scatters them (two rows may then land on one row of C).
+constexpr int64_t kMinRowsPerThreadForRowSplit = 64;
+
 template <typename T>
 void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
   const int64_t tile = panel_width<T>();
   const int64_t blocks = (columns + tile - 1) / tile;
+  auto fn = rows_gemm_fn<T>();
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !args.c_index && blocks < 8 * threads && args.M >= kMinRowsPerThreadForRowSplit * threads) {
+    const int64_t per_row = std::max<int64_t>(1, args.groups * args.K * columns);
+    at::parallel_for(0, args.M, std::max<int64_t>(1, kWorkPerTask / per_row), [&](int64_t m0, int64_t m1) {
+      fn(row_range(args, m0, m1), 0, columns);
+    });
+    return;
+  }
   const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
-  auto fn = rows_gemm_fn<T>();
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     fn(args, b0 * tile, std::min(b1 * tile, columns));
   });
