@@ -129,7 +129,8 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
     k = width if index is None else 150
     x = torch.randn(groups, rows, k, dtype=torch.float64, generator=generator)
     dout = torch.randn(groups, rows, out, dtype=torch.float64, generator=generator)
-    xp, wt = torch.randn(5, 3, 160, dtype=torch.float64, generator=generator), torch.randn(160, 40, dtype=torch.float64).t()
+    xp = torch.randn(5, 3, 160, dtype=torch.float64, generator=generator)
+    wt = torch.randn(160, 40, dtype=torch.float64, generator=generator).t()  # W_hh.t(), as the module passes it
     h0, c0 = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
     dhs = torch.randn(5, 3, 40, dtype=torch.float64)
     previous = torch.get_num_threads()

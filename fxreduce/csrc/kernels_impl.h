@@ -116,7 +116,8 @@ inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b
     row_tile_of<T, NVt, FXR_MR>(rows, a, a.A + g * a.a_group + m * a.a_row, b_base, ldb, b_index, c_rows, d_rows);
     if (partial) {
       for (int r = 0; r < rows; ++r)
-        for (int64_t e = 0; e < width; ++e) out_rows[r][e] = local[r * full + e] + (add_rows[r] ? add_rows[r][e] : T(0));
+        for (int64_t e = 0; e < width; ++e)
+          out_rows[r][e] = local[r * full + e] + (add_rows[r] ? add_rows[r][e] : T(0));
     }
   }
 }
