@@ -118,6 +118,35 @@ def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, rever
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
+def test_tall_weight_gradients_split_their_rows_across_threads(kind):
+    """Weight gradients with many rows and few column tiles run split by rows at 2 threads unless a keep set
+    scatters them (the hypothesis shapes above are too small to reach either choice); both add up."""
+    generator = torch.Generator().manual_seed(0)
+    groups, rows, width, out = 3, 4, 200, 70
+    index = {"none": None, "shared": torch.randperm(width, generator=generator)[:150],
+             "per_group": torch.stack([torch.randperm(width, generator=generator)[:150] for _ in range(groups)])}[kind]
+    k = width if index is None else 150
+    x = torch.randn(groups, rows, k, dtype=torch.float64, generator=generator)
+    dout = torch.randn(groups, rows, out, dtype=torch.float64, generator=generator)
+    xp = torch.randn(5, 3, 160, dtype=torch.float64, generator=generator)
+    wt = torch.randn(160, 40, dtype=torch.float64, generator=generator).t()  # W_hh.t(), as the module passes it
+    h0, c0 = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    dhs = torch.randn(5, 3, 40, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        close(ops.gather_matmul_weight_grad(x, dout, index, width),
+              native.gather_matmul_weight_grad_reference(x, dout, index, width), torch.float64, "weight gradient")
+        hs, _, acts, cs, tcs = native.lstm_layer_reference(xp, h0, c0, wt, None, 1.0, False)
+        saved = (acts, cs, tcs, hs, h0, c0, wt, None, 1.0, False)
+        got = ops.lstm_layer_backward(dhs, torch.zeros_like(c0), *saved)
+        want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
+        close(got[3], want[3], torch.float64, "recurrent weight gradient")
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_gradcheck_on_small_shapes(isa):
     generator = torch.Generator().manual_seed(0)

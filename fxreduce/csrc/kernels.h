@@ -30,6 +30,20 @@ struct RowsGemm {
   int64_t d_group, ldd;
   bool accumulate;
   T alpha;
+  // Non-zero: B comes packed by pack_panels (b_panel_rows rows per panel; ldb unused), and a column range
+  // starts on a panel boundary and ends on one or at the last column.
+  int64_t b_panel_rows = 0;
+};
+
+// A weight read at every step of a recurrence is packed once per call into column panels of the register
+// tile's width (the last panel rounded up to whole vectors, zero-padded): panel p holds columns
+// [p*w, p*w + w) of all `rows` rows contiguously, at dst + p*rows*w, so a tile streams one contiguous block
+// instead of `rows` short strided pieces. src(j, c) = src[j*row_stride + c*col_stride], any strides.
+template <typename T>
+struct Panels {
+  const T* src;
+  int64_t rows, cols, row_stride, col_stride;
+  T* dst;
 };
 
 // C(g, m, col(g, j)) (+)= alpha * sum_c A(g, m, c) * B(g, row(g, j), c): dot products of contiguous rows,
@@ -53,9 +67,11 @@ struct RowDots {
 
 struct KernelTable {
   const char* name;
-  int column_tile_floats;  // columns per register tile, float32 (the parallel grain of rows_gemm)
+  int column_tile_floats;  // columns per register tile, float32 (the parallel grain of rows_gemm, the panel width)
   void (*rows_gemm_f)(const RowsGemm<float>&, int64_t c_begin, int64_t c_end);
   void (*rows_gemm_d)(const RowsGemm<double>&, int64_t c_begin, int64_t c_end);
+  void (*pack_panels_f)(const Panels<float>&, int64_t panel_begin, int64_t panel_end);
+  void (*pack_panels_d)(const Panels<double>&, int64_t panel_begin, int64_t panel_end);
   void (*row_dots_f)(const RowDots<float>&, int64_t j_begin, int64_t j_end);
   void (*row_dots_d)(const RowDots<double>&, int64_t j_begin, int64_t j_end);
   // `units` LSTM cells of one row: gate g of unit u at gates[g*H + u] (in: pre-activations i f g o, out:

@@ -6,7 +6,7 @@
 #define FXR_VEC_BYTES 64
 #define FXR_MR 5
 #define FXR_NV 4
-#define FXR_DM 4
+#define FXR_DM 5
 #define FXR_DJ 4
 #include "kernels_impl.h"
 #endif

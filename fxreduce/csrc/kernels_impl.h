@@ -91,13 +91,14 @@ inline void row_tile_of(int rows, const RowsGemm<T>& a, const T* A, const T* b_b
   }
 }
 
-// All rows of group g for the columns [c, c + width). With `tail` > 0 the B columns come packed in b_base
-// (zero-padded to one vector) and the tile is written through a local buffer, `tail` columns back.
+// All rows of group g for the columns [c, c + width), width <= NVt vectors. A narrower tile is computed
+// into a local buffer (B zero-padded to whole vectors in b_base) and its first `width` columns written back.
 template <typename T, int NVt>
 inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b_base, int64_t ldb,
-                          const int64_t* b_index, int64_t tail) {
-  constexpr int L = Vec<T>::lanes;
-  T local[FXR_MR * L];
+                          const int64_t* b_index, int64_t width) {
+  constexpr int64_t full = NVt * Vec<T>::lanes;
+  const bool partial = width < full;
+  T local[FXR_MR * full];
   for (int64_t m = 0; m < a.M; m += FXR_MR) {
     const int rows = static_cast<int>(smaller(FXR_MR, a.M - m));
     T* c_rows[FXR_MR];
@@ -109,14 +110,24 @@ inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b
       const int64_t c_row = a.c_index ? a.c_index[g * a.c_index_group + row] : row;
       out_rows[r] = a.C + g * a.c_group + c_row * a.ldc + c;
       add_rows[r] = a.accumulate ? out_rows[r] : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
-      c_rows[r] = tail ? local + r * L : out_rows[r];
-      d_rows[r] = tail ? nullptr : add_rows[r];
+      c_rows[r] = partial ? local + r * full : out_rows[r];
+      d_rows[r] = partial ? nullptr : add_rows[r];
     }
     row_tile_of<T, NVt, FXR_MR>(rows, a, a.A + g * a.a_group + m * a.a_row, b_base, ldb, b_index, c_rows, d_rows);
-    if (tail) {
+    if (partial) {
       for (int r = 0; r < rows; ++r)
-        for (int64_t e = 0; e < tail; ++e) out_rows[r][e] = local[r * L + e] + (add_rows[r] ? add_rows[r][e] : T(0));
+        for (int64_t e = 0; e < width; ++e)
+          out_rows[r][e] = local[r * full + e] + (add_rows[r] ? add_rows[r][e] : T(0));
     }
+  }
+}
+
+template <typename T, int NVt>
+inline void group_columns_of(int vectors, const RowsGemm<T>& a, int64_t g, int64_t c, const T* b_base, int64_t ldb,
+                             const int64_t* b_index, int64_t width) {
+  if constexpr (NVt > 0) {
+    if (vectors == NVt) return group_columns<T, NVt>(a, g, c, b_base, ldb, b_index, width);
+    group_columns_of<T, NVt - 1>(vectors, a, g, c, b_base, ldb, b_index, width);
   }
 }
 
@@ -124,27 +135,57 @@ template <typename T>
 void rows_gemm(const RowsGemm<T>& a, int64_t c_begin, int64_t c_end) {
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t W = FXR_NV * L;
+  auto index_of = [&](int64_t g) { return a.b_index ? a.b_index + g * a.b_index_group : nullptr; };
+  if (a.b_panel_rows) {
+    for (int64_t c = c_begin; c < c_end; c += W) {
+      const int64_t width = smaller(W, c_end - c), vectors = (width + L - 1) / L;
+      const T* panel = a.B + (c / W) * a.b_panel_rows * W;
+      for (int64_t g = 0; g < a.groups; ++g)
+        group_columns_of<T, FXR_NV>(static_cast<int>(vectors), a, g, c, panel + g * a.b_group, vectors * L,
+                                    index_of(g), width);
+    }
+    return;
+  }
   int64_t c = c_begin;
   // Column tiles outer, groups inner: a (K x W) panel of B stays in cache across every group (time step).
   for (; c + W <= c_end; c += W)
     for (int64_t g = 0; g < a.groups; ++g)
-      group_columns<T, FXR_NV>(a, g, c, a.B + g * a.b_group + c, a.ldb,
-                               a.b_index ? a.b_index + g * a.b_index_group : nullptr, 0);
+      group_columns<T, FXR_NV>(a, g, c, a.B + g * a.b_group + c, a.ldb, index_of(g), W);
   for (; c + L <= c_end; c += L)
     for (int64_t g = 0; g < a.groups; ++g)
-      group_columns<T, 1>(a, g, c, a.B + g * a.b_group + c, a.ldb,
-                          a.b_index ? a.b_index + g * a.b_index_group : nullptr, 0);
+      group_columns<T, 1>(a, g, c, a.B + g * a.b_group + c, a.ldb, index_of(g), L);
   if (c < c_end) {
     const int64_t tail = c_end - c;
     Scratch<T> packed(a.K * L);
     for (int64_t g = 0; g < a.groups; ++g) {
-      const int64_t* index = a.b_index ? a.b_index + g * a.b_index_group : nullptr;
+      const int64_t* index = index_of(g);
       for (int64_t j = 0; j < a.K; ++j) {
         const T* b = a.B + g * a.b_group + (index ? index[j] : j) * a.ldb + c;
         for (int64_t e = 0; e < tail; ++e) packed.data[j * L + e] = b[e];
       }
       group_columns<T, 1>(a, g, c, packed.data, L, nullptr, tail);
     }
+  }
+}
+
+template <typename T>
+void pack_panels(const Panels<T>& p, int64_t panel_begin, int64_t panel_end) {
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t W = FXR_NV * L;
+  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+    const int64_t c0 = panel * W, width = smaller(W, p.cols - c0), stored = (width + L - 1) / L * L;
+    T* out = p.dst + panel * p.rows * W;
+    if (p.row_stride == 1 && p.col_stride != 1) {  // a transposed source: read its contiguous runs
+      for (int64_t e = 0; e < width; ++e) {
+        const T* in = p.src + (c0 + e) * p.col_stride;
+        for (int64_t j = 0; j < p.rows; ++j) out[j * stored + e] = in[j];
+      }
+    } else {
+      for (int64_t j = 0; j < p.rows; ++j)
+        for (int64_t e = 0; e < width; ++e) out[j * stored + e] = p.src[j * p.row_stride + (c0 + e) * p.col_stride];
+    }
+    for (int64_t j = 0; j < p.rows; ++j)
+      for (int64_t e = width; e < stored; ++e) out[j * stored + e] = T(0);
   }
 }
 
@@ -190,26 +231,27 @@ inline void dot_tile(const RowDots<T>& a, int64_t g, int64_t m, int64_t j) {
     }
 }
 
-template <typename T, int DMt>
-inline void dot_rows(const RowDots<T>& a, int64_t g, int64_t m, int64_t j_begin, int64_t j_end) {
-  int64_t j = j_begin;
-  for (; j + FXR_DJ <= j_end; j += FXR_DJ) dot_tile<T, DMt, FXR_DJ>(a, g, m, j);
-  for (; j < j_end; ++j) dot_tile<T, DMt, 1>(a, g, m, j);
-}
-
-template <typename T, int DMt>
-inline void dot_rows_of(int rows, const RowDots<T>& a, int64_t g, int64_t m, int64_t j_begin, int64_t j_end) {
+template <typename T, int DJt, int DMt>
+inline void dot_tile_of(int rows, const RowDots<T>& a, int64_t g, int64_t m, int64_t j) {
   if constexpr (DMt > 0) {
-    if (rows == DMt) return dot_rows<T, DMt>(a, g, m, j_begin, j_end);
-    dot_rows_of<T, DMt - 1>(rows, a, g, m, j_begin, j_end);
+    if (rows == DMt) return dot_tile<T, DMt, DJt>(a, g, m, j);
+    dot_tile_of<T, DJt, DMt - 1>(rows, a, g, m, j);
   }
 }
 
+// B rows outer, A rows inner: the FXR_DJ rows of B a tile reads (a slice of W^T: 4H floats each) are read
+// from memory once and then from cache for every row tile, instead of all of B once per row tile.
 template <typename T>
 void row_dots(const RowDots<T>& a, int64_t j_begin, int64_t j_end) {
-  for (int64_t g = 0; g < a.groups; ++g)
-    for (int64_t m = 0; m < a.M; m += FXR_DM)
-      dot_rows_of<T, FXR_DM>(static_cast<int>(smaller(FXR_DM, a.M - m)), a, g, m, j_begin, j_end);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    int64_t j = j_begin;
+    for (; j + FXR_DJ <= j_end; j += FXR_DJ)
+      for (int64_t m = 0; m < a.M; m += FXR_DM)
+        dot_tile_of<T, FXR_DJ, FXR_DM>(static_cast<int>(smaller(FXR_DM, a.M - m)), a, g, m, j);
+    for (; j < j_end; ++j)
+      for (int64_t m = 0; m < a.M; m += FXR_DM)
+        dot_tile_of<T, 1, FXR_DM>(static_cast<int>(smaller(FXR_DM, a.M - m)), a, g, m, j);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -328,6 +370,8 @@ extern const KernelTable FXR_TABLE = {
     FXR_NV * FXR_ISA::Vec<float>::lanes,
     &FXR_ISA::rows_gemm<float>,
     &FXR_ISA::rows_gemm<double>,
+    &FXR_ISA::pack_panels<float>,
+    &FXR_ISA::pack_panels<double>,
     &FXR_ISA::row_dots<float>,
     &FXR_ISA::row_dots<double>,
     &FXR_ISA::cell_forward_f,

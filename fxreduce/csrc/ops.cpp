@@ -127,13 +127,56 @@ void (*row_dots_fn())(const RowDots<T>&, int64_t, int64_t) {
 }
 
 template <typename T>
-void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
+int64_t panel_width() {
+  return kernels().column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
+}
+
+// src (rows, cols) with any strides, packed into column panels (Panels) in a buffer owned by the caller.
+template <typename T>
+Tensor pack_panels(const Tensor& src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  const int64_t width = panel_width<T>(), panels = (cols + width - 1) / width;
+  Tensor packed = at::empty({std::max<int64_t>(1, panels * rows * width)}, src.options());
   const KernelTable& k = kernels();
-  const int64_t tile = k.column_tile_floats * 4 / static_cast<int64_t>(sizeof(T));
+  auto fn = std::is_same<T, float>::value
+                ? reinterpret_cast<void (*)(const Panels<T>&, int64_t, int64_t)>(k.pack_panels_f)
+                : reinterpret_cast<void (*)(const Panels<T>&, int64_t, int64_t)>(k.pack_panels_d);
+  const Panels<T> p{src.data_ptr<T>(), rows, cols, row_stride, col_stride, packed.data_ptr<T>()};
+  at::parallel_for(0, panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, rows * width)),
+                   [&](int64_t p0, int64_t p1) { fn(p, p0, p1); });
+  return packed;
+}
+
+// Rows [m0, m1) of every group of a (whose C rows are not scattered), as a call of their own.
+template <typename T>
+RowsGemm<T> row_range(const RowsGemm<T>& a, int64_t m0, int64_t m1) {
+  RowsGemm<T> part = a;
+  part.M = m1 - m0;
+  part.A += m0 * a.a_row;
+  part.C += m0 * a.ldc;
+  if (a.D) part.D += m0 * a.ldd;
+  return part;
+}
+
+// Split by column tiles; a tall GEMM with few tiles (a weight gradient's H columns: 11 tiles of 64 at
+// H=650 give one thread 6 and the other 5, the last one narrow) splits its rows instead, unless an index
+// scatters them (two rows may then land on one row of C).
+constexpr int64_t kMinRowsPerThreadForRowSplit = 64;
+
+template <typename T>
+void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
+  const int64_t tile = panel_width<T>();
   const int64_t blocks = (columns + tile - 1) / tile;
+  auto fn = rows_gemm_fn<T>();
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !args.c_index && blocks < 8 * threads && args.M >= kMinRowsPerThreadForRowSplit * threads) {
+    const int64_t per_row = std::max<int64_t>(1, args.groups * args.K * columns);
+    at::parallel_for(0, args.M, std::max<int64_t>(1, kWorkPerTask / per_row), [&](int64_t m0, int64_t m1) {
+      fn(row_range(args, m0, m1), 0, columns);
+    });
+    return;
+  }
   const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
-  auto fn = rows_gemm_fn<T>();
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     fn(args, b0 * tile, std::min(b1 * tile, columns));
   });
@@ -208,13 +251,15 @@ Tensor gather_matmul_weight_grad(const Tensor& x, const Tensor& dout, const std:
   const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = dout.size(2);
   auto idx = checked_index(index, G, K, rows, op);
   Tensor xc = x.contiguous(), dc = dout.contiguous();
-  Tensor result = at::zeros({rows, out}, x.options());
+  // Without an index the GEMM writes every row exactly once; a keep set leaves the other rows zero.
+  const bool every_row = !idx.has_value() && G * N > 0;
+  Tensor result = every_row ? at::empty({rows, out}, x.options()) : at::zeros({rows, out}, x.options());
   if (result.numel() == 0 || x.numel() == 0) return result;
   const bool one_group = !idx.has_value() || idx->dim() == 1;  // one set for all: a single GEMM over G*N rows
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : G, K, one_group ? G * N : N, xc.data_ptr<scalar_t>(), N * K, 1, K,
                          dc.data_ptr<scalar_t>(), N * out, out, nullptr, 0, result.data_ptr<scalar_t>(), 0, out,
-                         index_data(idx), one_group ? 0 : K, nullptr, 0, 0, true, scalar_t(1)};
+                         index_data(idx), one_group ? 0 : K, nullptr, 0, 0, !every_row, scalar_t(1)};
     run_rows_gemm(a, out);
   });
   return result;
@@ -248,11 +293,10 @@ void check_lstm(const char* op, const Tensor& xp, const Tensor& h0, const Tensor
 // How a layer's time loop is split across threads. The recurrence of each batch row depends on that row
 // only, so with enough rows per thread each thread runs the whole sequence for its rows: one parallel
 // region per call, no synchronisation per step; every thread then reads all of W^T per step, which pays
-// while W^T stays in cache. Otherwise every step splits the hidden units (forward: the four gate columns
-// of a unit range and their cells in one region) and, backward, the state gradient's columns.
+// while W^T stays in cache. Otherwise every step splits the GEMM's column panels, then (forward) the cells'
+// rows; backward, the cells' rows, then the state gradient's columns.
 constexpr int64_t kRowSplitMaxWeightBytes = 8 << 20;
 constexpr int64_t kMinRowsPerThread = 5;
-constexpr int64_t kUnitBlock = 16;
 
 bool split_rows(int64_t N, int64_t H, int64_t element_size) {
   const int64_t threads = at::get_num_threads();
@@ -296,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
   const int64_t T = xp_in.size(0), N = xp_in.size(1), H = xp_in.size(2) / 4;
   const int64_t k = index.has_value() ? index->size(-1) : H;
   auto idx = checked_index(index, T, k, H, op);
-  Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({T, N, 4 * H}, xp.options());
   Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
   if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
@@ -307,51 +351,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
     const scalar_t s = static_cast<scalar_t>(scale);
     scalar_t *hs_p = hs.data_ptr<scalar_t>(), *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>();
     scalar_t* tcs_p = tcs.data_ptr<scalar_t>();
-    const scalar_t *xp_p = xp.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>();
+    const scalar_t* xp_p = xp.data_ptr<scalar_t>();
     const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
     const int64_t* index_p = index_data(idx);
     const int64_t index_stride = index_group_stride(idx);
+    // W^T packed once for all steps, read straight from any strides (W_hh.t() itself included).
+    const Tensor packed = pack_panels<scalar_t>(wt_in, H, 4 * H, wt_in.stride(0), wt_in.stride(1));
+    const scalar_t* panels = packed.data_ptr<scalar_t>();
     // Step n's pieces: the state it reads, its keep set, its gate buffer and the projection it adds.
     auto prev_of = [&](int64_t n) { return n == 0 ? int64_t(-1) : L.step(n - 1); };
     auto h_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? h0_p : hs_p + prev_of(n) * N * H; };
     auto c_prev_of = [&](int64_t n) { return prev_of(n) < 0 ? c0_p : cs_p + prev_of(n) * N * H; };
     auto kept_of = [&](int64_t t) { return index_p ? index_p + t * index_stride : nullptr; };
+    // Rows [r0, r1) of step n: the GEMM into the gate buffer (plus the projection), given its input a.
+    auto step_gemm = [&](int64_t n, int64_t r0, int64_t r1, const scalar_t* a) {
+      const int64_t t = L.step(n);
+      return RowsGemm<scalar_t>{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, panels, 0, 0, kept_of(t), 0,
+                                acts_p + (t * N + r0) * 4 * H, 0, 4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0,
+                                4 * H, false, scalar_t(1), H};
+    };
+    auto cells = [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t t = L.step(n);
+      const scalar_t* c_prev = c_prev_of(n);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = (t * N + r) * H;
+        cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+      }
+    };
     if (split_rows(N, H, sizeof(scalar_t))) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
         std::vector<scalar_t> z((r1 - r0) * k);
         for (int64_t n = 0; n < T; ++n) {
-          const int64_t t = L.step(n);
-          const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, r0, r1, z.data());
-          scalar_t* gates = acts_p + (t * N + r0) * 4 * H;
-          RowsGemm<scalar_t> g{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0,
-                               4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1)};
-          gemm(g, 0, 4 * H);
-          const scalar_t* c_prev = c_prev_of(n);
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t o = (t * N + r) * H;
-            cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
-          }
+          gemm(step_gemm(n, r0, r1, step_input(h_prev_of(n), H, kept_of(L.step(n)), k, s, r0, r1, z.data())), 0, 4 * H);
+          cells(n, r0, r1);
         }
       });
       return;
     }
+    // Otherwise per step: the GEMM split by column panels, then the cells split by rows.
     std::vector<scalar_t> z(N * k);
-    const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
     for (int64_t n = 0; n < T; ++n) {
-      const int64_t t = L.step(n);
-      const scalar_t* a = step_input(h_prev_of(n), H, kept_of(t), k, s, 0, N, z.data());
-      const scalar_t* c_prev = c_prev_of(n);
-      scalar_t* gates = acts_p + t * N * 4 * H;
-      RowsGemm<scalar_t> g{1, N, k, a, 0, kept_of(t) ? k : H, 1, w_p, 0, 4 * H, kept_of(t), 0, gates, 0, 4 * H,
-                           nullptr, 0, xp_p + t * N * 4 * H, 0, 4 * H, false, scalar_t(1)};
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        const int64_t u0 = b0 * kUnitBlock, u1 = std::min(b1 * kUnitBlock, H);
-        for (int64_t gate = 0; gate < 4; ++gate) gemm(g, gate * H + u0, gate * H + u1);
-        for (int64_t r = 0; r < N; ++r) {
-          const int64_t o = (t * N + r) * H + u0;
-          cell(H, u1 - u0, gates + r * 4 * H + u0, c_prev + r * H + u0, cs_p + o, tcs_p + o, hs_p + o);
-        }
-      });
+      run_rows_gemm(step_gemm(n, 0, N, step_input(h_prev_of(n), H, kept_of(L.step(n)), k, s, 0, N, z.data())), 4 * H);
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
     }
   });
   return {hs, cs[L.step(T - 1)].clone(), acts, cs, tcs};
@@ -377,16 +418,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const int64_t k = index.has_value() ? index->size(-1) : H;
   auto idx = checked_index(index, T, k, H, op);
   Tensor dhs = dhs_in.contiguous(), acts = acts_in.contiguous(), cs = cs_in.contiguous(), tcs = tcs_in.contiguous();
-  Tensor hs = hs_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), wt = wt_in.contiguous();
+  Tensor hs = hs_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  // Dense, dh = dgates @ W_hh runs on W_hh = wt^T packed once (read from wt's strides); with a keep set, on
+  // dot products with the kept rows of wt.
+  const bool dense = !idx.has_value();
+  Tensor wt = dense ? wt_in : wt_in.contiguous();
   Tensor dgates = at::empty({T, N, 4 * H}, acts.options());
   Tensor dc = dc_last.contiguous().clone();
   Tensor dh = T > 0 ? dhs[reverse ? 0 : T - 1].clone() : at::zeros({N, H}, acts.options());
-  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
-  if (T == 0) return {dgates, dh, dc, dwt};
+  if (T == 0) return {dgates, dh, dc, at::zeros({H, 4 * H}, acts.options())};
   const Layer L{T, N, H, k, reverse};
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     auto cell = cell_backward<scalar_t>();
     auto dots = row_dots_fn<scalar_t>();
+    auto gemm = rows_gemm_fn<scalar_t>();
+    const Tensor packed = dense ? pack_panels<scalar_t>(wt, 4 * H, H, wt.stride(1), wt.stride(0)) : Tensor();
+    const scalar_t* panels = dense ? packed.data_ptr<scalar_t>() : nullptr;
     const scalar_t *acts_p = acts.data_ptr<scalar_t>(), *cs_p = cs.data_ptr<scalar_t>(), *tcs_p = tcs.data_ptr<scalar_t>();
     const scalar_t *dhs_p = dhs.data_ptr<scalar_t>(), *w_p = wt.data_ptr<scalar_t>(), *c0_p = c0.data_ptr<scalar_t>();
     scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>(), *dc_p = dc.data_ptr<scalar_t>();
@@ -414,20 +461,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
       return RowDots<scalar_t>{1, r1 - r0, k, 4 * H, dg_p + (t * N + r0) * 4 * H, 0, 4 * H, w_p, 0, 4 * H, kept, 0,
                                dh_p + r0 * H, 0, H, kept, 0, true, alpha};
     };
+    auto recurrent_dense = [&](int64_t n, int64_t r0, int64_t r1) {
+      return RowsGemm<scalar_t>{1, r1 - r0, 4 * H, dg_p + (L.step(n) * N + r0) * 4 * H, 0, 4 * H, 1, panels, 0, 0,
+                                nullptr, 0, dh_p + r0 * H, 0, H, nullptr, 0, nullptr, 0, 0, true, scalar_t(1), 4 * H};
+    };
     if (split_rows(N, H, sizeof(scalar_t))) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t n = T - 1; n >= 0; --n) {
           cells(n, r0, r1);
-          dots(recurrent(n, r0, r1), 0, k);
+          if (dense) {
+            gemm(recurrent_dense(n, r0, r1), 0, H);
+          } else {
+            dots(recurrent(n, r0, r1), 0, k);
+          }
         }
       });
       return;
     }
     for (int64_t n = T - 1; n >= 0; --n) {
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) { cells(n, r0, r1); });
-      run_row_dots(recurrent(n, 0, N));
+      if (dense) {
+        run_rows_gemm(recurrent_dense(n, 0, N), H);
+      } else {
+        run_row_dots(recurrent(n, 0, N));
+      }
     }
   });
+  if (dense) {
+    // dW_hh = sum_t dgates_t^T h_(t-1), in W_hh's own (4H, H) layout: returned as its transpose, the
+    // gradient of a wt that is W_hh.t() reaches the parameter without a copy. Two GEMMs: the step that
+    // reads h0, then all others against hs shifted by one step (no concatenated copy).
+    Tensor dw = at::empty({4 * H, H}, acts.options());
+    AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+      const scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *hs_p = hs.data_ptr<scalar_t>();
+      const int64_t first = reverse ? T - 1 : 0;  // the step whose state entering it is h0
+      auto gemm = [&](const scalar_t* dg, const scalar_t* h, int64_t rows, bool accumulate) {
+        RowsGemm<scalar_t> a{1, 4 * H, rows, dg, 0, 1, 4 * H, h, 0, H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, H,
+                             nullptr, 0, nullptr, 0, 0, accumulate, scalar_t(1)};
+        run_rows_gemm(a, H);
+      };
+      gemm(dg_p + first * N * 4 * H, h0.data_ptr<scalar_t>(), N, false);
+      if (T > 1) gemm(dg_p + (reverse ? 0 : N * 4 * H), hs_p + (reverse ? N * H : 0), (T - 1) * N, true);
+    });
+    return {dgates, dh, dc, dw.t()};
+  }
   // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step).
   Tensor h_prev = reverse ? at::cat({hs.slice(0, 1), h0.unsqueeze(0)}) : at::cat({h0.unsqueeze(0), hs.slice(0, 0, T - 1)});
   Tensor z = h_prev;
@@ -437,6 +514,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   }
   const bool one_group = !idx.has_value() || idx->dim() == 1;
   Tensor zc = z.contiguous();
+  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : T, k, one_group ? T * N : N, zc.data_ptr<scalar_t>(), N * k, 1, k,
                          dgates.data_ptr<scalar_t>(), N * 4 * H, 4 * H, nullptr, 0, dwt.data_ptr<scalar_t>(), 0,

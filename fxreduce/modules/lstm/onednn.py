@@ -9,6 +9,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
+from ... import native
+
 try:  # oneDNN's linear, as torch's CPU inductor backend uses it; resolved once (a lookup costs ~8 us).
     DNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
     _DNN_LINEAR_ADD = torch.ops.mkldnn._linear_pointwise.binary
@@ -48,7 +50,8 @@ def mm_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ W^T + b`` over all time steps, with the forward, input- and weight-gradient GEMMs on oneDNN."""
+    """``x @ W^T + b`` over all time steps: the forward and input-gradient GEMMs on oneDNN, the weight gradient on
+    the native kernels where they serve (else oneDNN)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -63,7 +66,13 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.flatten(0, -2)
         dx = mm_t(dy, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = mm_t(dy.t(), x.flatten(0, -2).t()) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # dy^T x: the native weight-gradient kernel reads dy^T where it lies; oneDNN first copies both
+            # transposed operands (docs/benchmarks.md, LSTM section).
+            flat = x.flatten(0, -2)
+            dw = (native.call("gather_matmul_weight_grad", dy[None], flat[None], None, weight.shape[0])
+                  if native.serves_eagerly(dy, flat) else mm_t(dy.t(), flat.t()))
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

@@ -171,10 +171,10 @@ def fast_recurrence(xp, h0, c0, factors, reverse, keep):
         # which fail once the captured graph runs with autograd on; the plain loop captures cleanly.
         return autograd_recurrence(xp, h0, c0, _chain(factors), reverse, keep)
     if len(factors) == 1 and native.serves_eagerly(xp, h0, c0, factors[0]):
-        # The C++ time loop: the recurrent weight transposed once per call, so a kept unit is one row.
+        # The C++ time loop, on W_hh^T as a view: the kernel packs it once per call for the per-step GEMMs
+        # and returns its gradient in W_hh's layout, so neither direction copies the weight here.
         index = None if keep is None else keep.index.to(xp.device)
-        return native.lstm_layer(xp, h0, c0, factors[0].t().contiguous(), index, 1.0 if keep is None else keep.scale,
-                                 reverse)
+        return native.lstm_layer(xp, h0, c0, factors[0].t(), index, 1.0 if keep is None else keep.scale, reverse)
     index, scale, step_rows = None, 1.0, None
     if keep is not None:
         index, scale = keep.index.to(xp.device), keep.scale
