@@ -7,9 +7,10 @@ weight error. Linear layers quantize their input per call; Conv2d layers use sta
 from a calibration run, on the data the user gives or on random inputs shaped like the example inputs
 (the report says which). A ReLU that is a layer's only user is fused into the int8 kernel.
 
-No sparse kernel: measured at LeNet's fc1 shape (800 -> 500, batch 1000), torch's CSR matmul ran
-0.97-1.6x fp32 at 2-5% density while the dense int8 kernel ran 2.9x, so dense int8 is the faster path
-even for ADMM's sparsest layers.
+Pruned layers (ADMM's) run on fxreduce's sparse int8 kernels (SparseInt8Linear / SparseInt8Conv2d: only the
+stored non-zeros multiplied, the int32 sums equal to the dense kernel's) where their density is at most
+``sparse_density``, else on the dense int8 kernel; the report says which and why. torch's own CSR matmul
+is no alternative: 0.97-1.6x fp32 at 2-5% density at LeNet's fc1 shape, below dense int8's 2.9x.
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ from ..calibration import as_calibration, is_calibration, load_calibration, run_
 from ..cost_models import graph_info
 from ..cost_models.latency import Profile, example_shape, load_profile, module_seconds
 from ..graph import Layer, find_layers, only_user, replace_layer
+from .. import native
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
+from ..modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register, run_eval
 
 SOURCE = "fxreduce_int8_source"
 WEIGHT_ERROR = "fxreduce_int8_weight_error"
+# At or below this density a layer runs on the sparse int8 kernel: where the sparse kernel measured no slower
+# than the dense one on LeNet-5's and ResNet-style shapes at batch 64 and 1000 (docs/benchmarks.md, "Sparse
+# int8 kernels", gives the measured crossover).
+SPARSE_DENSITY = 0.2
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
 
@@ -107,6 +114,9 @@ class LowerInt8Options:
     objective: str = option("flops", "flops: lower every selected layer; latency: leave a layer in float32 where "
                                      "this machine's latency profile predicts int8 slower at the example sizes",
                             check=("flops or latency", lambda value: value in ("flops", "latency")))
+    sparse_density: float = option(SPARSE_DENSITY, "layers with at most this fraction of non-zero weights run on "
+                                                   "the sparse int8 kernel (0: never)",
+                                   check=("a fraction in [0, 1]", lambda value: 0 <= value <= 1))
     profile: Any = option(None, "latency profile for objective='latency': a path, or None for the one "
                                 "`fxreduce calibrate` wrote", check=("a path or None", lambda value: value is None
                                                                      or isinstance(value, str)))
@@ -211,16 +221,19 @@ class LowerInt8(Pass):
             relu = _relu_user(gm, layer.result) if self.options.fuse_relu else None
             weights = to_int8(layer.weight, self.options.per_channel)
             bias = layer.bias.detach().float() if layer.bias is not None else None
+            sparse, kernel_text = self._sparse(layer, weights.values)
             if layer.kind == "linear":
-                module = Int8Linear.from_int8(weights.values, weights.scales, bias, relu=relu is not None)
+                kind = SparseInt8Linear if sparse else Int8Linear
+                module = kind.from_int8(weights.values, weights.scales, bias, relu=relu is not None)
                 activations = "input quantized per call (dynamic)"
             else:
                 low_in, high_in, low_out, high_out = ranges[layer.node.name]
                 a = layer.attrs
-                module = Int8Conv2d.from_int8(weights.values, weights.scales, bias, stride=a["stride"],
-                                              padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
-                                              input_range=(low_in, high_in), output_range=(low_out, high_out),
-                                              relu=relu is not None)
+                geometry = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                                input_range=(low_in, high_in), relu=relu is not None)
+                module = (SparseInt8Conv2d.from_int8(weights.values, weights.scales, bias, **geometry) if sparse else
+                          Int8Conv2d.from_int8(weights.values, weights.scales, bias,
+                                               output_range=(low_out, high_out), **geometry))
                 activations = f"static activation scales calibrated on {source}"
             slower = _int8_predicted_slower(gm, layer, module, relu is not None, profile) if profile else None
             if slower:
@@ -240,7 +253,21 @@ class LowerInt8(Pass):
                                f"({100 * weights.error / peak if peak else 0:.2g}% of max |W|)")
             fused = ", ReLU fused" if relu is not None else ""
             outcome.rewrites.append(Rewrite(replaced, [new.name], f"int8 {type(module).__name__}{fused}; "
-                                                                  f"{weight_text}; {activations}", self.contract))
+                                                                  f"{kernel_text}; {weight_text}; {activations}",
+                                            self.contract))
+
+    def _sparse(self, layer: Layer, values: Tensor) -> tuple[bool, str]:
+        """Whether ``layer`` runs on the sparse int8 kernel, and the report's reason."""
+        density = float((values != 0).float().mean()) if values.numel() else 1.0
+        limit = self.options.sparse_density
+        if density > limit:
+            return False, f"dense kernel: {density:.1%} non-zero > sparse_density {limit:.0%}"
+        if layer.kind == "conv2d" and layer.attrs["groups"] != 1:
+            return False, f"dense kernel: {density:.1%} non-zero, but the sparse conv runs groups=1 only"
+        if not native.available():
+            return False, f"dense kernel: {density:.1%} non-zero, but fxreduce's native kernels are not built"
+        return True, (f"sparse kernel: {density:.1%} non-zero <= sparse_density {limit:.0%}, "
+                      f"{1 / max(density, 1e-9):.1f}x fewer multiply-adds")
 
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
         data = self.options.calibration

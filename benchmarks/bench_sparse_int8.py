@@ -1,0 +1,199 @@
+"""Sparse int8 kernels on ADMM's LeNet-5: each layer on the sparse kernel, the dense int8 kernel and fp32, and
+the whole model lowered by lower_int8 (which picks sparse or dense per layer) against fp32, at batch 64 and
+1000, with the cost model's certified FLOPs and the predictions against the ADMM model on the test set.
+
+The ADMM model comes from examples/admm_lenet5.py (its ``compress``: baseline training, ADMM pruning to 2-20%
+density and 4-bit quantization, ~5-10 min on 2 cores), cached in the fxreduce cache directory.
+
+    python benchmarks/bench_sparse_int8.py            # full run, rewrites its section of docs/benchmarks.md
+    python benchmarks/bench_sparse_int8.py --quick    # the example's quick model, few repeats, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(ROOT / "examples"))
+from _common import fix_threads, markdown_table, time_side_by_side, time_warm, write_section  # noqa: E402
+from admm_lenet5 import PRUNE, LeNet5, compress, load_mnist  # noqa: E402
+
+import fxreduce as fr  # noqa: E402
+from fxreduce.modules.int8 import Int8Conv2d, Int8Linear  # noqa: E402
+from fxreduce.modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear  # noqa: E402
+from fxreduce.passes.int8 import to_int8  # noqa: E402
+
+TITLE = "Sparse int8 kernels (ADMM LeNet-5)"
+BATCHES = (64, 1000)
+GOALS = {"fc1": 3.0, "conv2": 1.5}  # sparse over dense int8, the issue's must-show
+
+
+def cache_path(quick: bool) -> Path:
+    root = os.environ.get("FXREDUCE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fxreduce")
+    return Path(root) / f"admm_lenet5{'_quick' if quick else ''}.pt"
+
+
+def admm_model(quick: bool) -> nn.Module:
+    """The example's ADMM-compressed LeNet-5 (fp32 arithmetic), trained once and cached."""
+    path = cache_path(quick)
+    model = LeNet5()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    trained = compress(quick, PRUNE).model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trained.state_dict(), path)
+    return trained.eval()
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's input on ``x``, recorded by forward hooks."""
+    seen, hooks = {}, []
+
+    def record(name: str):
+        def hook(module, args, out) -> None:
+            seen[name] = args[0]
+        return hook
+
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        hooks.append(getattr(model, name).register_forward_hook(record(name)))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def variants(layer: nn.Module, x: torch.Tensor, relu: bool) -> dict[str, nn.Module]:
+    """fp32, dense int8 and sparse int8 forms of one layer (ReLU fused where lower_int8 fuses it)."""
+    weights = to_int8(layer.weight)
+    bias = layer.bias.detach()
+    fp32 = nn.Sequential(layer, nn.ReLU()) if relu else layer
+    if isinstance(layer, nn.Linear):
+        return {"fp32": fp32, "dense int8": Int8Linear.from_int8(weights.values, weights.scales, bias, relu),
+                "sparse int8": SparseInt8Linear.from_int8(weights.values, weights.scales, bias, relu)}
+    with torch.no_grad():
+        y = layer(x)
+    geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                    input_range=(float(x.min()), float(x.max())), relu=relu)
+    return {"fp32": fp32,
+            "dense int8": Int8Conv2d.from_int8(weights.values, weights.scales, bias, groups=1,
+                                               output_range=(float(y.min()), float(y.max())), **geometry),
+            "sparse int8": SparseInt8Conv2d.from_int8(weights.values, weights.scales, bias, **geometry)}
+
+
+def bench_layers(model: nn.Module, images: torch.Tensor, repeats: int) -> tuple[str, list[str]]:
+    rows, misses = [], []
+    for batch in BATCHES:
+        inputs = layer_inputs(model, images[:batch])
+        for name in ("conv1", "conv2", "fc1", "fc2"):
+            layer, x = getattr(model, name), inputs[name]
+            candidates = variants(layer, x, relu=name == "fc1")
+            density = float((layer.weight != 0).float().mean())
+            with torch.no_grad():
+                times = time_warm({key: (lambda m=m: m(x)) for key, m in candidates.items()}, repeats)
+            sparse_vs_dense = times["dense int8"] / times["sparse int8"]
+            goal = GOALS.get(name, 1.0)
+            if sparse_vs_dense < goal:
+                misses.append(f"{name} at batch {batch}: sparse {sparse_vs_dense:.2f}x dense int8, goal {goal}x")
+            rows.append([name, batch, f"{density:.1%}", f"{times['fp32'] * 1e3:.3f}",
+                         f"{times['fp32'] / times['dense int8']:.2f}x", f"{times['fp32'] / times['sparse int8']:.2f}x",
+                         f"**{sparse_vs_dense:.2f}x**", f">= {goal}x"])
+            print(rows[-1], flush=True)
+    table = markdown_table(["layer", "batch", "density", "fp32 ms", "dense int8 / fp32", "sparse int8 / fp32",
+                            "sparse / dense int8", "goal"], rows)
+    return table, misses
+
+
+def bench_model(model: nn.Module, train_x: torch.Tensor, test: tuple, repeats: int) -> tuple[str, dict]:
+    x_test, y_test = test
+    fp32 = fr.trace(model, (x_test[:2],), {"N": (0, 0)})
+    result = fr.apply(fp32, fr.Pipeline([fr.passes["lower_int8"](calibration=train_x[:512])]))
+    dense = fr.apply(fp32, fr.Pipeline([fr.passes["lower_int8"](calibration=train_x[:512], sparse_density=0.0)]))
+    lowered, dense_int8 = result.graph_module, dense.graph_module
+    with torch.no_grad():
+        reference = fp32(x_test).argmax(1)
+        agree = float((lowered(x_test).argmax(1) == reference).float().mean())
+        agree_dense = float((dense_int8(x_test).argmax(1) == reference).float().mean())
+        accuracy = {name: float((m(x_test).argmax(1) == y_test).float().mean())
+                    for name, m in (("fp32", fp32), ("sparse", lowered), ("dense", dense_int8))}
+    flops_fp32 = int(fr.cost(fp32).at(N=1).flops)
+    flops_dense = int(fr.cost(dense_int8).at(N=1).flops)
+    flops_sparse = int(fr.cost(lowered).at(N=1).flops)
+    rows = []
+    speed = {}
+    with torch.no_grad():
+        for batch in BATCHES:
+            x = x_test[:batch]
+            times = time_side_by_side({"fp32": lambda: fp32(x), "dense int8": lambda: dense_int8(x),
+                                       "lower_int8": lambda: lowered(x)}, repeats=repeats)
+            speed[batch] = times["fp32"] / times["lower_int8"]
+            rows.append([batch, f"{times['fp32'] * 1e3:.3f}", f"{times['fp32'] / times['dense int8']:.2f}x",
+                         f"**{speed[batch]:.2f}x**", f"{times['dense int8'] / times['lower_int8']:.2f}x"])
+            print(rows[-1], flush=True)
+    kernels = [line for line in result.report.lines() if "int8 " in line]
+    figures = dict(agree=agree, agree_dense=agree_dense, accuracy=accuracy, speed=speed, flops=(flops_fp32,
+                   flops_dense, flops_sparse), kernels=kernels)
+    table = markdown_table(["batch", "fp32 ms", "dense int8 (sparse_density=0) / fp32", "lower_int8 / fp32",
+                            "lower_int8 / dense int8"], rows)
+    return table, figures
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the example's quick model, few repeats, writes nothing")
+    args = parser.parse_args(argv)
+    fix_threads()
+    model = admm_model(args.quick)
+    (train_x, _), test = load_mnist(args.quick)
+    test_images = torch.cat([test[0]] * (1 + max(BATCHES) // len(test[0])))  # batch 1000 from a quick test set
+    repeats = 5 if args.quick else 41
+    layer_table, misses = bench_layers(model, test_images, repeats)
+    model_table, figures = bench_model(model, train_x, test, repeats)
+    fp32_flops, dense_flops, sparse_flops = figures["flops"]
+    print(f"FLOPs per image: fp32 {fp32_flops:,}, dense int8 {dense_flops:,}, lower_int8 {sparse_flops:,}")
+    print(f"same predictions as the ADMM model: lower_int8 {figures['agree']:.2%}, dense int8 {figures['agree_dense']:.2%}")
+    if figures["speed"][1000] < 6.0:
+        misses.append(f"whole model at batch 1000: {figures['speed'][1000]:.2f}x fp32, goal 6x")
+    print("goals missed: " + ("; ".join(misses) if misses else "none"))
+    if args.quick:
+        return
+    load = os.getloadavg()
+    accuracy = figures["accuracy"]
+    body = f"""The ADMM-compressed LeNet-5 of `examples/admm_lenet5.py` (pruned to {', '.join(f'{k} {1 - v:.0%}'
+for k, v in PRUNE.items())} density, 4-bit levels), cached after its first training. Load average at the end
+of the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min; the machine is shared).
+
+Per layer, each layer's real input from the test images, medians of warm interleaved calls (`time_warm`):
+
+{layer_table}
+
+Whole model: fp32 (the ADMM model, traced), `lower_int8(sparse_density=0)` (every layer on the dense int8
+kernel) and `lower_int8` (sparse or dense per layer by density), medians of interleaved calls:
+
+{model_table}
+
+lower_int8's choices (its report):
+
+{chr(10).join('- ' + line.strip() for line in figures['kernels'])}
+
+Cost model, FLOPs per image: fp32 {fp32_flops:,}; dense int8 {dense_flops:,}; lower_int8 {sparse_flops:,}
+(**{fp32_flops / sparse_flops:.1f}x fewer**, the pruning ratio of the multiply-adds).
+Test accuracy: fp32 ADMM model {accuracy['fp32']:.2%}, lower_int8 {accuracy['sparse']:.2%}, dense int8
+{accuracy['dense']:.2%}; same predictions as the ADMM model on {figures['agree']:.2%} of the test images
+(dense int8: {figures['agree_dense']:.2%}).
+
+Goals missed: {'; '.join(misses) if misses else 'none'}.
+"""
+    write_section(TITLE, body)
+
+
+if __name__ == "__main__":
+    main()
