@@ -61,6 +61,8 @@ def extension_setup() -> dict:
     extension = CppExtension(
         "fxreduce._C",
         [os.path.join("fxreduce", "csrc", name) for name in sources],
+        depends=[os.path.join("fxreduce", "csrc", name) for name in os.listdir(os.path.join("fxreduce", "csrc"))
+                 if name.endswith(".h")],  # a changed header rebuilds the extension
         extra_compile_args=COMMON_FLAGS + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

@@ -17,6 +17,7 @@ constexpr int L = FXR_VEC_BYTES / 4;  // int32 lanes
 constexpr int NV = FXR_SNV;
 constexpr int WIDTH = L * NV;
 constexpr int PT = 4;  // output pixels per register tile
+constexpr int kEpilogueOutputs = 16;
 typedef int32_t VI __attribute__((vector_size(FXR_VEC_BYTES)));
 typedef float VF __attribute__((vector_size(FXR_VEC_BYTES)));
 
@@ -57,6 +58,55 @@ inline VI small_product(VI q, VI w) {
 #endif
 }
 
+// L int32 lanes (each 0..255) stored as L bytes.
+inline void narrow_store(uint8_t* p, VI v) {
+#if FXR_VEC_BYTES == 64 && defined(__AVX512BW__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(v)));
+#elif FXR_VEC_BYTES == 32 && defined(__AVX2__)
+  const __m256i low_bytes = _mm256_shuffle_epi8(reinterpret_cast<__m256i>(v),
+                                                _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                 -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                 -1, -1, -1, -1));
+  const __m256i packed = _mm256_permutevar8x32_epi32(low_bytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
+  for (int e = 0; e < L; ++e) p[e] = static_cast<uint8_t>(v[e]);
+#endif
+}
+
+// An L x L transpose of L vectors in place: log2(L) butterfly stages of two-vector shuffles (rows i and i + H
+// swap their off-diagonal H-blocks), L log2(L) shuffles for L^2 elements instead of a load and store each.
+template <int... I>
+struct Lanes {};
+template <int N, int... I>
+struct MakeLanes : MakeLanes<N - 1, N - 1, I...> {};
+template <int... I>
+struct MakeLanes<0, I...> {
+  typedef Lanes<I...> type;
+};
+
+template <int H, typename V, int... I>
+inline V low_half(V a, V b, Lanes<I...>) {
+  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I : L + I - H)...);
+}
+template <int H, typename V, int... I>
+inline V high_half(V a, V b, Lanes<I...>) {
+  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I + H : L + I)...);
+}
+
+template <int H, typename V>
+__attribute__((always_inline)) inline void transpose(V* m) {
+  if constexpr (H > 0) {
+    for (int i = 0; i < L; ++i)
+      if ((i & H) == 0) {
+        const V a = m[i], b = m[i + H];
+        m[i] = low_half<H>(a, b, typename MakeLanes<L>::type());
+        m[i + H] = high_half<H>(a, b, typename MakeLanes<L>::type());
+      }
+    transpose<H / 2>(m);
+  }
+}
+
 // nearbyint (ties to even, the default rounding mode) for |x| < 2^22: adding and subtracting 1.5 * 2^23.
 inline VI quantize_vector(VF x, float inverse_scale, int32_t zero) {
   VF scaled = x * inverse_scale;
@@ -69,40 +119,68 @@ inline VI quantize_vector(VF x, float inverse_scale, int32_t zero) {
 }
 
 inline uint8_t quantize_scalar(float x, float inverse_scale, int32_t zero) {
-  VF v = VF() + x;
-  return static_cast<uint8_t>(quantize_vector(v, inverse_scale, zero)[0]);
+  float scaled = x * inverse_scale;
+  scaled = scaled < -512.0f ? -512.0f : scaled > 512.0f ? 512.0f : scaled;
+  const int32_t q = static_cast<int32_t>((scaled + 12582912.0f) - 12582912.0f) + zero;
+  return static_cast<uint8_t>(q < 0 ? 0 : q > 255 ? 255 : q);
+}
+
+// `count` consecutive input elements to `dst`, WIDTH bytes apart.
+inline void quantize_run(const SparseQuantize& a, int64_t src, int64_t count, uint8_t* dst) {
+  if (a.xq) {
+    for (int64_t e = 0; e < count; ++e) dst[e * WIDTH] = a.xq[src + e];
+    return;
+  }
+  const float* x = a.x + src;
+  int64_t e = 0;
+  for (; e + L <= count; e += L) {
+    const VI q = quantize_vector(load<VF>(x + e), a.inverse_scale, a.zero);
+    for (int lane = 0; lane < L; ++lane) dst[(e + lane) * WIDTH] = static_cast<uint8_t>(q[lane]);
+  }
+  for (; e < count; ++e) dst[e * WIDTH] = quantize_scalar(x[e], a.inverse_scale, a.zero);
 }
 
 void quantize(const SparseQuantize& a, int64_t block) {
   const int64_t elements = a.C * a.Hp * a.Wp;
   uint8_t* dst = a.blocks + block * elements * WIDTH;
-  __builtin_memset(dst, static_cast<uint8_t>(a.zero), elements * WIDTH);
   const int64_t first = block * WIDTH;
   const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
+  if (a.pad_h || a.pad_w || count < WIDTH) __builtin_memset(dst, static_cast<uint8_t>(a.zero), elements * WIDTH);
   const int64_t plane = a.H * a.W;
-  for (int64_t b = 0; b < count; ++b) {
-    for (int64_t c = 0; c < a.C; ++c)
-      for (int64_t h = 0; h < a.H; ++h) {
-        const int64_t src = ((first + b) * a.C + c) * plane + h * a.W;
-        uint8_t* row = dst + ((c * a.Hp + h + a.pad_h) * a.Wp + a.pad_w) * WIDTH + b;
-        if (a.xq) {
-          for (int64_t w = 0; w < a.W; ++w) row[w * WIDTH] = a.xq[src + w];
-          continue;
+  int64_t done = 0;  // images quantized by the transposing path
+  if (!a.xq && a.pad_w == 0) {
+    // L images x L elements at a time: quantized as L vectors, transposed, stored as L rows of L bytes.
+    for (; done + L <= count; done += L)
+      for (int64_t c = 0; c < a.C; ++c) {
+        const float* x = a.x + ((first + done) * a.C + c) * plane;
+        uint8_t* out = dst + (c * a.Hp + a.pad_h) * a.Wp * WIDTH + done;
+        int64_t e = 0;
+        for (; e + L <= plane; e += L) {
+          VI m[L];
+          for (int j = 0; j < L; ++j) m[j] = quantize_vector(load<VF>(x + j * a.C * plane + e), a.inverse_scale, a.zero);
+          transpose<L / 2>(m);
+          for (int k = 0; k < L; ++k) narrow_store(out + (e + k) * WIDTH, m[k]);
         }
-        const float* x = a.x + src;
-        int64_t w = 0;
-        for (; w + L <= a.W; w += L) {
-          const VI q = quantize_vector(load<VF>(x + w), a.inverse_scale, a.zero);
-          for (int e = 0; e < L; ++e) row[(w + e) * WIDTH] = static_cast<uint8_t>(q[e]);
-        }
-        for (; w < a.W; ++w) row[w * WIDTH] = quantize_scalar(x[w], a.inverse_scale, a.zero);
+        for (; e < plane; ++e)
+          for (int j = 0; j < L; ++j)
+            out[e * WIDTH + j] = quantize_scalar(x[j * a.C * plane + e], a.inverse_scale, a.zero);
       }
   }
+  for (int64_t b = done; b < count; ++b)
+    for (int64_t c = 0; c < a.C; ++c) {
+      const int64_t src = ((first + b) * a.C + c) * plane;
+      uint8_t* out = dst + ((c * a.Hp + a.pad_h) * a.Wp + a.pad_w) * WIDTH + b;
+      if (a.pad_w == 0) {  // the padded rows are as wide as the input's: one run per plane
+        quantize_run(a, src, plane, out);
+        continue;
+      }
+      for (int64_t h = 0; h < a.H; ++h) quantize_run(a, src + h * a.W, a.W, out + h * a.Wp * WIDTH);
+    }
 }
 
 // PTt output pixels of one row: the non-zeros outer (each weight broadcast once), pixels and lanes inner.
 template <int PTt>
-inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1, const int64_t* poff,
+__attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1, const int64_t* poff,
                        int32_t* acc_out) {
   VI acc[PTt][NV];
   for (int p = 0; p < PTt; ++p)
@@ -118,7 +196,7 @@ inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0
 }
 
 template <int PTt>
-inline void pixel_tile_of(int pixels, const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1,
+__attribute__((always_inline)) inline void pixel_tile_of(int pixels, const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1,
                           const int64_t* poff, int32_t* acc_out) {
   if constexpr (PTt > 0) {
     if (pixels == PTt) return pixel_tile<PTt>(a, block, i0, i1, poff, acc_out);
@@ -131,31 +209,70 @@ void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t
   const uint8_t* x = blocks + block * a.block_elements * WIDTH;
   const int64_t first = block * WIDTH;
   const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t i0 = a.row_ptr[n], i1 = a.row_ptr[n + 1];
-    for (int64_t p = 0; p < a.pixels; p += PT) {
-      const int tile = static_cast<int>(a.pixels - p < PT ? a.pixels - p : PT);
-      pixel_tile_of<PT>(tile, a, x, i0, i1, a.pixel_offsets + p, scratch + p * WIDTH);
-    }
-    // The epilogue: each pixel's lanes converted as vectors, then stored image by image.
-    const int64_t channel = n * a.out_channel;
-    float* lanes = reinterpret_cast<float*>(scratch + a.pixels * WIDTH);
-    const int32_t offset = a.out_int ? 0 : a.zero * a.row_sums[n];
-    const float multiplier = a.out_int ? 0.0f : a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
-    for (int64_t p = 0; p < a.pixels; ++p) {
-      const int32_t* acc = scratch + p * WIDTH;
-      const int64_t pixel = channel + p * a.out_pixel + first * a.out_image;
-      if (a.out_int) {
-        for (int64_t b = 0; b < count; ++b) a.out_int[pixel + b * a.out_image] = acc[b];
-        continue;
+  // Rows go through the epilogue kEpilogueOutputs / pixels at a time, so a Linear's outputs are written as
+  // contiguous runs of an image's row rather than one scattered float per (row, image).
+  const int64_t chunk = a.pixels < kEpilogueOutputs ? kEpilogueOutputs / a.pixels : 1;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += chunk) {
+    const int64_t n1 = n0 + chunk < n_end ? n0 + chunk : n_end;
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t* acc = scratch + (n - n0) * a.pixels * WIDTH;
+      for (int64_t p = 0; p < a.pixels; p += PT) {
+        const int tile = static_cast<int>(a.pixels - p < PT ? a.pixels - p : PT);
+        pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + p * WIDTH);
       }
-      for (int v = 0; v < NV; ++v) {
-        VF y = __builtin_convertvector(load<VI>(acc + v * L) - offset, VF) * multiplier + bias;
-        if (a.relu) y = y > 0.0f ? y : VF();
-        store(lanes + v * L, y);
+      if (a.out_int) continue;
+      const int32_t offset = a.zero * a.row_sums[n];
+      const float multiplier = a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
+      float* y = reinterpret_cast<float*>(acc);  // converted in place
+      for (int64_t e = 0; e < a.pixels * WIDTH; e += L) {
+        VF v = __builtin_convertvector(load<VI>(acc + e) - offset, VF) * multiplier + bias;
+        if (a.relu) v = v > 0.0f ? v : VF();
+        store(y + e, v);
       }
-      for (int64_t b = 0; b < count; ++b) a.out[pixel + b * a.out_image] = lanes[b];
     }
+    if (a.out_int) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t b = 0; b < count; ++b)
+          for (int64_t p = 0; p < a.pixels; ++p)
+            a.out_int[(first + b) * a.out_image + n * a.out_channel + p * a.out_pixel] =
+                scratch[((n - n0) * a.pixels + p) * WIDTH + b];
+      continue;
+    }
+    const float* y = reinterpret_cast<const float*>(scratch);
+    if (a.pixels == 1 && n1 - n0 == kEpilogueOutputs && a.out_channel == 1) {
+      // A Linear's full chunk: L rows x L images transposed into L runs of an image's consecutive outputs.
+      for (int v = 0; v < NV; ++v)
+        for (int r0 = 0; r0 < kEpilogueOutputs; r0 += L) {
+          VF m[L];
+          for (int r = 0; r < L; ++r) m[r] = load<VF>(y + (r0 + r) * WIDTH + v * L);
+          transpose<L / 2>(m);
+          for (int j = 0; j < L && v * L + j < count; ++j)
+            store(a.out + (first + v * L + j) * a.out_image + n0 + r0, m[j]);
+        }
+      continue;
+    }
+    if (a.out_pixel == 1) {
+      // A conv's rows: L pixels x L images transposed into L runs of an image's consecutive pixels.
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* row = y + (n - n0) * a.pixels * WIDTH;
+        int64_t p0 = 0;
+        for (; p0 + L <= a.pixels; p0 += L)
+          for (int v = 0; v < NV; ++v) {
+            VF m[L];
+            for (int p = 0; p < L; ++p) m[p] = load<VF>(row + (p0 + p) * WIDTH + v * L);
+            transpose<L / 2>(m);
+            for (int j = 0; j < L && v * L + j < count; ++j)
+              store(a.out + (first + v * L + j) * a.out_image + n * a.out_channel + p0, m[j]);
+          }
+        for (; p0 < a.pixels; ++p0)
+          for (int64_t b = 0; b < count; ++b) a.out[(first + b) * a.out_image + n * a.out_channel + p0] = row[p0 * WIDTH + b];
+      }
+      continue;
+    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < count; ++b)
+        for (int64_t p = 0; p < a.pixels; ++p)
+          a.out[(first + b) * a.out_image + n * a.out_channel + p * a.out_pixel] = y[((n - n0) * a.pixels + p) * WIDTH + b];
   }
 }
 

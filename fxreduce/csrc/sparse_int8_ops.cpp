@@ -150,8 +150,9 @@ void run(const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, f
   const SparseInt8Table& table = *active.load(std::memory_order_relaxed);
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
   const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = g.OH * g.OW;
-  std::vector<uint8_t> quantized(blocks * elements * width);
-  SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized.data()};
+  Tensor quantized = at::empty({blocks * elements * width}, at::kByte);
+  uint8_t* quantized_data = quantized.data_ptr<uint8_t>();
+  SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized_data};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
@@ -175,10 +176,10 @@ void run(const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, f
   const int64_t tasks = blocks * csr.rows;
   const int64_t per_task = std::max<int64_t>(1, csr.nnz / std::max<int64_t>(1, csr.rows) * pixels * width);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kWorkPerTask / per_task), [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> scratch((pixels + 1) * width);
+    std::vector<int32_t> scratch(std::max<int64_t>(pixels, 16) * width);
     for (int64_t t = t0; t < t1;) {
       const int64_t block = t / csr.rows, n0 = t % csr.rows, n1 = std::min(csr.rows, n0 + (t1 - t));
-      table.rows(a, quantized.data(), block, n0, n1, scratch.data());
+      table.rows(a, quantized_data, block, n0, n1, scratch.data());
       t += n1 - n0;
     }
   });
