@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +145,7 @@ def ratios(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in pairs}
 
 
-@dataclass
-class Compressed:
+class Compressed(NamedTuple):
     """What the training stages leave: the ADMM-compressed model (fp32 arithmetic), its ADMM state, the
     baseline's accuracy and traced fp32 graph, the data and the schedule used."""
 

@@ -69,7 +69,7 @@ std::string sparse_int8_isa(std::optional<std::string> name) {
 
 struct Csr {
   Tensor values, columns, row_ptr;
-  int64_t rows, nnz;
+  int64_t rows, nnz, kernel_elements;
 };
 
 // values (nnz,) int8, columns (nnz,) int32 in [0, kernel_elements), row_ptr (rows + 1,) int64: 0, non-decreasing, nnz.
@@ -84,18 +84,14 @@ Csr checked_csr(const char* op, const Tensor& values, const Tensor& columns, con
   const int64_t nnz = values.size(0);
   FXR_CHECK(columns.size(0) == nnz, "columns has ", columns.size(0), " entries for ", nnz, " values");
   FXR_CHECK(row_ptr.size(0) >= 2, "row_ptr needs rows + 1 >= 2 entries, got ", row_ptr.size(0));
-  Csr csr{values.contiguous(), columns.contiguous(), row_ptr.contiguous(), row_ptr.size(0) - 1, nnz};
+  Csr csr{values.contiguous(), columns.contiguous(), row_ptr.contiguous(), row_ptr.size(0) - 1, nnz, 0};
   const int64_t* ptr = csr.row_ptr.data_ptr<int64_t>();
   FXR_CHECK(ptr[0] == 0 && ptr[csr.rows] == nnz, "row_ptr must start at 0 and end at nnz = ", nnz, ", got ", ptr[0],
             " and ", ptr[csr.rows]);
   for (int64_t n = 0; n < csr.rows; ++n)
     FXR_CHECK(ptr[n] <= ptr[n + 1], "row_ptr must be non-decreasing; row ", n, " goes from ", ptr[n], " to ",
               ptr[n + 1]);
-  if (nnz > 0) {
-    const int64_t low = csr.columns.min().item<int64_t>(), high = csr.columns.max().item<int64_t>();
-    FXR_CHECK(low >= 0 && high < kernel_elements, "column indices must lie in [0, ", kernel_elements, "), got [",
-              low, ", ", high, "]");
-  }
+  csr.kernel_elements = kernel_elements;  // the column indices are checked where run() reads them
   return csr;
 }
 
@@ -144,35 +140,46 @@ Geometry linear_geometry(int64_t images, int64_t in_features) {
 // row) pair (parallel, block-major so a block stays in cache across its rows).
 constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
 
-void run(const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale, int32_t zero,
-         const int32_t* row_sums, const float* multipliers, const float* bias, bool relu, float* out,
-         int32_t* out_int) {
+void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
+         int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int) {
   const SparseInt8Table& table = *active.load(std::memory_order_relaxed);
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
   const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = g.OH * g.OW;
+  // One pass over the non-zeros: check each column index, look up its input offset in a table over (c, kh, kw),
+  // put its value in a lane's low half, and sum each row's values (the zero point's correction).
+  std::vector<int64_t> column_offsets(csr.kernel_elements), offsets(csr.nnz), pixel_offsets(pixels);
+  for (int64_t c = 0, k = 0; c < g.C; ++c)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) column_offsets[k++] = ((c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw) * width;
+  std::vector<int32_t> weights(csr.nnz), row_sums(csr.rows, 0);
+  const int32_t* columns = csr.columns.data_ptr<int32_t>();
+  const int8_t* values = csr.values.data_ptr<int8_t>();
+  const int64_t* row_ptr = csr.row_ptr.data_ptr<int64_t>();
+  bool in_range = true;
+  for (int64_t n = 0; n < csr.rows; ++n)
+    for (int64_t i = row_ptr[n]; i < row_ptr[n + 1]; ++i) {
+      const int32_t column = columns[i];
+      const bool ok = column >= 0 && column < csr.kernel_elements;
+      in_range &= ok;
+      offsets[i] = ok ? column_offsets[column] : 0;
+      weights[i] = static_cast<uint16_t>(static_cast<int16_t>(values[i]));
+      row_sums[n] += values[i];
+    }
+  if (!in_range) {
+    const int64_t low = csr.columns.min().item<int64_t>(), high = csr.columns.max().item<int64_t>();
+    TORCH_CHECK(false, "fxreduce.", op, ": column indices must lie in [0, ", csr.kernel_elements, "), got [", low,
+                ", ", high, "]");
+  }
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    for (int64_t ow = 0; ow < g.OW; ++ow) pixel_offsets[oh * g.OW + ow] = (oh * g.sh * g.Wp() + ow * g.sw) * width;
   Tensor quantized = at::empty({blocks * elements * width}, at::kByte);
   uint8_t* quantized_data = quantized.data_ptr<uint8_t>();
   SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized_data};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
-  // Each weight column's input offset: a table over (c, kh, kw), then one lookup per non-zero.
-  std::vector<int64_t> column_offsets(g.C * g.KH * g.KW), offsets(csr.nnz), pixel_offsets(pixels);
-  for (int64_t c = 0, k = 0; c < g.C; ++c)
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw) column_offsets[k++] = (c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw;
-  std::vector<int32_t> weights(csr.nnz);
-  const int32_t* columns = csr.columns.data_ptr<int32_t>();
-  const int8_t* values = csr.values.data_ptr<int8_t>();
-  for (int64_t i = 0; i < csr.nnz; ++i) {
-    offsets[i] = column_offsets[columns[i]] * width;
-    weights[i] = static_cast<uint16_t>(static_cast<int16_t>(values[i]));
-  }
-  for (int64_t oh = 0; oh < g.OH; ++oh)
-    for (int64_t ow = 0; ow < g.OW; ++ow) pixel_offsets[oh * g.OW + ow] = (oh * g.sh * g.Wp() + ow * g.sw) * width;
-  SparseInt8Rows a{weights.data(), offsets.data(), csr.row_ptr.data_ptr<int64_t>(), pixels,
-                   pixel_offsets.data(), elements, g.images, row_sums, zero, multipliers, bias, relu, out, out_int,
-                   csr.rows * pixels, pixels, 1};
+  SparseInt8Rows a{weights.data(), offsets.data(), row_ptr, pixels, pixel_offsets.data(), elements, g.images,
+                   row_sums.data(), zero, multipliers, bias, relu, out, out_int, csr.rows * pixels, pixels, 1};
   const int64_t tasks = blocks * csr.rows;
   const int64_t per_task = std::max<int64_t>(1, csr.nnz / std::max<int64_t>(1, csr.rows) * pixels * width);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kWorkPerTask / per_task), [&](int64_t t0, int64_t t1) {
@@ -185,18 +192,12 @@ void run(const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, f
   });
 }
 
-// Per output channel: sum of its int8 weights (the zero point's correction) and x_scale * w_scale.
-std::pair<std::vector<int32_t>, std::vector<float>> epilogue(const Csr& csr, const Tensor& scale, float input_scale) {
-  std::vector<int32_t> sums(csr.rows, 0);
+// Per output channel: x_scale * w_scale, the float epilogue's multiplier.
+std::vector<float> multipliers_of(const Csr& csr, const Tensor& scale, float input_scale) {
   std::vector<float> multipliers(csr.rows);
-  const int8_t* v = csr.values.data_ptr<int8_t>();
-  const int64_t* ptr = csr.row_ptr.data_ptr<int64_t>();
   const float* s = scale.data_ptr<float>();
-  for (int64_t n = 0; n < csr.rows; ++n) {
-    for (int64_t i = ptr[n]; i < ptr[n + 1]; ++i) sums[n] += v[i];
-    multipliers[n] = input_scale * s[n];
-  }
-  return {sums, multipliers};
+  for (int64_t n = 0; n < csr.rows; ++n) multipliers[n] = input_scale * s[n];
+  return multipliers;
 }
 
 void check_input(const char* op, const Tensor& x, at::ScalarType dtype) {
@@ -227,11 +228,10 @@ Tensor sparse_int8_linear(const Tensor& x_in, const Tensor& values, const Tensor
     low = mn.item<float>(), high = mx.item<float>();
   }
   const auto qp = quant_utils::ChooseQuantizationParams(low, high, 0, 255, false, false, /*reduce_range=*/true);
-  auto [sums, multipliers] = epilogue(csr, scale, qp.scale);
+  const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), qp.scale);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  run(linear_geometry(x.size(0), in_features), csr, x.data_ptr<float>(), nullptr, 1.0f / qp.scale, qp.zero_point,
-      sums.data(), multipliers.data(), bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(),
-      nullptr);
+  run(op, linear_geometry(x.size(0), in_features), csr, x.data_ptr<float>(), nullptr, 1.0f / qp.scale, qp.zero_point,
+      multipliers.data(), bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
   return out;
 }
 
@@ -256,10 +256,10 @@ Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor
   Tensor x = x_in.contiguous();
   Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, x_in.options());
   if (out.numel() == 0) return out;
-  auto [sums, multipliers] = epilogue(csr, scale, in_scale);
+  const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), in_scale);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  run(g, csr, x.data_ptr<float>(), nullptr, 1.0f / in_scale, static_cast<int32_t>(in_zero), sums.data(),
-      multipliers.data(), bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
+  run(op, g, csr, x.data_ptr<float>(), nullptr, 1.0f / in_scale, static_cast<int32_t>(in_zero), multipliers.data(),
+      bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
   return out;
 }
 
@@ -276,8 +276,8 @@ Tensor sparse_int8_conv2d_int32(const Tensor& xq_in, const Tensor& values, const
   Tensor xq = xq_in.contiguous();
   Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, xq_in.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
-  run(g, csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, static_cast<int32_t>(zero), nullptr, nullptr, nullptr, false,
-      nullptr, out.data_ptr<int32_t>());
+  run(op, g, csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, static_cast<int32_t>(zero), nullptr, nullptr, false, nullptr,
+      out.data_ptr<int32_t>());
   return out;
 }
 
@@ -291,8 +291,8 @@ Tensor sparse_int8_linear_int32(const Tensor& xq_in, const Tensor& values, const
   Tensor xq = xq_in.contiguous();
   Tensor out = at::empty({xq.size(0), csr.rows}, xq_in.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
-  run(linear_geometry(xq.size(0), in_features), csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, 0, nullptr, nullptr,
-      nullptr, false, nullptr, out.data_ptr<int32_t>());
+  run(op, linear_geometry(xq.size(0), in_features), csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, 0, nullptr, nullptr,
+      false, nullptr, out.data_ptr<int32_t>());
   return out;
 }
 

@@ -35,10 +35,14 @@ from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, registe
 
 SOURCE = "fxreduce_int8_source"
 WEIGHT_ERROR = "fxreduce_int8_weight_error"
-# At or below this density a layer runs on the sparse int8 kernel: where the sparse kernel measured no slower
-# than the dense one on LeNet-5's and ResNet-style shapes at batch 64 and 1000 (docs/benchmarks.md, "Sparse
-# int8 kernels", gives the measured crossover).
-SPARSE_DENSITY = 0.2
+# The sparse int8 kernel's crossover with the dense one (docs/benchmarks.md, "Sparse int8 kernels", has the
+# sweep): 10% non-zeros on Linear 800-1024 wide and Conv2d 64->64 3x3; twice that for convs whose dense reduction
+# (in_channels x kh x kw) is at most SHORT_REDUCTION long, where fbgemm's fixed costs weigh more (LeNet's 1->20
+# and 20->50 5x5 ran 1.1-2.2x faster sparse at 20%); and only with at least 16 outputs per pixel: with fewer
+# (LeNet's 10-way head) the dense GEMM is cheap and the sparse kernel's transposed input costs more than it saves.
+SPARSE_DENSITY = 0.1
+SHORT_REDUCTION = 512
+SPARSE_MIN_OUTPUTS = 16
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
 
@@ -258,15 +262,20 @@ class LowerInt8(Pass):
 
     def _sparse(self, layer: Layer, values: Tensor) -> tuple[bool, str]:
         """Whether ``layer`` runs on the sparse int8 kernel, and the report's reason."""
-        density = float((values != 0).float().mean()) if values.numel() else 1.0
-        limit = self.options.sparse_density
+        density = int((values != 0).sum()) / values.numel() if values.numel() else 1.0
+        limit, why = self.options.sparse_density, "sparse_density"
+        if layer.kind == "conv2d" and values[0].numel() <= SHORT_REDUCTION:
+            limit, why = 2 * limit, f"2 x sparse_density for a conv reducing over {values[0].numel()} <= {SHORT_REDUCTION}"
         if density > limit:
-            return False, f"dense kernel: {density:.1%} non-zero > sparse_density {limit:.0%}"
+            return False, f"dense kernel: {density:.1%} non-zero > {limit:.0%} ({why})"
+        if values.shape[0] < SPARSE_MIN_OUTPUTS:
+            return False, (f"dense kernel: {density:.1%} non-zero, but {values.shape[0]} output channels < "
+                           f"{SPARSE_MIN_OUTPUTS}, too few for the sparse kernel to pay")
         if layer.kind == "conv2d" and layer.attrs["groups"] != 1:
             return False, f"dense kernel: {density:.1%} non-zero, but the sparse conv runs groups=1 only"
         if not native.available():
             return False, f"dense kernel: {density:.1%} non-zero, but fxreduce's native kernels are not built"
-        return True, (f"sparse kernel: {density:.1%} non-zero <= sparse_density {limit:.0%}, "
+        return True, (f"sparse kernel: {density:.1%} non-zero <= {limit:.0%} ({why}), "
                       f"{1 / max(density, 1e-9):.1f}x fewer multiply-adds")
 
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
