@@ -7,13 +7,16 @@ density and 4-bit quantization, ~5-10 min on 2 cores), cached in the fxreduce ca
 
     python benchmarks/bench_sparse_int8.py            # full run, rewrites its section of docs/benchmarks.md
     python benchmarks/bench_sparse_int8.py --quick    # the example's quick model, few repeats, writes nothing
+    python benchmarks/bench_sparse_int8.py --cpu-time # 1 thread, CPU seconds: figures that survive a loaded machine
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(ROOT / "examples"))
-from _common import fix_threads, markdown_table, time_side_by_side, time_warm, write_section  # noqa: E402
+from _common import fix_threads, markdown_table, shuffled_rounds, time_side_by_side, time_warm, write_section  # noqa: E402
 from admm_lenet5 import PRUNE, LeNet5, compress, load_mnist  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
@@ -33,6 +36,24 @@ from fxreduce.passes.int8 import to_int8  # noqa: E402
 TITLE = "Sparse int8 kernels (ADMM LeNet-5)"
 BATCHES = (64, 1000)
 GOALS = {"fc1": 3.0, "conv2": 1.5}  # sparse over dense int8, the issue's must-show
+
+
+def cpu_seconds(candidates: dict, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of this thread per call (each timed call after an untimed one, rounds shuffled): with
+    one thread, what a call costs however many other jobs share the cores."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for order in shuffled_rounds(list(candidates), repeats):
+        for name in order:
+            candidates[name]()
+            start = time.thread_time()
+            candidates[name]()
+            samples[name].append(time.thread_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+TIMERS = {"wall": (time_warm, lambda candidates, repeats: time_side_by_side(candidates, repeats=repeats)),
+          "cpu": (cpu_seconds, cpu_seconds)}
+TIMER = {"layer": time_warm, "model": TIMERS["wall"][1]}
 
 
 def cache_path(quick: bool) -> Path:
@@ -113,7 +134,7 @@ def bench_layers(model: nn.Module, images: torch.Tensor, picks: dict[str, str],
             candidates = variants(layer, x, relu=name == "fc1")
             density = float((layer.weight != 0).float().mean())
             with torch.no_grad():
-                times = time_warm({key: (lambda m=m: m(x)) for key, m in candidates.items()}, repeats)
+                times = TIMER["layer"]({key: (lambda m=m: m(x)) for key, m in candidates.items()}, repeats)
             sparse_vs_dense = times["dense int8"] / times["sparse int8"]
             picked = times["dense int8"] / times[picks[name]]
             goal = GOALS.get(name, 1.0)
@@ -136,6 +157,44 @@ def lower(model: nn.Module, train_x: torch.Tensor, x_test: torch.Tensor):
     return fp32, result, dense
 
 
+SWEEP = {  # name: (kind, in, out, (kernel, size) for convs, batches)
+    "Linear 800->500 (fc1)": ("linear", 800, 500, None, (64, 1000)),
+    "Linear 1024->1024": ("linear", 1024, 1024, None, (64, 1000)),
+    "Conv2d 20->50 5x5 on 12x12 (conv2)": ("conv", 20, 50, (5, 12), (64, 256)),
+    "Conv2d 64->64 3x3 on 28x28, pad 1": ("conv", 64, 64, (3, 28), (64,)),
+}
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def bench_crossover(repeats: int) -> str:
+    """Sparse over dense int8 on random int8 weights at several densities: where lower_int8's crossover comes from."""
+    rows = []
+    for name, (kind, cin, cout, conv, batches) in SWEEP.items():
+        for batch in batches:
+            cells = [name, batch]
+            for density in DENSITIES:
+                g = torch.Generator().manual_seed(0)
+                shape = (cout, cin) if kind == "linear" else (cout, cin, conv[0], conv[0])
+                weight = (torch.randint(-8, 9, shape, generator=g) * (torch.rand(shape, generator=g) < density)).to(
+                    torch.int8)
+                scale = torch.rand(cout, generator=g) * 0.01 + 1e-3
+                if kind == "linear":
+                    x = torch.randn(batch, cin, generator=g)
+                    dense, sparse = Int8Linear.from_int8(weight, scale), SparseInt8Linear.from_int8(weight, scale)
+                else:
+                    x = torch.randn(batch, cin, conv[1], conv[1], generator=g)
+                    pad = conv[0] // 2 if conv[0] == 3 else 0
+                    geometry = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1), input_range=(-3.0, 3.0))
+                    dense = Int8Conv2d.from_int8(weight, scale, None, groups=1, output_range=(-50.0, 50.0), **geometry)
+                    sparse = SparseInt8Conv2d.from_int8(weight, scale, None, **geometry)
+                with torch.no_grad():
+                    times = TIMER["layer"]({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats)
+                cells.append(f"{times['dense'] / times['sparse']:.2f}x")
+            rows.append(cells)
+            print(rows[-1], flush=True)
+    return markdown_table(["shape", "batch", *(f"{d:.0%}" for d in DENSITIES)], rows)
+
+
 def bench_model(fp32, result, dense, test: tuple, repeats: int) -> tuple[str, dict]:
     x_test, y_test = test
     lowered, dense_int8 = result.graph_module, dense.graph_module
@@ -153,8 +212,8 @@ def bench_model(fp32, result, dense, test: tuple, repeats: int) -> tuple[str, di
     with torch.no_grad():
         for batch in BATCHES:
             x = x_test[:batch]
-            times = time_side_by_side({"fp32": lambda: fp32(x), "dense int8": lambda: dense_int8(x),
-                                       "lower_int8": lambda: lowered(x)}, repeats=repeats)
+            times = TIMER["model"]({"fp32": lambda: fp32(x), "dense int8": lambda: dense_int8(x),
+                                    "lower_int8": lambda: lowered(x)}, repeats)
             speed[batch] = times["fp32"] / times["lower_int8"]
             rows.append([batch, f"{times['fp32'] * 1e3:.3f}", f"{times['fp32'] / times['dense int8']:.2f}x",
                          f"**{speed[batch]:.2f}x**", f"{times['dense int8'] / times['lower_int8']:.2f}x"])
@@ -170,8 +229,11 @@ def bench_model(fp32, result, dense, test: tuple, repeats: int) -> tuple[str, di
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the example's quick model, few repeats, writes nothing")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="1 thread, CPU seconds of the calling thread instead of wall time (a loaded machine)")
     args = parser.parse_args(argv)
-    fix_threads()
+    fix_threads(1 if args.cpu_time else 2)
+    TIMER["layer"], TIMER["model"] = TIMERS["cpu" if args.cpu_time else "wall"]
     model = admm_model(args.quick)
     (train_x, _), test = load_mnist(args.quick)
     test_images = torch.cat([test[0]] * (1 + max(BATCHES) // len(test[0])))  # batch 1000 from a quick test set
@@ -180,6 +242,7 @@ def main(argv=None) -> None:
     picks = {name: "sparse int8" if "Sparse" in type(module).__name__ else "dense int8"
              for name, module in result.graph_module.named_modules() if "Int8" in type(module).__name__}
     layer_table, misses = bench_layers(model, test_images, picks, repeats)
+    sweep = bench_crossover(3 if args.quick else 11)
     model_table, figures = bench_model(fp32, result, dense, test, repeats)
     fp32_flops, dense_flops, sparse_flops = figures["flops"]
     print(f"FLOPs per image: fp32 {fp32_flops:,}, dense int8 {dense_flops:,}, lower_int8 {sparse_flops:,}")
@@ -205,6 +268,12 @@ kernel) and `lower_int8` (sparse or dense per layer by density), medians of inte
 
 {model_table}
 
+The crossover: sparse over dense int8 (time ratio, above 1: sparse faster) on random int8 weights at each
+density, 2 threads, medians of warm interleaved calls. lower_int8 runs a layer sparse at or below 10% non-zeros
+(`sparse_density`), 20% for a conv reducing over at most 512 inputs, and never below 16 output channels:
+
+{sweep}
+
 lower_int8's choices (its report):
 
 {chr(10).join('- ' + line.strip() for line in figures['kernels'])}
@@ -219,7 +288,11 @@ Test accuracy: fp32 ADMM model {accuracy['fp32']:.2%}, lower_int8 {accuracy['spa
 
 Goals missed: {'; '.join(misses) if misses else 'none'}.
 """
-    write_section(TITLE, body)
+    if args.cpu_time:
+        body = body.replace("medians of warm interleaved calls", "median CPU seconds of warm interleaved calls")
+        body = body.replace("medians of interleaved calls", "median CPU seconds of interleaved calls")
+        body = body.replace("density, 2 threads,", "density, 1 thread, CPU seconds,")
+    write_section(TITLE + (" - 1 thread, CPU time" if args.cpu_time else ""), body)
 
 
 if __name__ == "__main__":

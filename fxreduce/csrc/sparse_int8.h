@@ -48,7 +48,7 @@ struct SparseInt8Table {
   const char* name;
   int width;  // images per block (the vector lanes of the accumulators)
   void (*quantize)(const SparseQuantize&, int64_t block);
-  // scratch: max(pixels, 16) * width int32, owned by the caller
+  // scratch: 16 * 16 * width int32, owned by the caller
   void (*rows)(const SparseInt8Rows&, const uint8_t* blocks, int64_t block, int64_t n_begin, int64_t n_end,
                int32_t* scratch);
 };

@@ -204,75 +204,60 @@ __attribute__((always_inline)) inline void pixel_tile_of(int pixels, const Spars
   }
 }
 
+// Output rows [n_begin, n_end) of one block, kEpilogueOutputs rows x kEpilogueOutputs pixels at a time: the int32
+// sums of the tile, converted to float in place, then written out. Outputs are channels-last (a Linear's rows are
+// its channels), so with a full chunk of rows each (image, pixel) gets one contiguous run of channels, written as
+// L x L transposes of the tile instead of one float per (row, pixel, image).
 void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t n_begin, int64_t n_end,
           int32_t* scratch) {
+  constexpr int R = kEpilogueOutputs, PP = kEpilogueOutputs;
   const uint8_t* x = blocks + block * a.block_elements * WIDTH;
   const int64_t first = block * WIDTH;
   const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
-  // Rows go through the epilogue kEpilogueOutputs / pixels at a time, so a Linear's outputs are written as
-  // contiguous runs of an image's row rather than one scattered float per (row, image).
-  const int64_t chunk = a.pixels < kEpilogueOutputs ? kEpilogueOutputs / a.pixels : 1;
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += chunk) {
-    const int64_t n1 = n0 + chunk < n_end ? n0 + chunk : n_end;
-    for (int64_t n = n0; n < n1; ++n) {
-      int32_t* acc = scratch + (n - n0) * a.pixels * WIDTH;
-      for (int64_t p = 0; p < a.pixels; p += PT) {
-        const int tile = static_cast<int>(a.pixels - p < PT ? a.pixels - p : PT);
-        pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + p * WIDTH);
-      }
-      if (a.out_int) continue;
-      const int32_t offset = a.zero * a.row_sums[n];
-      const float multiplier = a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
-      float* y = reinterpret_cast<float*>(acc);  // converted in place
-      for (int64_t e = 0; e < a.pixels * WIDTH; e += L) {
-        VF v = __builtin_convertvector(load<VI>(acc + e) - offset, VF) * multiplier + bias;
-        if (a.relu) v = v > 0.0f ? v : VF();
-        store(y + e, v);
-      }
-    }
-    if (a.out_int) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t b = 0; b < count; ++b)
-          for (int64_t p = 0; p < a.pixels; ++p)
-            a.out_int[(first + b) * a.out_image + n * a.out_channel + p * a.out_pixel] =
-                scratch[((n - n0) * a.pixels + p) * WIDTH + b];
-      continue;
-    }
-    const float* y = reinterpret_cast<const float*>(scratch);
-    if (a.pixels == 1 && n1 - n0 == kEpilogueOutputs && a.out_channel == 1) {
-      // A Linear's full chunk: L rows x L images transposed into L runs of an image's consecutive outputs.
-      for (int v = 0; v < NV; ++v)
-        for (int r0 = 0; r0 < kEpilogueOutputs; r0 += L) {
-          VF m[L];
-          for (int r = 0; r < L; ++r) m[r] = load<VF>(y + (r0 + r) * WIDTH + v * L);
-          transpose<L / 2>(m);
-          for (int j = 0; j < L && v * L + j < count; ++j)
-            store(a.out + (first + v * L + j) * a.out_image + n0 + r0, m[j]);
-        }
-      continue;
-    }
-    if (a.out_pixel == 1) {
-      // A conv's rows: L pixels x L images transposed into L runs of an image's consecutive pixels.
+  float* y = reinterpret_cast<float*>(scratch);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+    const int64_t n1 = n0 + R < n_end ? n0 + R : n_end;
+    for (int64_t p0 = 0; p0 < a.pixels; p0 += PP) {
+      const int64_t p1 = p0 + PP < a.pixels ? p0 + PP : a.pixels;
       for (int64_t n = n0; n < n1; ++n) {
-        const float* row = y + (n - n0) * a.pixels * WIDTH;
-        int64_t p0 = 0;
-        for (; p0 + L <= a.pixels; p0 += L)
-          for (int v = 0; v < NV; ++v) {
-            VF m[L];
-            for (int p = 0; p < L; ++p) m[p] = load<VF>(row + (p0 + p) * WIDTH + v * L);
-            transpose<L / 2>(m);
-            for (int j = 0; j < L && v * L + j < count; ++j)
-              store(a.out + (first + v * L + j) * a.out_image + n * a.out_channel + p0, m[j]);
-          }
-        for (; p0 < a.pixels; ++p0)
-          for (int64_t b = 0; b < count; ++b) a.out[(first + b) * a.out_image + n * a.out_channel + p0] = row[p0 * WIDTH + b];
+        int32_t* acc = scratch + (n - n0) * PP * WIDTH;
+        for (int64_t p = p0; p < p1; p += PT) {
+          const int tile = static_cast<int>(p1 - p < PT ? p1 - p : PT);
+          pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
+        }
+        if (a.out_int) continue;
+        const int32_t offset = a.zero * a.row_sums[n];
+        const float multiplier = a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
+        for (int64_t e = 0; e < (p1 - p0) * WIDTH; e += L) {
+          VF v = __builtin_convertvector(load<VI>(acc + e) - offset, VF) * multiplier + bias;
+          if (a.relu) v = v > 0.0f ? v : VF();
+          store(y + (n - n0) * PP * WIDTH + e, v);
+        }
       }
-      continue;
-    }
-    for (int64_t n = n0; n < n1; ++n)
+      if (!a.out_int && n1 - n0 == R && a.out_channel == 1) {
+        for (int64_t p = p0; p < p1; ++p)
+          for (int v = 0; v < NV; ++v)
+            for (int r0 = 0; r0 < R; r0 += L) {
+              VF m[L];
+              for (int r = 0; r < L; ++r) m[r] = load<VF>(y + ((r0 + r) * PP + p - p0) * WIDTH + v * L);
+              transpose<L / 2>(m);
+              for (int j = 0; j < L && v * L + j < count; ++j)
+                store(a.out + (first + v * L + j) * a.out_image + p * a.out_pixel + n0 + r0, m[j]);
+            }
+        continue;
+      }
       for (int64_t b = 0; b < count; ++b)
-        for (int64_t p = 0; p < a.pixels; ++p)
-          a.out[(first + b) * a.out_image + n * a.out_channel + p * a.out_pixel] = y[((n - n0) * a.pixels + p) * WIDTH + b];
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t at = (first + b) * a.out_image + n * a.out_channel + p * a.out_pixel;
+            const int64_t from = ((n - n0) * PP + p - p0) * WIDTH + b;
+            if (a.out_int) {
+              a.out_int[at] = scratch[from];
+            } else {
+              a.out[at] = y[from];
+            }
+          }
+    }
   }
 }
 

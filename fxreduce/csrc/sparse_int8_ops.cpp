@@ -139,6 +139,7 @@ Geometry linear_geometry(int64_t images, int64_t in_features) {
 // The driver: quantize the input into blocks of `width` images (parallel over blocks), then every (block, output
 // row) pair (parallel, block-major so a block stays in cache across its rows).
 constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
+constexpr int64_t kRowChunk = 16;         // the kernels' epilogue tile (kEpilogueOutputs)
 
 void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
          int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int) {
@@ -179,15 +180,15 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
   SparseInt8Rows a{weights.data(), offsets.data(), row_ptr, pixels, pixel_offsets.data(), elements, g.images,
-                   row_sums.data(), zero, multipliers, bias, relu, out, out_int, csr.rows * pixels, pixels, 1};
-  const int64_t tasks = blocks * csr.rows;
-  const int64_t per_task = std::max<int64_t>(1, csr.nnz / std::max<int64_t>(1, csr.rows) * pixels * width);
-  at::parallel_for(0, tasks, std::max<int64_t>(1, kWorkPerTask / per_task), [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> scratch(std::max<int64_t>(pixels, 16) * width);
-    for (int64_t t = t0; t < t1;) {
-      const int64_t block = t / csr.rows, n0 = t % csr.rows, n1 = std::min(csr.rows, n0 + (t1 - t));
-      table.rows(a, quantized_data, block, n0, n1, scratch.data());
-      t += n1 - n0;
+                   row_sums.data(), zero, multipliers, bias, relu, out, out_int, csr.rows * pixels, 1, csr.rows};
+  // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
+  const int64_t chunks = (csr.rows + kRowChunk - 1) / kRowChunk;
+  const int64_t per_chunk = std::max<int64_t>(1, csr.nnz / chunks * pixels * width);
+  at::parallel_for(0, blocks * chunks, std::max<int64_t>(1, kWorkPerTask / per_chunk), [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> scratch(kRowChunk * kRowChunk * width);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t % chunks * kRowChunk;
+      table.rows(a, quantized_data, t / chunks, n0, std::min(csr.rows, n0 + kRowChunk), scratch.data());
     }
   });
 }
@@ -254,7 +255,7 @@ Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor
             "input_qparams must be a positive finite scale and an integer zero point in [0, 255], got ", in_scale,
             ", ", in_zero);
   Tensor x = x_in.contiguous();
-  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, x_in.options());
+  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), in_scale);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
@@ -274,7 +275,8 @@ Tensor sparse_int8_conv2d_int32(const Tensor& xq_in, const Tensor& values, const
   const Geometry g = conv_geometry(op, xq_in, kernel, stride, padding, dilation);
   Csr csr = checked_csr(op, values, columns, row_ptr, g.C * g.KH * g.KW);
   Tensor xq = xq_in.contiguous();
-  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, xq_in.options().dtype(at::kInt));
+  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW},
+                         xq_in.options().dtype(at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   run(op, g, csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, static_cast<int32_t>(zero), nullptr, nullptr, false, nullptr,
       out.data_ptr<int32_t>());

@@ -9,9 +9,10 @@ work is batch x non-zeros (x output pixels). The int32 sums equal the dense int8
 
 ``SparseInt8Linear`` quantizes its input per call like :class:`~fxreduce.modules.int8.Int8Linear` (the same
 qparams, 7-bit) and returns the same float32 outputs up to float rounding. ``SparseInt8Conv2d`` quantizes with
-the calibrated static input scale like :class:`~fxreduce.modules.int8.Int8Conv2d` but returns float32 straight
-from the int32 sums: no output requantization, so it differs from the dense module by at most that module's
-requantization step (half an output level), and is that much closer to the float layer.
+the calibrated static input scale like :class:`~fxreduce.modules.int8.Int8Conv2d` and returns channels-last
+float32 like it (the next layer's kernels, e.g. torch's max_pool2d, are much faster on it than on NCHW), but
+straight from the int32 sums: no output requantization, so it differs from the dense module by at most that
+module's requantization step (half an output level), and is that much closer to the float layer.
 
 Without the native extension both run the torch reference below (same numbers, dense speed).
 """
@@ -135,7 +136,7 @@ if native.available():
     def _conv_fake(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, dilation, input_qparams, relu):
         return x.new_empty((x.shape[0], row_ptr.shape[0] - 1,
                             *(_conv_out(x.shape[2 + d], kernel[1 + d], stride[d], padding[d], dilation[d])
-                              for d in range(2))))
+                              for d in range(2)))).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("fxreduce::sparse_int8_linear_int32")
     def _linear_int32_fake(xq, values, columns, row_ptr, in_features):
