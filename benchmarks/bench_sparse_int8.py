@@ -246,7 +246,8 @@ def main(argv=None) -> None:
     model_table, figures = bench_model(fp32, result, dense, test, repeats)
     fp32_flops, dense_flops, sparse_flops = figures["flops"]
     print(f"FLOPs per image: fp32 {fp32_flops:,}, dense int8 {dense_flops:,}, lower_int8 {sparse_flops:,}")
-    print(f"same predictions as the ADMM model: lower_int8 {figures['agree']:.2%}, dense int8 {figures['agree_dense']:.2%}")
+    print(f"same predictions as the ADMM model: lower_int8 {figures['agree']:.2%}, "
+          f"dense int8 {figures['agree_dense']:.2%}")
     if figures["speed"][1000] < 6.0:
         misses.append(f"whole model at batch 1000: {figures['speed'][1000]:.2f}x fp32, goal 6x")
     print("goals missed: " + ("; ".join(misses) if misses else "none"))
@@ -269,7 +270,7 @@ kernel) and `lower_int8` (sparse or dense per layer by density), medians of inte
 {model_table}
 
 The crossover: sparse over dense int8 (time ratio, above 1: sparse faster) on random int8 weights at each
-density, 2 threads, medians of warm interleaved calls. lower_int8 runs a layer sparse at or below 10% non-zeros
+density, 2 threads, medians of warm interleaved calls. lower_int8 runs a layer sparse at or below 5% non-zeros
 (`sparse_density`), 20% for a conv reducing over at most 512 inputs, and never below 16 output channels:
 
 {sweep}
@@ -289,9 +290,11 @@ Test accuracy: fp32 ADMM model {accuracy['fp32']:.2%}, lower_int8 {accuracy['spa
 Goals missed: {'; '.join(misses) if misses else 'none'}.
 """
     if args.cpu_time:
+        body = body.replace("medians of warm interleaved calls (`time_warm`)", "median CPU seconds of warm interleaved "
+                            "calls (`cpu_seconds`)")
         body = body.replace("medians of warm interleaved calls", "median CPU seconds of warm interleaved calls")
         body = body.replace("medians of interleaved calls", "median CPU seconds of interleaved calls")
-        body = body.replace("density, 2 threads,", "density, 1 thread, CPU seconds,")
+        body = body.replace("density, 2 threads,", "density, 1 thread,")
     write_section(TITLE + (" - 1 thread, CPU time" if args.cpu_time else ""), body)
 
 

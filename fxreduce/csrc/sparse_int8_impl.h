@@ -180,7 +180,8 @@ void quantize(const SparseQuantize& a, int64_t block) {
 
 // PTt output pixels of one row: the non-zeros outer (each weight broadcast once), pixels and lanes inner.
 template <int PTt>
-__attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1, const int64_t* poff,
+__attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0,
+                                                      int64_t i1, const int64_t* poff,
                        int32_t* acc_out) {
   VI acc[PTt][NV];
   for (int p = 0; p < PTt; ++p)
@@ -196,7 +197,8 @@ __attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, c
 }
 
 template <int PTt>
-__attribute__((always_inline)) inline void pixel_tile_of(int pixels, const SparseInt8Rows& a, const uint8_t* block, int64_t i0, int64_t i1,
+__attribute__((always_inline)) inline void pixel_tile_of(int pixels, const SparseInt8Rows& a, const uint8_t* block,
+                                                         int64_t i0, int64_t i1,
                           const int64_t* poff, int32_t* acc_out) {
   if constexpr (PTt > 0) {
     if (pixels == PTt) return pixel_tile<PTt>(a, block, i0, i1, poff, acc_out);

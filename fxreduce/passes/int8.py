@@ -36,12 +36,13 @@ from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, registe
 SOURCE = "fxreduce_int8_source"
 WEIGHT_ERROR = "fxreduce_int8_weight_error"
 # The sparse int8 kernel's crossover with the dense one (docs/benchmarks.md, "Sparse int8 kernels", has the
-# sweep): 10% non-zeros on Linear 800-1024 wide and Conv2d 64->64 3x3; twice that for convs whose dense reduction
-# (in_channels x kh x kw) is at most SHORT_REDUCTION long, where fbgemm's fixed costs weigh more (LeNet's 1->20
-# and 20->50 5x5 ran 1.1-2.2x faster sparse at 20%); and only with at least 16 outputs per pixel: with fewer
-# (LeNet's 10-way head) the dense GEMM is cheap and the sparse kernel's transposed input costs more than it saves.
-SPARSE_DENSITY = 0.1
+# sweep): about 5% non-zeros on Linear 800-1024 wide and Conv2d 64->64 3x3 (5-12% measured); four times that for
+# convs whose dense reduction (in_channels x kh x kw) is at most SHORT_REDUCTION long, where fbgemm's fixed costs
+# weigh more (20->50 5x5: 20-25%); and only with at least 16 outputs per pixel: with fewer (LeNet's 10-way head)
+# the dense GEMM is cheap and the sparse kernel's transposed input costs more than it saves.
+SPARSE_DENSITY = 0.05
 SHORT_REDUCTION = 512
+SHORT_REDUCTION_FACTOR = 4
 SPARSE_MIN_OUTPUTS = 16
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
@@ -265,7 +266,9 @@ class LowerInt8(Pass):
         density = int((values != 0).sum()) / values.numel() if values.numel() else 1.0
         limit, why = self.options.sparse_density, "sparse_density"
         if layer.kind == "conv2d" and values[0].numel() <= SHORT_REDUCTION:
-            limit, why = 2 * limit, f"2 x sparse_density for a conv reducing over {values[0].numel()} <= {SHORT_REDUCTION}"
+            limit = SHORT_REDUCTION_FACTOR * limit
+            why = (f"{SHORT_REDUCTION_FACTOR} x sparse_density: a conv reducing over {values[0].numel()} <= "
+                   f"{SHORT_REDUCTION}")
         if density > limit:
             return False, f"dense kernel: {density:.1%} non-zero > {limit:.0%} ({why})"
         if values.shape[0] < SPARSE_MIN_OUTPUTS:
