@@ -17,7 +17,11 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
     "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
     "kernels_avx2.cpp": ["-mavx2", "-mfma"],
+    "sparse_int8_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"],
+    "sparse_int8_avx2.cpp": ["-mavx2", "-ffp-contract=off"],
 } if X86 else {}
+# The sparse int8 kernels round x * inverse_scale before rounding to an integer, as torch's quantizer does.
+FILE_FLAGS = {**ISA_FLAGS, "sparse_int8_portable.cpp": ["-ffp-contract=off"]}
 COMMON_FLAGS = ["-O3", "-Wno-psabi"]
 REQUIRE = os.environ.get("FXREDUCE_REQUIRE_NATIVE") == "1"
 
@@ -39,7 +43,7 @@ def extension_setup() -> dict:
             compile_one = self.compiler._compile
 
             def with_isa_flags(obj, src, ext_, cc_args, extra_postargs, pp_opts):
-                flags = ISA_FLAGS.get(os.path.basename(src), [])
+                flags = FILE_FLAGS.get(os.path.basename(src), [])
                 return compile_one(obj, src, ext_, cc_args, list(extra_postargs) + flags, pp_opts)
 
             self.compiler._compile = with_isa_flags
@@ -53,10 +57,12 @@ def extension_setup() -> dict:
             finally:
                 self.compiler._compile = compile_one
 
-    sources = ["ops.cpp", "kernels_portable.cpp", *ISA_FLAGS]
+    sources = ["ops.cpp", "kernels_portable.cpp", "sparse_int8_ops.cpp", "sparse_int8_portable.cpp", *ISA_FLAGS]
     extension = CppExtension(
         "fxreduce._C",
         [os.path.join("fxreduce", "csrc", name) for name in sources],
+        depends=[os.path.join("fxreduce", "csrc", name) for name in os.listdir(os.path.join("fxreduce", "csrc"))
+                 if name.endswith(".h")],  # a changed header rebuilds the extension
         extra_compile_args=COMMON_FLAGS + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

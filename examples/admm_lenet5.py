@@ -24,6 +24,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 import fxreduce as fr
 from fxreduce.serialization import write_markdown_section
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear
+from fxreduce.modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear
 from fxreduce.training.admm import ADMM, Schedule, train
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "admm.md"
@@ -122,7 +124,7 @@ def storage_rows(lowered: torch.fx.GraphModule) -> tuple[list[list], int, int, i
     """Per int8 layer its storage; and the totals of all bits, value bits and weights."""
     rows, total, values, weights = [], 0, 0, 0
     for name, module in lowered.named_modules():
-        if isinstance(module, (Int8Linear, Int8Conv2d)):
+        if isinstance(module, (Int8Linear, Int8Conv2d, SparseInt8Linear, SparseInt8Conv2d)):
             s = module.storage()
             rows.append([name, f"{s.weights:,}", f"{s.nonzeros:,}", f"{s.weights / s.nonzeros:.1f}x",
                          s.format, s.value_bits, s.index_bits, f"{s.total_bits:,}", f"{s.reduction:.0f}x"])
@@ -143,6 +145,45 @@ def ratios(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in pairs}
 
 
+class Compressed(NamedTuple):
+    """What the training stages leave: the ADMM-compressed model (fp32 arithmetic), its ADMM state, the
+    baseline's accuracy and traced fp32 graph, the data and the schedule used."""
+
+    model: nn.Module
+    admm: ADMM
+    history: object
+    baseline: float
+    fp32: torch.fx.GraphModule
+    train_set: tuple
+    test_set: tuple
+    epochs: int
+    schedule: Schedule
+
+
+def compress(quick: bool, prune: dict[str, float] = PRUNE) -> Compressed:
+    """Baseline training, then ADMM pruning + quantization (stages 1 and 2), seeded."""
+    torch.manual_seed(0)
+    train_set, test_set = load_mnist(quick)
+    data = Batches(train_set, 64)
+    epochs = 1 if quick else 20
+    schedule = (Schedule(1, 1, 1, (0.5,), 1, 4) if quick
+                else Schedule(prune_epochs=16, retrain_epochs=10, quantize_epochs=6, fix_fractions=(0.3, 0.6, 0.9),
+                              round_epochs=2, updates_per_epoch=4))
+
+    model = LeNet5()
+    fit(model, data, epochs, 1e-3)
+    baseline = accuracy(model, test_set)
+    fp32 = fr.trace(model, (test_set[0][:2],), {"N": (0, 0)})
+    print(f"baseline: test accuracy {baseline:.2%} after {epochs} epochs")
+
+    admm = ADMM(model, prune=prune, levels=LEVELS, rho=1e-2, rho_growth=1.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = train(model, admm, data, F.cross_entropy, optimizer, schedule,
+                    evaluate=lambda: accuracy(model, test_set), progress=not quick)
+    admm.remove_hooks()
+    return Compressed(model, admm, history, baseline, fp32, train_set, test_set, epochs, schedule)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run on 256 images; writes nothing")
@@ -153,26 +194,10 @@ def main(argv=None) -> dict:
                              "second thread stalls badly when other jobs share the cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     started = time.perf_counter()
-    train_set, test_set = load_mnist(args.quick)
-    data = Batches(train_set, 64)
-    epochs = 1 if args.quick else 20
-    schedule = (Schedule(1, 1, 1, (0.5,), 1, 4) if args.quick
-                else Schedule(prune_epochs=16, retrain_epochs=10, quantize_epochs=6, fix_fractions=(0.3, 0.6, 0.9),
-                              round_epochs=2, updates_per_epoch=4))
-
-    model = LeNet5()
-    fit(model, data, epochs, 1e-3)
-    baseline = accuracy(model, test_set)
-    fp32 = fr.trace(model, (test_set[0][:2],), {"N": (0, 0)})
-    print(f"baseline: test accuracy {baseline:.2%} after {epochs} epochs")
-
-    admm = ADMM(model, prune=args.prune, levels=LEVELS, rho=1e-2, rho_growth=1.3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    history = train(model, admm, data, F.cross_entropy, optimizer, schedule,
-                    evaluate=lambda: accuracy(model, test_set), progress=not args.quick)
-    admm.remove_hooks()
+    run = compress(args.quick, args.prune)
+    model, admm, history, baseline, fp32 = run.model, run.admm, run.history, run.baseline, run.fp32
+    train_set, test_set, epochs, schedule = run.train_set, run.test_set, run.epochs, run.schedule
     compressed = accuracy(model, test_set)
     print(f"ADMM: test accuracy {compressed:.2%}, weights {admm.reduction():.1f}x fewer")
 

@@ -213,7 +213,7 @@ def check_int8_weight(weight: Tensor, scale: Tensor, where: str) -> None:
                          where=where)
 
 
-def _check_input(x: Tensor, where: str, dims: int | None = None) -> None:
+def check_input(x: Tensor, where: str, dims: int | None = None) -> None:
     if x.dtype is not torch.float32 or not x.is_cpu:
         raise UnsupportedError(f"int8 kernels take float32 CPU inputs, got {x.dtype} on {x.device}", where=where,
                                fix="run the lowered model on CPU in float32")
@@ -221,7 +221,7 @@ def _check_input(x: Tensor, where: str, dims: int | None = None) -> None:
         raise InputError(f"expected a {dims}-D input, got shape {tuple(x.shape)}", where=where)
 
 
-def _out_size(size, offset: int, stride: int):
+def out_size(size, offset: int, stride: int):
     """(size + offset) // stride + 1 for an int or a sympy size, with floor(floor(y) + c) / s) written
     floor((y + c) / s) as torch's shape env simplifies it: the declared cost then matches an fp32 conv's
     counted cost term for term, and certificates compare like with like."""
@@ -267,7 +267,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight, scale, bias = self.weight_int8, self.weight_scale, self.bias
         if _eager(x, weight, scale, bias):
-            _check_input(x, "Int8Linear")
+            check_input(x, "Int8Linear")
             return _run_linear(x, weight, scale, bias, self.relu)
         return torch.ops.fxreduce.int8_linear(x, weight, scale, bias, self.relu)
 
@@ -355,7 +355,7 @@ class Int8Conv2d(nn.Module):
         args = (self.weight_int8, self.weight_scale, self.bias, self.stride, self.padding, self.dilation, self.groups,
                 self.input_qparams, self.output_qparams, self.relu)
         if _eager(x, *args[:3], args[7]):
-            _check_input(x, "Int8Conv2d", dims=4)
+            check_input(x, "Int8Conv2d", dims=4)
             return _run_conv(x, *args)
         return torch.ops.fxreduce.int8_conv2d(x, *args)
 
@@ -391,8 +391,8 @@ class Int8Conv2d(nn.Module):
     def fxreduce_macs(self, input_shapes, training: bool = False) -> dict:
         n, _, h, w = input_shapes[0]
         kh, kw = self.kernel_size
-        out_h = _out_size(h, 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1, self.stride[0])
-        out_w = _out_size(w, 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1, self.stride[1])
+        out_h = out_size(h, 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1, self.stride[0])
+        out_w = out_size(w, 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1, self.stride[1])
         per_output = (self.in_channels // self.groups) * kh * kw
         return {"int8 conv": n * self.out_channels * out_h * out_w * per_output}
 

@@ -7,9 +7,10 @@ weight error. Linear layers quantize their input per call; Conv2d layers use sta
 from a calibration run, on the data the user gives or on random inputs shaped like the example inputs
 (the report says which). A ReLU that is a layer's only user is fused into the int8 kernel.
 
-No sparse kernel: measured at LeNet's fc1 shape (800 -> 500, batch 1000), torch's CSR matmul ran
-0.97-1.6x fp32 at 2-5% density while the dense int8 kernel ran 2.9x, so dense int8 is the faster path
-even for ADMM's sparsest layers.
+Pruned layers (ADMM's) run on fxreduce's sparse int8 kernels (SparseInt8Linear / SparseInt8Conv2d: only the
+stored non-zeros multiplied, the int32 sums equal to the dense kernel's) where their density is at most
+``sparse_density``, else on the dense int8 kernel; the report says which and why. torch's own CSR matmul
+is no alternative: 0.97-1.6x fp32 at 2-5% density at LeNet's fc1 shape, below dense int8's 2.9x.
 """
 
 from __future__ import annotations
@@ -27,10 +28,21 @@ from ..calibration import as_calibration, is_calibration, load_calibration, run_
 from ..cost_models import graph_info
 from ..cost_models.latency import Profile, example_shape, module_seconds
 from ..graph import Layer, find_layers, only_user, replace_layer
+from .. import native
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
+from ..modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear
 from ..testing.kit import capture_calls
 from .base import Contract, LatencyObjective, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
+# The sparse int8 kernel's crossover with the dense one (docs/benchmarks.md, "Sparse int8 kernels", has the
+# sweep): about 5% non-zeros on Linear 800-1024 wide and Conv2d 64->64 3x3 (5-12% measured); four times that for
+# convs whose dense reduction (in_channels x kh x kw) is at most SHORT_REDUCTION long, where fbgemm's fixed costs
+# weigh more (20->50 5x5: 20-25%); and only with at least 16 outputs per pixel: with fewer (LeNet's 10-way head)
+# the dense GEMM is cheap and the sparse kernel's transposed input costs more than it saves.
+SPARSE_DENSITY = 0.05
+SHORT_REDUCTION = 512
+SHORT_REDUCTION_FACTOR = 4
+SPARSE_MIN_OUTPUTS = 16
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 
 
@@ -101,6 +113,9 @@ class LowerInt8Options(LatencyObjective, LayerSelection):
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
+    sparse_density: float = option(SPARSE_DENSITY, "layers with at most this fraction of non-zero weights run on "
+                                                   "the sparse int8 kernel (0: never)",
+                                   check=("a fraction in [0, 1]", lambda value: 0 <= value <= 1))
 
     def __post_init__(self) -> None:
         self.calibration = as_calibration(self.calibration, "lower_int8(calibration=...)")
@@ -200,16 +215,19 @@ class LowerInt8(Pass):
             relu = _relu_user(gm, layer.result) if self.options.fuse_relu else None
             weights = to_int8(layer.weight, self.options.per_channel)
             bias = layer.bias.detach().float() if layer.bias is not None else None
+            sparse, kernel_text = self._sparse(layer, weights.values)
             if layer.kind == "linear":
-                module = Int8Linear.from_int8(weights.values, weights.scales, bias, relu=relu is not None)
+                kind = SparseInt8Linear if sparse else Int8Linear
+                module = kind.from_int8(weights.values, weights.scales, bias, relu=relu is not None)
                 activations = "input quantized per call (dynamic)"
             else:
                 low_in, high_in, low_out, high_out = ranges[layer.node.name]
                 a = layer.attrs
-                module = Int8Conv2d.from_int8(weights.values, weights.scales, bias, stride=a["stride"],
-                                              padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
-                                              input_range=(low_in, high_in), output_range=(low_out, high_out),
-                                              relu=relu is not None)
+                geometry = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                                input_range=(low_in, high_in), relu=relu is not None)
+                module = (SparseInt8Conv2d.from_int8(weights.values, weights.scales, bias, **geometry) if sparse else
+                          Int8Conv2d.from_int8(weights.values, weights.scales, bias,
+                                               output_range=(low_out, high_out), **geometry))
                 activations = f"static activation scales calibrated on {source}"
             slower = _int8_predicted_slower(gm, layer, module, relu is not None, profile) if profile else None
             if slower:
@@ -228,7 +246,28 @@ class LowerInt8(Pass):
                                f"({100 * weights.error / peak if peak else 0:.2g}% of max |W|)")
             fused = ", ReLU fused" if relu is not None else ""
             outcome.rewrites.append(Rewrite(replaced, [new.name], f"int8 {type(module).__name__}{fused}; "
-                                                                  f"{weight_text}; {activations}", self.contract))
+                                                                  f"{kernel_text}; {weight_text}; {activations}",
+                                            self.contract))
+
+    def _sparse(self, layer: Layer, values: Tensor) -> tuple[bool, str]:
+        """Whether ``layer`` runs on the sparse int8 kernel, and the report's reason."""
+        density = int((values != 0).sum()) / values.numel() if values.numel() else 1.0
+        limit, why = self.options.sparse_density, "sparse_density"
+        if layer.kind == "conv2d" and values[0].numel() <= SHORT_REDUCTION:
+            limit = SHORT_REDUCTION_FACTOR * limit
+            why = (f"{SHORT_REDUCTION_FACTOR} x sparse_density: a conv reducing over {values[0].numel()} <= "
+                   f"{SHORT_REDUCTION}")
+        if density > limit:
+            return False, f"dense kernel: {density:.1%} non-zero > {limit:.0%} ({why})"
+        if values.shape[0] < SPARSE_MIN_OUTPUTS:
+            return False, (f"dense kernel: {density:.1%} non-zero, but {values.shape[0]} output channels < "
+                           f"{SPARSE_MIN_OUTPUTS}, too few for the sparse kernel to pay")
+        if layer.kind == "conv2d" and layer.attrs["groups"] != 1:
+            return False, f"dense kernel: {density:.1%} non-zero, but the sparse conv runs groups=1 only"
+        if not native.available():
+            return False, f"dense kernel: {density:.1%} non-zero, but fxreduce's native kernels are not built"
+        return True, (f"sparse kernel: {density:.1%} non-zero <= {limit:.0%} ({why}), "
+                      f"{1 / max(density, 1e-9):.1f}x fewer multiply-adds")
 
     def _calibration_inputs(self, gm: fx.GraphModule) -> tuple[list[tuple], str]:
         data = self.options.calibration

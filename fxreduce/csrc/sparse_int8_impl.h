@@ -1,0 +1,272 @@
+// The sparse int8 kernels, written once with GCC vector extensions and compiled per ISA like kernels_impl.h:
+// the including unit defines FXR_SPARSE_ISA (its namespace), FXR_SPARSE_TABLE, FXR_SPARSE_NAME, FXR_VEC_BYTES
+// and FXR_SNV (int32 accumulator vectors per block: width = FXR_SNV * lanes images). The units are compiled with
+// -ffp-contract=off so x * inverse_scale is rounded before the rounding to an integer, as torch's quantizer does.
+#include <cstdint>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "sparse_int8.h"
+
+namespace fxreduce {
+namespace native {
+namespace FXR_SPARSE_ISA {
+
+constexpr int L = FXR_VEC_BYTES / 4;  // int32 lanes
+constexpr int NV = FXR_SNV;
+constexpr int WIDTH = L * NV;
+constexpr int PT = 4;  // output pixels per register tile
+constexpr int kEpilogueOutputs = 16;
+typedef int32_t VI __attribute__((vector_size(FXR_VEC_BYTES)));
+typedef float VF __attribute__((vector_size(FXR_VEC_BYTES)));
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Two steps GCC's vector extensions compile element by element, written with the ISA's instructions where it has
+// them: widen L uint8 lanes to int32 (vpmovzxbd), and multiply them by a broadcast int8 weight. |w * q| <= 127 *
+// 255 fits int16, so vpmaddwd on lanes whose upper halves are zero gives the exact product in one instruction.
+inline VI widen(const uint8_t* p) {
+#if FXR_VEC_BYTES == 64 && defined(__AVX512BW__)
+  return reinterpret_cast<VI>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif FXR_VEC_BYTES == 32 && defined(__AVX2__)
+  return reinterpret_cast<VI>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  VI v;
+  for (int e = 0; e < L; ++e) v[e] = p[e];
+  return v;
+#endif
+}
+
+// w: the weight in the low 16 bits of every lane, upper 16 bits zero.
+inline VI small_product(VI q, VI w) {
+#if FXR_VEC_BYTES == 64 && defined(__AVX512BW__)
+  return reinterpret_cast<VI>(_mm512_madd_epi16(reinterpret_cast<__m512i>(q), reinterpret_cast<__m512i>(w)));
+#elif FXR_VEC_BYTES == 32 && defined(__AVX2__)
+  return reinterpret_cast<VI>(_mm256_madd_epi16(reinterpret_cast<__m256i>(q), reinterpret_cast<__m256i>(w)));
+#else
+  return q * ((w << 16) >> 16);  // the weight sign-extended from the low half
+#endif
+}
+
+// L int32 lanes (each 0..255) stored as L bytes.
+inline void narrow_store(uint8_t* p, VI v) {
+#if FXR_VEC_BYTES == 64 && defined(__AVX512BW__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(v)));
+#elif FXR_VEC_BYTES == 32 && defined(__AVX2__)
+  const __m256i low_bytes = _mm256_shuffle_epi8(reinterpret_cast<__m256i>(v),
+                                                _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                 -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                 -1, -1, -1, -1));
+  const __m256i packed = _mm256_permutevar8x32_epi32(low_bytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
+  for (int e = 0; e < L; ++e) p[e] = static_cast<uint8_t>(v[e]);
+#endif
+}
+
+// An L x L transpose of L vectors in place: log2(L) butterfly stages of two-vector shuffles (rows i and i + H
+// swap their off-diagonal H-blocks), L log2(L) shuffles for L^2 elements instead of a load and store each.
+template <int... I>
+struct Lanes {};
+template <int N, int... I>
+struct MakeLanes : MakeLanes<N - 1, N - 1, I...> {};
+template <int... I>
+struct MakeLanes<0, I...> {
+  typedef Lanes<I...> type;
+};
+
+template <int H, typename V, int... I>
+inline V low_half(V a, V b, Lanes<I...>) {
+  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I : L + I - H)...);
+}
+template <int H, typename V, int... I>
+inline V high_half(V a, V b, Lanes<I...>) {
+  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I + H : L + I)...);
+}
+
+template <int H, typename V>
+__attribute__((always_inline)) inline void transpose(V* m) {
+  if constexpr (H > 0) {
+    for (int i = 0; i < L; ++i)
+      if ((i & H) == 0) {
+        const V a = m[i], b = m[i + H];
+        m[i] = low_half<H>(a, b, typename MakeLanes<L>::type());
+        m[i + H] = high_half<H>(a, b, typename MakeLanes<L>::type());
+      }
+    transpose<H / 2>(m);
+  }
+}
+
+// nearbyint (ties to even, the default rounding mode) for |x| < 2^22: adding and subtracting 1.5 * 2^23.
+inline VI quantize_vector(VF x, float inverse_scale, int32_t zero) {
+  VF scaled = x * inverse_scale;
+  scaled = scaled < -512.0f ? VF() - 512.0f : scaled;
+  scaled = scaled > 512.0f ? VF() + 512.0f : scaled;
+  const VF magic = VF() + 12582912.0f;
+  VI q = __builtin_convertvector((scaled + magic) - magic, VI) + zero;
+  q = q < 0 ? VI() : q;
+  return q > 255 ? VI() + 255 : q;
+}
+
+inline uint8_t quantize_scalar(float x, float inverse_scale, int32_t zero) {
+  float scaled = x * inverse_scale;
+  scaled = scaled < -512.0f ? -512.0f : scaled > 512.0f ? 512.0f : scaled;
+  const int32_t q = static_cast<int32_t>((scaled + 12582912.0f) - 12582912.0f) + zero;
+  return static_cast<uint8_t>(q < 0 ? 0 : q > 255 ? 255 : q);
+}
+
+// `count` consecutive input elements to `dst`, WIDTH bytes apart.
+inline void quantize_run(const SparseQuantize& a, int64_t src, int64_t count, uint8_t* dst) {
+  if (a.xq) {
+    for (int64_t e = 0; e < count; ++e) dst[e * WIDTH] = a.xq[src + e];
+    return;
+  }
+  const float* x = a.x + src;
+  int64_t e = 0;
+  for (; e + L <= count; e += L) {
+    const VI q = quantize_vector(load<VF>(x + e), a.inverse_scale, a.zero);
+    for (int lane = 0; lane < L; ++lane) dst[(e + lane) * WIDTH] = static_cast<uint8_t>(q[lane]);
+  }
+  for (; e < count; ++e) dst[e * WIDTH] = quantize_scalar(x[e], a.inverse_scale, a.zero);
+}
+
+void quantize(const SparseQuantize& a, int64_t block) {
+  const int64_t elements = a.C * a.Hp * a.Wp;
+  uint8_t* dst = a.blocks + block * elements * WIDTH;
+  const int64_t first = block * WIDTH;
+  const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
+  if (a.pad_h || a.pad_w || count < WIDTH) __builtin_memset(dst, static_cast<uint8_t>(a.zero), elements * WIDTH);
+  const int64_t plane = a.H * a.W;
+  int64_t done = 0;  // images quantized by the transposing path
+  if (!a.xq && a.pad_w == 0) {
+    // L images x L elements at a time: quantized as L vectors, transposed, stored as L rows of L bytes.
+    for (; done + L <= count; done += L)
+      for (int64_t c = 0; c < a.C; ++c) {
+        const float* x = a.x + ((first + done) * a.C + c) * plane;
+        uint8_t* out = dst + (c * a.Hp + a.pad_h) * a.Wp * WIDTH + done;
+        int64_t e = 0;
+        for (; e + L <= plane; e += L) {
+          VI m[L];
+          for (int j = 0; j < L; ++j) m[j] = quantize_vector(load<VF>(x + j * a.C * plane + e), a.inverse_scale, a.zero);
+          transpose<L / 2>(m);
+          for (int k = 0; k < L; ++k) narrow_store(out + (e + k) * WIDTH, m[k]);
+        }
+        for (; e < plane; ++e)
+          for (int j = 0; j < L; ++j)
+            out[e * WIDTH + j] = quantize_scalar(x[j * a.C * plane + e], a.inverse_scale, a.zero);
+      }
+  }
+  for (int64_t b = done; b < count; ++b)
+    for (int64_t c = 0; c < a.C; ++c) {
+      const int64_t src = ((first + b) * a.C + c) * plane;
+      uint8_t* out = dst + ((c * a.Hp + a.pad_h) * a.Wp + a.pad_w) * WIDTH + b;
+      if (a.pad_w == 0) {  // the padded rows are as wide as the input's: one run per plane
+        quantize_run(a, src, plane, out);
+        continue;
+      }
+      for (int64_t h = 0; h < a.H; ++h) quantize_run(a, src + h * a.W, a.W, out + h * a.Wp * WIDTH);
+    }
+}
+
+// PTt output pixels of one row: the non-zeros outer (each weight broadcast once), pixels and lanes inner.
+template <int PTt>
+__attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0,
+                                                      int64_t i1, const int64_t* poff,
+                       int32_t* acc_out) {
+  VI acc[PTt][NV];
+  for (int p = 0; p < PTt; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = VI();
+  for (int64_t i = i0; i < i1; ++i) {
+    const VI w = VI() + a.weights[i];
+    const uint8_t* base = block + a.offsets[i];
+    for (int p = 0; p < PTt; ++p)
+      for (int v = 0; v < NV; ++v) acc[p][v] += small_product(widen(base + poff[p] + v * L), w);
+  }
+  for (int p = 0; p < PTt; ++p)
+    for (int v = 0; v < NV; ++v) store(acc_out + p * WIDTH + v * L, acc[p][v]);
+}
+
+template <int PTt>
+__attribute__((always_inline)) inline void pixel_tile_of(int pixels, const SparseInt8Rows& a, const uint8_t* block,
+                                                         int64_t i0, int64_t i1,
+                          const int64_t* poff, int32_t* acc_out) {
+  if constexpr (PTt > 0) {
+    if (pixels == PTt) return pixel_tile<PTt>(a, block, i0, i1, poff, acc_out);
+    pixel_tile_of<PTt - 1>(pixels, a, block, i0, i1, poff, acc_out);
+  }
+}
+
+// Output rows [n_begin, n_end) of one block, kEpilogueOutputs rows x kEpilogueOutputs pixels at a time: the int32
+// sums of the tile, converted to float in place, then written out. Outputs are channels-last (a Linear's rows are
+// its channels), so with a full chunk of rows each (image, pixel) gets one contiguous run of channels, written as
+// L x L transposes of the tile instead of one float per (row, pixel, image).
+void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t n_begin, int64_t n_end,
+          int32_t* scratch) {
+  constexpr int R = kEpilogueOutputs, PP = kEpilogueOutputs;
+  const uint8_t* x = blocks + block * a.block_elements * WIDTH;
+  const int64_t first = block * WIDTH;
+  const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
+  float* y = reinterpret_cast<float*>(scratch);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+    const int64_t n1 = n0 + R < n_end ? n0 + R : n_end;
+    for (int64_t p0 = 0; p0 < a.pixels; p0 += PP) {
+      const int64_t p1 = p0 + PP < a.pixels ? p0 + PP : a.pixels;
+      for (int64_t n = n0; n < n1; ++n) {
+        int32_t* acc = scratch + (n - n0) * PP * WIDTH;
+        for (int64_t p = p0; p < p1; p += PT) {
+          const int tile = static_cast<int>(p1 - p < PT ? p1 - p : PT);
+          pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
+        }
+        if (a.out_int) continue;
+        const int32_t offset = a.zero * a.row_sums[n];
+        const float multiplier = a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
+        for (int64_t e = 0; e < (p1 - p0) * WIDTH; e += L) {
+          VF v = __builtin_convertvector(load<VI>(acc + e) - offset, VF) * multiplier + bias;
+          if (a.relu) v = v > 0.0f ? v : VF();
+          store(y + (n - n0) * PP * WIDTH + e, v);
+        }
+      }
+      if (!a.out_int && n1 - n0 == R && a.out_channel == 1) {
+        for (int64_t p = p0; p < p1; ++p)
+          for (int v = 0; v < NV; ++v)
+            for (int r0 = 0; r0 < R; r0 += L) {
+              VF m[L];
+              for (int r = 0; r < L; ++r) m[r] = load<VF>(y + ((r0 + r) * PP + p - p0) * WIDTH + v * L);
+              transpose<L / 2>(m);
+              for (int j = 0; j < L && v * L + j < count; ++j)
+                store(a.out + (first + v * L + j) * a.out_image + p * a.out_pixel + n0 + r0, m[j]);
+            }
+        continue;
+      }
+      for (int64_t b = 0; b < count; ++b)
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t at = (first + b) * a.out_image + n * a.out_channel + p * a.out_pixel;
+            const int64_t from = ((n - n0) * PP + p - p0) * WIDTH + b;
+            if (a.out_int) {
+              a.out_int[at] = scratch[from];
+            } else {
+              a.out[at] = y[from];
+            }
+          }
+    }
+  }
+}
+
+}  // namespace FXR_SPARSE_ISA
+
+extern const SparseInt8Table FXR_SPARSE_TABLE = {FXR_SPARSE_NAME, FXR_SPARSE_ISA::WIDTH, &FXR_SPARSE_ISA::quantize,
+                                                 &FXR_SPARSE_ISA::rows};
+
+}  // namespace native
+}  // namespace fxreduce

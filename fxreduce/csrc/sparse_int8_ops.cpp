@@ -1,0 +1,325 @@
+// torch.ops.fxreduce.sparse_int8_*: int8 Linear and Conv2d over weights stored as CSR by output channel (int8
+// values, column index, row pointers), for pruned layers. The input is quantized as the dense int8 modules
+// quantize it (Linear: per call, torch's reduce_range qparams; Conv2d: the calibrated static qparams) and the
+// int32 sums equal the dense int8 GEMM's. Every operand is checked here (TORCH_CHECK): a bad index or shape is an
+// error, never a read out of bounds. The ISA follows FXREDUCE_ISA at load, like ops.cpp's kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/quantized/cpu/QuantUtils.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "sparse_int8.h"
+
+namespace fxreduce {
+namespace native {
+namespace {
+
+using at::Tensor;
+
+bool sparse_isa_supported(const std::string& name) {
+  if (name == "portable") return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#endif
+  return false;
+}
+
+const SparseInt8Table* sparse_table_named(const std::string& name) {
+  if (!sparse_isa_supported(name)) return nullptr;
+#if defined(__x86_64__)
+  if (name == "avx512") return &sparse_int8_avx512_table;
+  if (name == "avx2") return &sparse_int8_avx2_table;
+#endif
+  if (name == "portable") return &sparse_int8_portable_table;
+  return nullptr;
+}
+
+const SparseInt8Table* initial_table() {
+  const char* wanted = std::getenv("FXREDUCE_ISA");
+  if (wanted && sparse_table_named(wanted)) return sparse_table_named(wanted);
+  for (const char* name : {"avx512", "avx2", "portable"})
+    if (sparse_table_named(name)) return sparse_table_named(name);
+  return &sparse_int8_portable_table;
+}
+
+std::atomic<const SparseInt8Table*> active{initial_table()};
+
+// sparse_int8_isa(name): run on ISA `name` from now on (tests cover every path); returns the ISA in use.
+std::string sparse_int8_isa(std::optional<std::string> name) {
+  if (name.has_value()) {
+    const SparseInt8Table* table = sparse_table_named(*name);
+    TORCH_CHECK(table != nullptr, "fxreduce.sparse_int8: ISA '", *name, "' is not available on this CPU or build");
+    active.store(table);
+  }
+  return active.load()->name;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Checks.
+#define FXR_CHECK(cond, ...) TORCH_CHECK(cond, "fxreduce.", op, ": ", __VA_ARGS__)
+
+struct Csr {
+  Tensor values, columns, row_ptr;
+  int64_t rows, nnz, kernel_elements;
+};
+
+// values (nnz,) int8, columns (nnz,) int32 in [0, kernel_elements), row_ptr (rows + 1,) int64: 0, non-decreasing, nnz.
+Csr checked_csr(const char* op, const Tensor& values, const Tensor& columns, const Tensor& row_ptr,
+                int64_t kernel_elements) {
+  for (const Tensor* t : {&values, &columns, &row_ptr})
+    FXR_CHECK(t->device().is_cpu() && t->dim() == 1, "the CSR weight tensors must be 1-D CPU tensors, got ",
+              t->device(), " ", t->sizes());
+  FXR_CHECK(values.scalar_type() == at::kChar, "values must be int8, got ", values.scalar_type());
+  FXR_CHECK(columns.scalar_type() == at::kInt, "columns must be int32, got ", columns.scalar_type());
+  FXR_CHECK(row_ptr.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr.scalar_type());
+  const int64_t nnz = values.size(0);
+  FXR_CHECK(columns.size(0) == nnz, "columns has ", columns.size(0), " entries for ", nnz, " values");
+  FXR_CHECK(row_ptr.size(0) >= 2, "row_ptr needs rows + 1 >= 2 entries, got ", row_ptr.size(0));
+  Csr csr{values.contiguous(), columns.contiguous(), row_ptr.contiguous(), row_ptr.size(0) - 1, nnz, 0};
+  const int64_t* ptr = csr.row_ptr.data_ptr<int64_t>();
+  FXR_CHECK(ptr[0] == 0 && ptr[csr.rows] == nnz, "row_ptr must start at 0 and end at nnz = ", nnz, ", got ", ptr[0],
+            " and ", ptr[csr.rows]);
+  for (int64_t n = 0; n < csr.rows; ++n)
+    FXR_CHECK(ptr[n] <= ptr[n + 1], "row_ptr must be non-decreasing; row ", n, " goes from ", ptr[n], " to ",
+              ptr[n + 1]);
+  csr.kernel_elements = kernel_elements;  // the column indices are checked where run() reads them
+  return csr;
+}
+
+void check_channel_vector(const char* op, const std::optional<Tensor>& t, const char* name, int64_t rows) {
+  if (!t.has_value()) return;
+  FXR_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == rows, name,
+            " must be a float32 CPU tensor of shape (", rows, ",), got ", t->scalar_type(), " ", t->sizes(), " on ",
+            t->device());
+}
+
+// The geometry of a (possibly Linear-as-conv) call: input (images, C, H, W), kernel (C, KH, KW).
+struct Geometry {
+  int64_t images, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
+  int64_t Hp() const { return H + 2 * ph; }
+  int64_t Wp() const { return W + 2 * pw; }
+};
+
+std::vector<int64_t> pair_of(const char* op, c10::IntArrayRef values, const char* name, int64_t low) {
+  FXR_CHECK(values.size() == 2 && values[0] >= low && values[1] >= low, name, " must be two integers >= ", low,
+            ", got ", values);
+  return {values[0], values[1]};
+}
+
+Geometry conv_geometry(const char* op, const Tensor& x, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  FXR_CHECK(x.dim() == 4, "expected a 4-D input (N, C, H, W), got ", x.sizes());
+  FXR_CHECK(kernel.size() == 3 && kernel[0] > 0 && kernel[1] > 0 && kernel[2] > 0,
+            "kernel must be (in_channels, kh, kw) > 0, got ", kernel);
+  FXR_CHECK(x.size(1) == kernel[0], "input has ", x.size(1), " channels, the weight ", kernel[0]);
+  auto s = pair_of(op, stride, "stride", 1), p = pair_of(op, padding, "padding", 0), d = pair_of(op, dilation,
+                                                                                                  "dilation", 1);
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kernel[1], kernel[2], s[0], s[1], p[0], p[1], d[0], d[1], 0, 0};
+  g.OH = (g.Hp() - g.dh * (g.KH - 1) - 1) / g.sh + 1;
+  g.OW = (g.Wp() - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  FXR_CHECK(g.Hp() >= g.dh * (g.KH - 1) + 1 && g.Wp() >= g.dw * (g.KW - 1) + 1, "the input ", x.sizes(),
+            " (padded) is smaller than the kernel");
+  return g;
+}
+
+Geometry linear_geometry(int64_t images, int64_t in_features) {
+  return Geometry{images, 1, 1, in_features, 1, in_features, 1, 1, 0, 0, 1, 1, 1, 1};
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The driver: quantize the input into blocks of `width` images (parallel over blocks), then every (block, output
+// row) pair (parallel, block-major so a block stays in cache across its rows).
+constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
+constexpr int64_t kRowChunk = 16;         // the kernels' epilogue tile (kEpilogueOutputs)
+
+void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
+         int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int) {
+  const SparseInt8Table& table = *active.load(std::memory_order_relaxed);
+  const int64_t width = table.width, blocks = (g.images + width - 1) / width;
+  const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = g.OH * g.OW;
+  // One pass over the non-zeros: check each column index, look up its input offset in a table over (c, kh, kw),
+  // put its value in a lane's low half, and sum each row's values (the zero point's correction).
+  std::vector<int64_t> column_offsets(csr.kernel_elements), offsets(csr.nnz), pixel_offsets(pixels);
+  for (int64_t c = 0, k = 0; c < g.C; ++c)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) column_offsets[k++] = ((c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw) * width;
+  std::vector<int32_t> weights(csr.nnz), row_sums(csr.rows, 0);
+  const int32_t* columns = csr.columns.data_ptr<int32_t>();
+  const int8_t* values = csr.values.data_ptr<int8_t>();
+  const int64_t* row_ptr = csr.row_ptr.data_ptr<int64_t>();
+  bool in_range = true;
+  for (int64_t n = 0; n < csr.rows; ++n)
+    for (int64_t i = row_ptr[n]; i < row_ptr[n + 1]; ++i) {
+      const int32_t column = columns[i];
+      const bool ok = column >= 0 && column < csr.kernel_elements;
+      in_range &= ok;
+      offsets[i] = ok ? column_offsets[column] : 0;
+      weights[i] = static_cast<uint16_t>(static_cast<int16_t>(values[i]));
+      row_sums[n] += values[i];
+    }
+  if (!in_range) {
+    const int64_t low = csr.columns.min().item<int64_t>(), high = csr.columns.max().item<int64_t>();
+    TORCH_CHECK(false, "fxreduce.", op, ": column indices must lie in [0, ", csr.kernel_elements, "), got [", low,
+                ", ", high, "]");
+  }
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    for (int64_t ow = 0; ow < g.OW; ++ow) pixel_offsets[oh * g.OW + ow] = (oh * g.sh * g.Wp() + ow * g.sw) * width;
+  Tensor quantized = at::empty({blocks * elements * width}, at::kByte);
+  uint8_t* quantized_data = quantized.data_ptr<uint8_t>();
+  SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized_data};
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
+  });
+  SparseInt8Rows a{weights.data(), offsets.data(), row_ptr, pixels, pixel_offsets.data(), elements, g.images,
+                   row_sums.data(), zero, multipliers, bias, relu, out, out_int, csr.rows * pixels, 1, csr.rows};
+  // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
+  const int64_t chunks = (csr.rows + kRowChunk - 1) / kRowChunk;
+  const int64_t per_chunk = std::max<int64_t>(1, csr.nnz / chunks * pixels * width);
+  at::parallel_for(0, blocks * chunks, std::max<int64_t>(1, kWorkPerTask / per_chunk), [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> scratch(kRowChunk * kRowChunk * width);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t % chunks * kRowChunk;
+      table.rows(a, quantized_data, t / chunks, n0, std::min(csr.rows, n0 + kRowChunk), scratch.data());
+    }
+  });
+}
+
+// Per output channel: x_scale * w_scale, the float epilogue's multiplier.
+std::vector<float> multipliers_of(const Csr& csr, const Tensor& scale, float input_scale) {
+  std::vector<float> multipliers(csr.rows);
+  const float* s = scale.data_ptr<float>();
+  for (int64_t n = 0; n < csr.rows; ++n) multipliers[n] = input_scale * s[n];
+  return multipliers;
+}
+
+void check_input(const char* op, const Tensor& x, at::ScalarType dtype) {
+  FXR_CHECK(x.device().is_cpu() && x.scalar_type() == dtype, "the input must be a ", dtype, " CPU tensor, got ",
+            x.scalar_type(), " on ", x.device());
+}
+
+// ------------------------------------------------------------------------------------------------------
+// sparse_int8_linear(x (..., K), CSR weight (N, K), scale (N,), bias, relu) -> (..., N) float32: x quantized per
+// call to 0..127 with torch's qparams for its min and max (what fbgemm's dynamic Linear with reduce_range does).
+Tensor sparse_int8_linear(const Tensor& x_in, const Tensor& values, const Tensor& columns, const Tensor& row_ptr,
+                          int64_t in_features, const Tensor& scale, const std::optional<Tensor>& bias, bool relu) {
+  const char* op = "sparse_int8_linear";
+  check_input(op, x_in, at::kFloat);
+  FXR_CHECK(x_in.dim() >= 1 && x_in.size(-1) == in_features, "input's last dimension must be in_features = ",
+            in_features, ", got ", x_in.sizes());
+  Csr csr = checked_csr(op, values, columns, row_ptr, in_features);
+  check_channel_vector(op, scale, "scale", csr.rows);
+  check_channel_vector(op, bias, "bias", csr.rows);
+  Tensor x = x_in.reshape({-1, in_features}).contiguous();
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = csr.rows;
+  Tensor out = at::empty(shape, x_in.options());
+  if (out.numel() == 0) return out;
+  float low = 0.0f, high = 0.0f;
+  if (x.numel() > 0) {
+    auto [mn, mx] = at::aminmax(x);
+    low = mn.item<float>(), high = mx.item<float>();
+  }
+  const auto qp = quant_utils::ChooseQuantizationParams(low, high, 0, 255, false, false, /*reduce_range=*/true);
+  const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), qp.scale);
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  run(op, linear_geometry(x.size(0), in_features), csr, x.data_ptr<float>(), nullptr, 1.0f / qp.scale, qp.zero_point,
+      multipliers.data(), bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
+  return out;
+}
+
+// sparse_int8_conv2d(x (N, C, H, W), CSR weight (O, C*kh*kw), kernel (C, kh, kw), ..., input_qparams (scale, zero))
+// -> (N, O, OH, OW) float32 straight from the int32 sums (no output requantization).
+Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor& columns, const Tensor& row_ptr,
+                          c10::IntArrayRef kernel, const Tensor& scale, const std::optional<Tensor>& bias,
+                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                          const Tensor& input_qparams, bool relu) {
+  const char* op = "sparse_int8_conv2d";
+  check_input(op, x_in, at::kFloat);
+  const Geometry g = conv_geometry(op, x_in, kernel, stride, padding, dilation);
+  Csr csr = checked_csr(op, values, columns, row_ptr, g.C * g.KH * g.KW);
+  check_channel_vector(op, scale, "scale", csr.rows);
+  check_channel_vector(op, bias, "bias", csr.rows);
+  check_channel_vector(op, input_qparams, "input_qparams (scale, zero point)", 2);
+  const float in_scale = input_qparams[0].item<float>();
+  const double in_zero = input_qparams[1].item<double>();
+  FXR_CHECK(in_scale > 0 && std::isfinite(in_scale) && in_zero >= 0 && in_zero <= 255 && in_zero == std::floor(in_zero),
+            "input_qparams must be a positive finite scale and an integer zero point in [0, 255], got ", in_scale,
+            ", ", in_zero);
+  Tensor x = x_in.contiguous();
+  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), in_scale);
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  run(op, g, csr, x.data_ptr<float>(), nullptr, 1.0f / in_scale, static_cast<int32_t>(in_zero), multipliers.data(),
+      bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
+  return out;
+}
+
+// The int32 sums themselves, for quantized uint8 input (padding reads `zero`): what the tests hold equal, bit for
+// bit, to a dense int8 GEMM on the same weights.
+Tensor sparse_int8_conv2d_int32(const Tensor& xq_in, const Tensor& values, const Tensor& columns,
+                                const Tensor& row_ptr, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t zero) {
+  const char* op = "sparse_int8_conv2d_int32";
+  check_input(op, xq_in, at::kByte);
+  FXR_CHECK(zero >= 0 && zero <= 255, "zero must lie in [0, 255], got ", zero);
+  const Geometry g = conv_geometry(op, xq_in, kernel, stride, padding, dilation);
+  Csr csr = checked_csr(op, values, columns, row_ptr, g.C * g.KH * g.KW);
+  Tensor xq = xq_in.contiguous();
+  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW},
+                         xq_in.options().dtype(at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  run(op, g, csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, static_cast<int32_t>(zero), nullptr, nullptr, false, nullptr,
+      out.data_ptr<int32_t>());
+  return out;
+}
+
+Tensor sparse_int8_linear_int32(const Tensor& xq_in, const Tensor& values, const Tensor& columns,
+                                const Tensor& row_ptr, int64_t in_features) {
+  const char* op = "sparse_int8_linear_int32";
+  check_input(op, xq_in, at::kByte);
+  FXR_CHECK(xq_in.dim() == 2 && xq_in.size(1) == in_features, "expected input (rows, ", in_features, "), got ",
+            xq_in.sizes());
+  Csr csr = checked_csr(op, values, columns, row_ptr, in_features);
+  Tensor xq = xq_in.contiguous();
+  Tensor out = at::empty({xq.size(0), csr.rows}, xq_in.options().dtype(at::kInt));
+  if (out.numel() == 0) return out;
+  run(op, linear_geometry(xq.size(0), in_features), csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, 0, nullptr, nullptr,
+      false, nullptr, out.data_ptr<int32_t>());
+  return out;
+}
+
+#undef FXR_CHECK
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
+  m.def("sparse_int8_linear(Tensor x, Tensor values, Tensor columns, Tensor row_ptr, int in_features, Tensor scale, "
+        "Tensor? bias, bool relu) -> Tensor");
+  m.def("sparse_int8_conv2d(Tensor x, Tensor values, Tensor columns, Tensor row_ptr, int[] kernel, Tensor scale, "
+        "Tensor? bias, int[] stride, int[] padding, int[] dilation, Tensor input_qparams, bool relu) -> Tensor");
+  m.def("sparse_int8_linear_int32(Tensor xq, Tensor values, Tensor columns, Tensor row_ptr, int in_features) -> "
+        "Tensor");
+  m.def("sparse_int8_conv2d_int32(Tensor xq, Tensor values, Tensor columns, Tensor row_ptr, int[] kernel, "
+        "int[] stride, int[] padding, int[] dilation, int zero) -> Tensor");
+  m.def("sparse_int8_isa(str? name=None) -> str", &sparse_int8_isa);
+}
+
+TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
+  m.impl("sparse_int8_linear", &sparse_int8_linear);
+  m.impl("sparse_int8_conv2d", &sparse_int8_conv2d);
+  m.impl("sparse_int8_linear_int32", &sparse_int8_linear_int32);
+  m.impl("sparse_int8_conv2d_int32", &sparse_int8_conv2d_int32);
+}
+
+}  // namespace native
+}  // namespace fxreduce
