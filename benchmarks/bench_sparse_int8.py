@@ -152,8 +152,8 @@ def bench_layers(model: nn.Module, images: torch.Tensor, picks: dict[str, str],
 def lower(model: nn.Module, train_x: torch.Tensor, x_test: torch.Tensor):
     """The traced fp32 model and lower_int8's results with its default crossover and with every layer dense."""
     fp32 = fr.trace(model, (x_test[:2],), {"N": (0, 0)})
-    result = fr.apply(fp32, fr.Pipeline([fr.passes["lower_int8"](calibration=train_x[:512])]))
-    dense = fr.apply(fp32, fr.Pipeline([fr.passes["lower_int8"](calibration=train_x[:512], sparse_density=0.0)]))
+    result = fr.apply(fp32, fr.Pipeline([fr.get_pass("lower_int8")(calibration=train_x[:512])]))
+    dense = fr.apply(fp32, fr.Pipeline([fr.get_pass("lower_int8")(calibration=train_x[:512], sparse_density=0.0)]))
     return fp32, result, dense
 
 

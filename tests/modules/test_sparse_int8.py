@@ -217,7 +217,7 @@ def test_lower_int8_runs_pruned_layers_sparse_and_certifies_the_flop_cut():
             layer.weight.mul_(torch.rand_like(layer.weight) < density)
     x = torch.randn(4, 3, 8, 8)
     gm = fr.trace(model, (x,), {"N": (0, 0)})
-    result = fr.apply(gm, fr.Pipeline([fr.passes["lower_int8"](calibration=x)]))
+    result = fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=x)]))
     lowered = result.graph_module
     kinds = {name: type(module).__name__ for name, module in lowered.named_modules()
              if "Int8" in type(module).__name__}
@@ -236,5 +236,5 @@ def test_lower_int8_runs_pruned_layers_sparse_and_certifies_the_flop_cut():
     assert int(after.macs) < int(before.macs)
     with torch.no_grad():
         assert float((lowered(x) - gm(x)).abs().max()) < 0.5
-    everything_dense = fr.apply(gm, fr.Pipeline([fr.passes["lower_int8"](calibration=x, sparse_density=0.0)]))
+    everything_dense = fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=x, sparse_density=0.0)]))
     assert not any("Sparse" in type(m).__name__ for m in everything_dense.graph_module.modules())
