@@ -31,7 +31,7 @@ from admm_lenet5 import PRUNE, LeNet5, compress, load_mnist  # noqa: E402
 import fxreduce as fr  # noqa: E402
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear  # noqa: E402
 from fxreduce.modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear  # noqa: E402
-from fxreduce.passes.int8 import to_int8  # noqa: E402
+from fxreduce.passes.lower_int8 import to_int8  # noqa: E402
 
 TITLE = "Sparse int8 kernels (ADMM LeNet-5)"
 BATCHES = (64, 1000)

@@ -33,7 +33,7 @@ from bench_lstm import train_step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import fxreduce  # noqa: E402
 from fxreduce import native  # noqa: E402
-from fxreduce.modules.lstm import LSTM  # noqa: E402
+from fxreduce.modules.lstm import DecomposedLSTM  # noqa: E402
 from structured_dropout_lm import MASKS, OFFSETS  # noqa: E402  (the example's mask variants, measured here)
 from word_lm import WordLanguageModel  # noqa: E402
 
@@ -50,7 +50,7 @@ def ours_dense(model: WordLanguageModel) -> nn.Module:
     """The same model (same weights) with the LSTM swapped for our decomposed one, ordinary dropout."""
     dense = WordLanguageModel(VOCAB, model.lstm.hidden_size, model.lstm.hidden_size, 2, model.lstm.dropout)
     dense.load_state_dict(model.state_dict())
-    dense.lstm = LSTM.from_torch(model.lstm)
+    dense.lstm = DecomposedLSTM.from_torch(model.lstm)
     return dense
 
 
