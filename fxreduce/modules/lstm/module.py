@@ -20,8 +20,7 @@ from .step_projection import input_projection
 PROJECTIONS = ("ih", "hh")
 
 # Without the native kernels, a dense LSTM with hidden_size below this runs torch's fused LSTM kernel; at and
-# above it the decomposed recurrence is faster (measured at H = 200 / 650 / 1500, batch 20, 2 threads,
-# training and inference).
+# above it the decomposed recurrence is faster (docs/benchmarks.md, "Design measurements").
 TORCH_KERNEL_MAX_HIDDEN = 1024
 
 
@@ -256,7 +255,7 @@ class DecomposedLSTM(nn.Module):
     def _torch_kernel_serves(self, x: Tensor) -> bool:
         """Without the native kernels, a dense LSTM (no replaced projections, no keep sets in use) below
         TORCH_KERNEL_MAX_HIDDEN runs nn.LSTM's own fused kernel: there it is faster than the torch path's
-        decomposed recurrence (measured), and the numbers are nn.LSTM's exactly. The native time loop
+        decomposed recurrence, and the numbers are nn.LSTM's exactly. The native time loop
         serves every size. Shape propagation and graph capture always see the decomposition."""
         if self.hidden_size >= TORCH_KERNEL_MAX_HIDDEN or (self.training and self._keep_sets):
             return False

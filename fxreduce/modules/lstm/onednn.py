@@ -11,20 +11,19 @@ from torch.autograd.function import once_differentiable
 
 from ... import native
 
-try:  # oneDNN's linear, as torch's CPU inductor backend uses it; resolved once (a lookup costs ~8 us).
+try:  # oneDNN's linear, as torch's CPU inductor backend uses it; resolved once (an op lookup is not free).
     DNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
     _DNN_LINEAR_ADD = torch.ops.mkldnn._linear_pointwise.binary
     _DNN_PACK = torch.ops.mkldnn._reorder_linear_weight.default
 except (AttributeError, RuntimeError):
     DNN_LINEAR = None
 
-# Below this many weight elements a per-step GEMM is faster through addmm: oneDNN's call costs ~14 us
-# more, which its faster kernel only wins back from H ~ 200 on (measured, batch 20, 1 and 2 threads).
+# Below this many weight elements a per-step GEMM is faster through addmm: oneDNN's call costs more per call,
+# which its faster kernel wins back only on larger weights (docs/benchmarks.md, "Design measurements").
 _STEP_DNN_MIN_WEIGHTS = 1 << 17
 
 # From this many rows and (out x k) weights a window's weight gradient is faster as a oneDNN GEMM plus an add
-# into the gradient's columns than as one addmm_ into them (measured, 2 threads; out x k x rows: 2600x325x20
-# 0.21 vs 0.16 ms, x40 0.27 vs 0.32, x88 0.51 vs 0.72; 2000x100x88 0.20 vs 0.18, 1600x200x88 0.23 vs 0.27).
+# into the gradient's columns than as one addmm_ into them (docs/benchmarks.md, "Design measurements").
 WINDOW_DNN_MIN_ROWS = 32
 WINDOW_DNN_MIN_WEIGHTS = 1 << 18
 
@@ -42,8 +41,8 @@ def onednn_ok(tensor: Tensor) -> bool:
 
 
 def mm_t(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b^T``. On CPU float32 through oneDNN: MKL's sgemm on this AMD CPU reaches 60-90% of
-    oneDNN's speed on the big GEMMs here, least with the transposed operands of the backward (measured)."""
+    """``a @ b^T``. On CPU float32 through oneDNN, whose GEMMs beat MKL's sgemm on these shapes, most on the
+    transposed operands of the backward (docs/benchmarks.md, "Design measurements")."""
     if onednn_ok(a):
         return DNN_LINEAR(a, b, None, "none", [], "")
     return torch.mm(a, b.t())
@@ -84,9 +83,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class StepMatmul:
     """``z @ weight^T (+ add)`` repeated at every time step with the same weight.
 
-    For the small batch of a recurrence, oneDNN with the weight packed once for that batch size runs
-    2x faster than ``addmm`` at H=650 and 1500 (measured, batch 20); nn.LSTM's oneDNN kernel relies on
-    the same. Small weights stay on ``addmm``.
+    For the small batch of a recurrence, oneDNN with the weight packed once for that batch size beats
+    ``addmm`` on large weights; nn.LSTM's oneDNN kernel relies on the same. Small weights stay on ``addmm``.
     """
 
     def __init__(self, weight: Tensor, rows: int):

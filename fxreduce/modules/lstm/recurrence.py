@@ -61,7 +61,7 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, s
                 z = mat(z, add)
             if j < last and save:
                 inner_t[j][s].copy_(z)
-        # tanh(x) = 2 sigmoid(2x) - 1, in place and without Python scalars: torch's CPU sigmoid is 4x
+        # tanh(x) = 2 sigmoid(2x) - 1, in place and without Python scalars: torch's CPU sigmoid is much
         # faster than its tanh, and a scalar operand costs a tensor conversion per call.
         z_g = z.narrow(1, 2 * hidden, hidden)
         z_g.add_(z_g)
