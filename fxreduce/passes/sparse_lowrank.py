@@ -48,6 +48,7 @@ GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_s
                    "grouped_shuffle": ("in", "out")}
 SIZINGS = ("rank", "rank_ratio", "energy", "flop_reduction", "model_flop_reduction")
 DEFAULT_FLOP_REDUCTION = 4.0
+OVERSHOOT = 1.25  # objective='latency' compares forms whose MAC cut is at most this many times the one asked for
 
 
 def _positive_int(value) -> bool:
@@ -486,8 +487,9 @@ class SparseLowRank(Pass):
         return choices
 
     def _fastest(self, slot: Slot, reduction: float, profile: Profile) -> Choice | str:
-        """objective='latency': of every form and group count that meets ``reduction``, the one the profile
-        predicts fastest at the example sizes; a string (why) when none beats the dense layer."""
+        """objective='latency': of every form and group count that meets ``reduction`` without cutting more
+        than OVERSHOOT times that (a deeper cut would buy time with accuracy), the one the profile predicts
+        fastest at the example sizes; a string (why) when none beats the dense layer."""
         m, n = slot.weight.shape
         shape = (max(int(round(slot.rows)), 1), n)
         dense = module_seconds(profile, nn.Linear(n, m, bias=slot.bias is not None), shape)
@@ -498,7 +500,8 @@ class SparseLowRank(Pass):
                     choice = self._choose(slot, reduction, form, groups)
                 except OptionError:
                     continue
-                if isinstance(choice, str):
+                if isinstance(choice, str) or m * n / macs_per_row(form, n, m, choice.rank, groups) > \
+                        OVERSHOOT * reduction:
                     continue
                 module = _shaped(form, n, m, choice, slot.bias is not None)
                 timed.append((module_seconds(profile, module, shape), form, choice))
