@@ -28,21 +28,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fix_threads, markdown_table, time_side_by_side, write_section  # noqa: E402
+from bench_latency_model import WordLM  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.cost_models.latency import load_profile  # noqa: E402
 
 TITLE = "sparse_lowrank: latency objective vs FLOP objective"
-
-
-class WordLM(nn.Module):
-    def __init__(self, vocab: int = 2000, hidden: int = 650):
-        super().__init__()
-        self.embedding, self.lstm = nn.Embedding(vocab, hidden), nn.LSTM(hidden, hidden, 2)
-        self.decoder = nn.Linear(hidden, vocab)
-
-    def forward(self, tokens):
-        return self.decoder(self.lstm(self.embedding(tokens))[0])
 
 
 def cases(quick: bool) -> list[tuple[str, nn.Module, tuple, dict, str, float]]:
