@@ -127,7 +127,7 @@ def rewrite_cases(quick: bool) -> list[Case]:
     return cases
 
 
-def _eval_call(gm: torch.fx.GraphModule, inputs: tuple):
+def eval_call(gm: torch.fx.GraphModule, inputs: tuple):
     def call():
         with torch.no_grad():
             return gm(*inputs)
@@ -149,7 +149,7 @@ def measure_rewrites(cases: list[Case], profile, repeats: int) -> list[list[obje
     rows = []
     for case in tqdm(cases, desc="rewrites", leave=False):
         case.before.train(case.training), case.after.train(case.training)
-        call = _training_call if case.training else _eval_call
+        call = _training_call if case.training else eval_call
         times = time_side_by_side({"before": call(case.before, case.inputs),
                                    "after": call(case.after, case.inputs)}, repeats=repeats)
         predicted = (fr.cost(case.before, training=case.training).latency(profile, **case.dims).seconds
@@ -167,7 +167,7 @@ def measure_models(names: list[str], batches: tuple[int, ...], profile, repeats:
         gm = fr.trace(model, (torch.randn(1, 3, 224, 224),), {"N": (0, 0)})
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224)
-            measured = time_side_by_side({"model": _eval_call(gm, (x,))}, repeats=repeats)["model"]
+            measured = time_side_by_side({"model": eval_call(gm, (x,))}, repeats=repeats)["model"]
             predicted = fr.cost(gm).latency(profile, N=batch).seconds
             rows.append([f"{name} batch {batch}", f"{measured * 1e3:.1f} ms", f"{predicted * 1e3:.1f} ms",
                          predicted / measured - 1])

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fix_threads, markdown_table, time_side_by_side, write_section  # noqa: E402
-from bench_latency_model import WordLM  # noqa: E402
+from bench_latency_model import WordLM, eval_call  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.cost_models.latency import load_profile  # noqa: E402
@@ -54,13 +54,6 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, tuple, dict, str, float]]:
     return rows
 
 
-def _eval_call(gm: torch.fx.GraphModule, inputs: tuple):
-    def call():
-        with torch.no_grad():
-            return gm(*inputs)
-    return call
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small case on a tiny grid; writes nothing")
@@ -81,7 +74,7 @@ def main() -> None:
             latency = latency_result.graph_module.eval()
             forms = sorted({r.rewrite.what.split(":")[0] for r in latency_result.report.steps[0].rewrites})
             left = len(latency_result.report.steps[0].skipped)
-            times = time_side_by_side({name: _eval_call(g, inputs) for name, g in
+            times = time_side_by_side({name: eval_call(g, inputs) for name, g in
                                        (("dense", gm.eval()), ("flops", flops), ("latency", latency))},
                                       repeats=5 if args.quick else 11)
             by_flops, by_latency = times["dense"] / times["flops"], times["dense"] / times["latency"]
