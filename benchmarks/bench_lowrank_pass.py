@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fix_threads, markdown_table, write_section  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
+from fxreduce import meta  # noqa: E402
 from fxreduce.graph import find_layers  # noqa: E402
 from fxreduce.modules import LowRankLinear  # noqa: E402
 
@@ -52,18 +53,19 @@ def bench(name: str) -> list[object]:
     weights = {layer.node.name: layer.weight.detach().double() for layer in find_layers(gm, ["linear"])}
     worst, svd_seconds, layers = 0.0, 0.0, 0
     for node in after.graph.nodes:
-        meta = node.meta.get("fxreduce_sparse_lowrank")
-        if meta is None:
+        if meta.rewritten_by(node) != "sparse_lowrank":
             continue
         module = after.get_submodule(node.target)
         assert isinstance(module, LowRankLinear)
-        weight = weights[meta["source"]]
+        weight = weights[meta.replaced(node)]
         start = time.perf_counter()
         sigma = torch.linalg.svdvals(weight)
         svd_seconds += time.perf_counter() - start
-        stated, exact = meta["errors"][""], float(sigma[module.rank])
+        stated, exact = meta.details(node)["errors"][""], float(sigma[module.rank])
         worst = max(worst, abs(stated - exact) / exact)
         layers += 1
+    if layers == 0:
+        raise SystemExit(f"{name}: sparse_lowrank rewrote no layer; nothing to compare")
     goal = GOALS.get(name)
     verdict = "" if goal is None else ("met" if pass_seconds <= goal and worst <= 1e-4 else "missed")
     return [name, layers, f"{pass_seconds:.1f}", f"{svd_seconds:.1f}", f"{svd_seconds / pass_seconds:.2f}x",

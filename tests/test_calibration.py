@@ -55,6 +55,46 @@ def test_stated_spectral_and_frobenius_errors_are_the_true_ones(shape, whitened)
                                          rel=1e-6, abs=1e-9)
 
 
+def _spectrum(m: int, n: int, seed: int, decay: float) -> torch.Tensor:
+    """A float32 m x n weight with singular values decay^i (1: flat, like initial weights; small: trained)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(m, n)
+    left = torch.linalg.qr(torch.randn(m, size, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, size, generator=generator, dtype=torch.float64))[0]
+    values = decay ** torch.arange(size, dtype=torch.float64) * (1 + torch.rand(size, generator=generator,
+                                                                               dtype=torch.float64))
+    return ((left * values.sort(descending=True).values) @ right.T).float()
+
+
+@given(st.integers(2, 40), st.integers(2, 40), st.integers(0, 10 ** 6), st.sampled_from((1.0, 0.9, 0.5)),
+       st.data())
+def test_a_known_rank_takes_only_the_top_eigenpairs_and_states_the_exact_errors(m, n, seed, decay, data):
+    weight = _spectrum(m, n, seed, decay)
+    rank = data.draw(st.integers(1, min(m, n)), label="rank")
+    truncation = Truncation(weight, rank=rank)
+    assert truncation.count == min(rank + 1, min(m, n))
+    exact = torch.linalg.svdvals(weight.double())
+    sigma = float(exact[rank]) if rank < min(m, n) else 0.0
+    assert truncation.spectral_error(rank) == pytest.approx(sigma, rel=1e-6, abs=1e-7)
+    a, b = truncation.factors(rank)
+    residual = weight.double() - a.double() @ b.double()
+    assert float(torch.linalg.matrix_norm(residual, ord=2)) <= sigma * (1 + 1e-5) + 1e-6
+    assert truncation.squared_error(rank) == pytest.approx(float((exact[rank:] ** 2).sum()), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="beyond"):
+        if rank + 1 < min(m, n):
+            truncation.factors(rank + 1)
+        else:
+            raise ValueError("beyond: a full-rank truncation serves every rank")
+
+
+def test_a_steep_spectrum_at_a_known_rank_is_decomposed_in_float64():
+    weight = _spectrum(30, 50, 0, 0.7)
+    truncation = Truncation(weight, rank=20)  # lambda_21 / lambda_1 ~ 1e-6: below float32's resolution
+    assert truncation.vectors.dtype == torch.float64
+    assert truncation.spectral_error(20) == pytest.approx(float(torch.linalg.svdvals(weight.double())[20]),
+                                                          rel=1e-8)
+
+
 @given(shapes, st.sampled_from(("lr", "lr_sparse", "group")))
 def test_whitened_truncation_is_never_worse_than_plain_svd_on_its_inputs(shape, form):
     m, n, rows, seed = shape
@@ -180,7 +220,9 @@ def test_global_allocation_meets_the_target_and_never_loses_to_even_ranks(seed, 
     before = float(fr.cost(gm).at(N=4).macs)
     assert before / float(fr.cost(chosen.graph_module).at(N=4).macs) >= target * (1 - 1e-12)
     if even is not None and len(even.report.steps[0].rewrites) == len(sizes) - 1:
-        assert _relative_errors(gm, chosen.graph_module) <= _relative_errors(gm, even.graph_module) + 1e-9
+        # The even ranks come from float32 top eigenpairs, the global ones from a full float64 decomposition:
+        # at equal ranks the two float32 modules differ by float32 rounding.
+        assert _relative_errors(gm, chosen.graph_module) <= _relative_errors(gm, even.graph_module) + 1e-6
 
 
 def test_global_allocation_report_says_why_each_rank():

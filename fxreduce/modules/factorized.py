@@ -73,7 +73,7 @@ def _truncated_svd(weight: Tensor, rank: int, second_moment: Tensor | None = Non
     """(A, B) with A (m, rank), B (rank, n) and A B the best rank-``rank`` approximation of ``weight``
     (plain, or on inputs with second moment ``second_moment`` when given); ranks beyond min(m, n) are
     padded with zeros."""
-    return Truncation(weight, second_moment, damping).factors(rank)
+    return Truncation(weight, second_moment, damping, rank).factors(rank)
 
 
 def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -196,7 +196,7 @@ class LowRankLinear(nn.Module):
         """Truncated SVD of the weight (``W ~ (P sqrt(S)) (sqrt(S) Q^T)``), whitened by the inputs' second
         moment X X^T when given (the rank-r W' closest on those inputs); the bias is copied."""
         weight, bias = _weight_and_bias(source, bias)
-        return cls.from_truncation(Truncation(weight, second_moment, damping), rank, bias)
+        return cls.from_truncation(Truncation(weight, second_moment, damping, rank), rank, bias)
 
     @classmethod
     def from_truncation(cls, truncation: Truncation, rank: int, bias: Tensor | None = None) -> "LowRankLinear":

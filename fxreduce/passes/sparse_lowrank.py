@@ -309,12 +309,14 @@ class SparseLowRank(Pass):
                 progress.update(len(chosen))
         progress.close()
 
-    def _truncation(self, slot: Slot) -> Truncation:
-        """The slot's (whitened) Gram decomposition, made once and shared by sizing, allocation and factors."""
-        if slot.name not in self._truncations:
+    def _truncation(self, slot: Slot, rank: int | None = None) -> Truncation:
+        """The slot's (whitened) Gram decomposition, made once and shared by sizing, allocation and factors:
+        of every rank, or, where only ``rank`` is needed, of ranks up to it (much faster on big layers)."""
+        made = self._truncations.get(slot.name)
+        if made is None or (made.count < made.size and (rank is None or rank >= made.count)):
             moment = None if slot.moment is None else slot.moment.gram
-            self._truncations[slot.name] = Truncation(slot.weight, moment, self.options.damping)
-        return self._truncations[slot.name]
+            made = self._truncations[slot.name] = Truncation(slot.weight, moment, self.options.damping, rank)
+        return made
 
     def _collect(self, gm: fx.GraphModule, slots: list[Slot]) -> None:
         """Each slot's input second moment X X^T over the calibration batches (streamed, float64)."""
@@ -588,17 +590,17 @@ class SparseLowRank(Pass):
         form = choice.form or options.form
         moment = None if slot.moment is None else slot.moment.gram
         if form == "lr":
-            truncation = self._truncation(slot)
+            truncation = self._truncation(slot, choice.rank)
             module = LowRankLinear.from_truncation(truncation, choice.rank, slot.bias)
-            approximation = truncation.dense(choice.rank)
             error = truncation.spectral_error(choice.rank)
+            relative = truncation.relative_frobenius_error(choice.rank)
         else:
             module = factorize(weight, form, choice.rank, choice.groups, slot.bias, moment, options.damping)
-            approximation = module.dense_weight().detach().double()
-            error = spectral_norm(weight.double() - approximation)
-        with torch.no_grad():
-            norm = float(weight.double().norm())
-            relative = float((weight.double() - approximation).norm()) / norm if norm > 0 else 0.0
+            with torch.no_grad():
+                difference = weight.double() - module.dense_weight().double()
+                norm = float(weight.double().norm())
+                relative = float(difference.norm()) / norm if norm > 0 else 0.0
+            error = spectral_norm(difference)
         m, n = weight.shape
         ratio = m * n / macs_per_row(form, n, m, choice.rank, choice.groups)
         params = sum(p.numel() for p in module.parameters())
@@ -607,7 +609,8 @@ class SparseLowRank(Pass):
                 f"{params}, ||W - W'||_2 = {error:.3g} (relative Frobenius error {100 * relative:.1f}%)")
         data = None
         if moment is not None:
-            residual, reference = data_error(weight, approximation, moment)
+            with torch.no_grad():
+                residual, reference = data_error(weight, module.dense_weight(), moment)
             data = residual / reference if reference > 0 else 0.0
             rows = slot.moment.rows
             text += (f", whitened: ||(W - W')X||_F / ||WX||_F = {100 * data:.2f}% on {rows} calibration rows")

@@ -33,7 +33,9 @@ def test_every_conv_batchnorm_chain_folds_and_outputs_stay_equal(generated):
     gm = fr.trace(model, generated.example_inputs, generated.dynamic)
     folded = fr.apply(gm, "fold_batchnorm")
     assert find_chains(folded.graph_module, ("conv2d", "batchnorm")) == []
-    assert len(folded.report.steps[0].rewrites) == len(find_chains(gm, ("conv2d", "batchnorm")))
+    # One rewrite per BatchNorm folded (conv -> BN -> BN folds twice, the second BN into the folded conv).
+    folded_away = len(find_layers(gm, ["batchnorm"])) - len(find_layers(folded.graph_module, ["batchnorm"]))
+    assert len(folded.report.steps[0].rewrites) == folded_away >= len(find_chains(gm, ("conv2d", "batchnorm")))
 
 
 def test_a_linear_then_batchnorm1d_folds_on_2d_inputs_and_is_left_alone_on_3d():
