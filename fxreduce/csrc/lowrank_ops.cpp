@@ -1,0 +1,177 @@
+// torch.ops.fxreduce.lowrank_linear(x, first, second, bias) = (x first^T) second^T + bias, LowRankLinear's product
+// in one pass: per block of rows the (rows, r) intermediate goes to a per-thread buffer that stays in cache and
+// is consumed at once by the second product, whose accumulators start from the bias. Operands are checked here
+// (TORCH_CHECK); any strides. The ISA follows FXREDUCE_ISA at load, like ops.cpp's kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "lowrank.h"
+
+namespace fxreduce {
+namespace native {
+namespace {
+
+using at::Tensor;
+
+const LowRankTable* table_named(const std::string& name) {
+  if (name == "portable") return &lowrank_portable_table;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (name == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &lowrank_avx2_table;
+  if (name == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    return &lowrank_avx512_table;
+#endif
+  return nullptr;
+}
+
+const LowRankTable* initial_table() {
+  const char* wanted = std::getenv("FXREDUCE_ISA");
+  if (wanted && table_named(wanted)) return table_named(wanted);
+  for (const char* name : {"avx512", "avx2", "portable"})
+    if (table_named(name)) return table_named(name);
+  return &lowrank_portable_table;
+}
+
+std::atomic<const LowRankTable*> active{initial_table()};
+
+// lowrank_isa(name): run on ISA `name` from now on (tests cover every path); returns the ISA in use.
+std::string lowrank_isa(std::optional<std::string> name) {
+  if (name.has_value()) {
+    const LowRankTable* table = table_named(*name);
+    TORCH_CHECK(table != nullptr, "fxreduce.lowrank_linear: ISA '", *name, "' is not available on this CPU or build");
+    active.store(table);
+  }
+  return active.load()->name;
+}
+
+#define FXR_CHECK(cond, ...) TORCH_CHECK(cond, "fxreduce.lowrank_linear: ", __VA_ARGS__)
+
+constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
+constexpr int64_t kBlockTiles = 8;         // row tiles per block: the intermediate block (rows x R) stays in L1/L2
+
+template <typename T>
+struct Kernels;
+template <>
+struct Kernels<float> {
+  static auto pack(const LowRankTable& t) { return t.pack_f; }
+  static auto intermediate(const LowRankTable& t) { return t.intermediate_f; }
+  static auto output(const LowRankTable& t) { return t.output_f; }
+};
+template <>
+struct Kernels<double> {
+  static auto pack(const LowRankTable& t) { return t.pack_d; }
+  static auto intermediate(const LowRankTable& t) { return t.intermediate_d; }
+  static auto output(const LowRankTable& t) { return t.output_d; }
+};
+
+// The (rows x cols) matrix src[c*ld + j] packed into the panels the tiles read, in a buffer owned by this call.
+template <typename T>
+Tensor packed(const LowRankTable& table, const Tensor& src, int64_t rows, int64_t cols, int64_t width) {
+  const int64_t panels = (cols + width - 1) / width;
+  Tensor out = at::empty({std::max<int64_t>(1, panels * rows * width)}, src.options());
+  auto pack = Kernels<T>::pack(table);
+  const T* from = src.data_ptr<T>();
+  T* to = out.data_ptr<T>();
+  at::parallel_for(0, panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, rows * width)),
+                   [&](int64_t p0, int64_t p1) { pack(from, rows, cols, src.stride(0), to, p0, p1); });
+  return out;
+}
+
+// x (M, K), first (R, K), second (N, R) with contiguous rows, out (M, N) contiguous.
+template <typename T>
+void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::optional<Tensor>& bias, Tensor& out) {
+  const LowRankTable& table = *active.load(std::memory_order_relaxed);
+  const int64_t W = table.panel_floats * 4 / static_cast<int64_t>(sizeof(T));
+  const int64_t M = x.size(0), K = x.size(1), R = first.size(0), N = second.size(0);
+  const int64_t r_panels = (R + W - 1) / W, n_panels = (N + W - 1) / W, ldt = r_panels * W;
+  const Tensor vt = packed<T>(table, first, K, R, W);
+  const Tensor ut = packed<T>(table, second, R, N, W);
+  Tensor padded_bias = at::zeros({n_panels * W}, x.options());
+  if (bias.has_value()) padded_bias.narrow(0, 0, N).copy_(*bias);
+  const LowRankProduct<T> p{M, K, R, N, x.data_ptr<T>(), x.stride(0), vt.data_ptr<T>(), ut.data_ptr<T>(),
+                            padded_bias.data_ptr<T>(), out.data_ptr<T>(), N};
+  auto intermediate = Kernels<T>::intermediate(table);
+  auto output = Kernels<T>::output(table);
+  const int64_t mr = table.tile_rows, tiles = (M + mr - 1) / mr, threads = at::get_num_threads();
+  if (tiles >= 2 * threads) {
+    // Rows split among the threads; each block's intermediate goes to this thread's buffer and is consumed at
+    // once, so it never leaves L1/L2, and each thread reads all of U^T's panels.
+    const int64_t per_tile = std::max<int64_t>(1, mr * R * (K + N));
+    at::parallel_for(0, tiles, std::max<int64_t>(1, kWorkPerTask / per_tile), [&](int64_t t0, int64_t t1) {
+      const int64_t m_last = std::min(M, t1 * mr), block = kBlockTiles * mr;
+      std::vector<T> t(block * ldt);
+      for (int64_t m = t0 * mr; m < m_last; m += block) {
+        const int64_t m_end = std::min(m + block, m_last);
+        intermediate(p, m, m_end, 0, r_panels, t.data(), ldt);
+        output(p, t.data(), ldt, m, m_end, 0, n_panels);
+      }
+    });
+    return;
+  }
+  // Too few rows to split: the whole (small) intermediate first, then the output split by column panels.
+  std::vector<T> t(M * ldt);
+  at::parallel_for(0, r_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, M * K * W)),
+                   [&](int64_t p0, int64_t p1) { intermediate(p, 0, M, p0, p1, t.data(), ldt); });
+  at::parallel_for(0, n_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, M * R * W)),
+                   [&](int64_t p0, int64_t p1) { output(p, t.data(), ldt, 0, M, p0, p1); });
+}
+
+void check_operand(const Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  FXR_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; the native kernel runs on CPU tensors");
+  FXR_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype,
+            " like x (float32 or float64)");
+  FXR_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+// lowrank_linear(x (..., K), first (R, K), second (N, R), bias (N,)?) -> (..., N).
+Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& second, const std::optional<Tensor>& bias) {
+  FXR_CHECK(x_in.device().is_cpu(), "x is on ", x_in.device(), "; the native kernel runs on CPU tensors");
+  const at::ScalarType dtype = x_in.scalar_type();
+  FXR_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64, got ", dtype);
+  FXR_CHECK(x_in.dim() >= 1, "x must have at least one dimension, got a scalar");
+  check_operand(first, "first", dtype, 2);
+  check_operand(second, "second", dtype, 2);
+  const int64_t K = first.size(1), R = first.size(0), N = second.size(0);
+  FXR_CHECK(x_in.size(-1) == K, "x's last dimension is ", x_in.size(-1), ", first (R, K) has K = ", K);
+  FXR_CHECK(second.size(1) == R, "second must be (out, R) with R = ", R, " (first's rows), got ", second.sizes());
+  if (bias.has_value()) {
+    check_operand(*bias, "bias", dtype, 1);
+    FXR_CHECK(bias->size(0) == N, "bias has ", bias->size(0), " entries for ", N, " outputs");
+  }
+  Tensor x = x_in.reshape({-1, K});
+  if (x.stride(1) != 1 || x.stride(0) < K) x = x.contiguous();
+  auto rows_contiguous = [](const Tensor& t) {
+    return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+  };
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  Tensor out = at::empty({x.size(0), N}, x.options());
+  if (out.numel() > 0) {
+    if (dtype == at::kFloat)
+      run<float>(x, rows_contiguous(first), rows_contiguous(second), bias, out);
+    else
+      run<double>(x, rows_contiguous(first), rows_contiguous(second), bias, out);
+  }
+  return out.view(shape);
+}
+
+#undef FXR_CHECK
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
+  m.def("lowrank_linear(Tensor x, Tensor first, Tensor second, Tensor? bias) -> Tensor");
+  m.def("lowrank_isa(str? name=None) -> str", &lowrank_isa);
+}
+
+TORCH_LIBRARY_IMPL(fxreduce, CPU, m) { m.impl("lowrank_linear", &lowrank_linear); }
+
+}  // namespace native
+}  // namespace fxreduce
