@@ -65,35 +65,30 @@ __attribute__((always_inline)) inline void transpose(V* m) {
   }
 }
 
-// Panels [panel_begin, panel_end) of the (rows x cols) matrix src(j, c) = src[c*ld + j]: panel p holds columns
-// [p*W, p*W + W) of every row at dst + p*rows*W, row stride = the panel's width rounded up to whole vectors,
-// zero-padded.
+// Panel `panel` of the (rows x cols) matrix src(j, c) = src[c*ld + j]: columns [panel*W, panel*W + W) of every
+// row at dst, row stride = the panel's width rounded up to whole vectors, zero-padded.
 template <typename T>
-void pack_transposed(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst, int64_t panel_begin,
-                     int64_t panel_end) {
+void pack_panel(const T* src, int64_t rows, int64_t cols, int64_t ld, int64_t panel, T* dst) {
   typedef typename Vec<T>::V V;
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t W = Vec<T>::panel;
-  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-    const int64_t c0 = panel * W, width = smaller(W, cols - c0), stored = (width + L - 1) / L * L;
-    T* out = dst + panel * rows * W;
-    int64_t e0 = 0;
-    for (; e0 + L <= width; e0 += L) {
-      const T* in = src + (c0 + e0) * ld;
-      int64_t j0 = 0;
-      for (; j0 + L <= rows; j0 += L) {
-        V m[L];
-        for (int i = 0; i < L; ++i) m[i] = load<V>(in + i * ld + j0);
-        transpose<L / 2, L>(m);
-        for (int i = 0; i < L; ++i) store(out + (j0 + i) * stored + e0, m[i]);
-      }
-      for (; j0 < rows; ++j0)
-        for (int i = 0; i < L; ++i) out[j0 * stored + e0 + i] = in[i * ld + j0];
+  const int64_t c0 = panel * W, width = smaller(W, cols - c0), stored = (width + L - 1) / L * L;
+  int64_t e0 = 0;
+  for (; e0 + L <= width; e0 += L) {
+    const T* in = src + (c0 + e0) * ld;
+    int64_t j0 = 0;
+    for (; j0 + L <= rows; j0 += L) {
+      V m[L];
+      for (int i = 0; i < L; ++i) m[i] = load<V>(in + i * ld + j0);
+      transpose<L / 2, L>(m);
+      for (int i = 0; i < L; ++i) store(dst + (j0 + i) * stored + e0, m[i]);
     }
-    for (int64_t j = 0; j < rows; ++j) {
-      for (int64_t e = e0; e < width; ++e) out[j * stored + e] = src[(c0 + e) * ld + j];
-      for (int64_t e = width; e < stored; ++e) out[j * stored + e] = T(0);
-    }
+    for (; j0 < rows; ++j0)
+      for (int i = 0; i < L; ++i) dst[j0 * stored + e0 + i] = in[i * ld + j0];
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t e = e0; e < width; ++e) dst[j * stored + e] = src[(c0 + e) * ld + j];
+    for (int64_t e = width; e < stored; ++e) dst[j * stored + e] = T(0);
   }
 }
 
@@ -157,29 +152,26 @@ void intermediate(const LowRankProduct<T>& p, int64_t m_begin, int64_t m_end, in
   }
 }
 
-// out = bias + t U^T for rows [m_begin, m_end) (t's row 0 is row m_begin), U^T panels [panel_begin, panel_end):
-// the bias is the accumulators' start, so the output is written once. A last panel narrower than its whole
-// vectors goes through a local tile.
+// out = bias + t U^T for rows [m_begin, m_end) (t's row 0 is row m_begin) and the columns of U^T panel `panel`,
+// packed at ut_panel: the bias is the accumulators' start, so the output is written once. A last panel narrower
+// than its whole vectors goes through a local tile.
 template <typename T>
-void output(const LowRankProduct<T>& p, const T* t, int64_t ldt, int64_t m_begin, int64_t m_end, int64_t panel_begin,
-            int64_t panel_end) {
+void output(const LowRankProduct<T>& p, const T* t, int64_t ldt, int64_t m_begin, int64_t m_end, int64_t panel,
+            const T* ut_panel) {
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t W = Vec<T>::panel;
   T local[FXR_LR_MR * W];
-  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-    const int64_t c0 = panel * W, width = smaller(W, p.N - c0);
-    const int vectors = static_cast<int>((width + L - 1) / L);
-    const bool partial = width < vectors * L;
-    const T* B = p.ut + panel * p.R * W;
-    for (int64_t m = m_begin; m < m_end; m += FXR_LR_MR) {
-      const int rows = static_cast<int>(smaller(FXR_LR_MR, m_end - m));
-      T* c_rows[FXR_LR_MR];
-      for (int r = 0; r < rows; ++r) c_rows[r] = partial ? local + r * W : p.out + (m + r) * p.ldo + c0;
-      tile_of<T, FXR_LR_NV>(vectors, rows, p.R, t + (m - m_begin) * ldt, ldt, B, p.bias + c0, c_rows);
-      if (partial)
-        for (int r = 0; r < rows; ++r)
-          for (int64_t e = 0; e < width; ++e) p.out[(m + r) * p.ldo + c0 + e] = local[r * W + e];
-    }
+  const int64_t c0 = panel * W, width = smaller(W, p.N - c0);
+  const int vectors = static_cast<int>((width + L - 1) / L);
+  const bool partial = width < vectors * L;
+  for (int64_t m = m_begin; m < m_end; m += FXR_LR_MR) {
+    const int rows = static_cast<int>(smaller(FXR_LR_MR, m_end - m));
+    T* c_rows[FXR_LR_MR];
+    for (int r = 0; r < rows; ++r) c_rows[r] = partial ? local + r * W : p.out + (m + r) * p.ldo + c0;
+    tile_of<T, FXR_LR_NV>(vectors, rows, p.R, t + (m - m_begin) * ldt, ldt, ut_panel, p.bias + c0, c_rows);
+    if (partial)
+      for (int r = 0; r < rows; ++r)
+        for (int64_t e = 0; e < width; ++e) p.out[(m + r) * p.ldo + c0 + e] = local[r * W + e];
   }
 }
 
@@ -189,8 +181,8 @@ extern const LowRankTable FXR_LR_TABLE = {
     FXR_LR_NAME,
     FXR_LR_MR,
     static_cast<int>(FXR_LR_ISA::Vec<float>::panel),
-    &FXR_LR_ISA::pack_transposed<float>,
-    &FXR_LR_ISA::pack_transposed<double>,
+    &FXR_LR_ISA::pack_panel<float>,
+    &FXR_LR_ISA::pack_panel<double>,
     &FXR_LR_ISA::intermediate<float>,
     &FXR_LR_ISA::intermediate<double>,
     &FXR_LR_ISA::output<float>,

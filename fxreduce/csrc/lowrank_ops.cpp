@@ -54,7 +54,7 @@ std::string lowrank_isa(std::optional<std::string> name) {
 #define FXR_CHECK(cond, ...) TORCH_CHECK(cond, "fxreduce.lowrank_linear: ", __VA_ARGS__)
 
 constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
-constexpr int64_t kBlockTiles = 8;         // row tiles per block: the intermediate block (rows x R) stays in L1/L2
+constexpr int64_t kIntermediateBytes = 1 << 17;  // a thread's block of the intermediate: stays in L2
 
 template <typename T>
 struct Kernels;
@@ -71,46 +71,44 @@ struct Kernels<double> {
   static auto output(const LowRankTable& t) { return t.output_d; }
 };
 
-// The (rows x cols) matrix src[c*ld + j] packed into the panels the tiles read, in a buffer owned by this call.
-template <typename T>
-Tensor packed(const LowRankTable& table, const Tensor& src, int64_t rows, int64_t cols, int64_t width) {
-  const int64_t panels = (cols + width - 1) / width;
-  Tensor out = at::empty({std::max<int64_t>(1, panels * rows * width)}, src.options());
-  auto pack = Kernels<T>::pack(table);
-  const T* from = src.data_ptr<T>();
-  T* to = out.data_ptr<T>();
-  at::parallel_for(0, panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, rows * width)),
-                   [&](int64_t p0, int64_t p1) { pack(from, rows, cols, src.stride(0), to, p0, p1); });
-  return out;
-}
-
 // x (M, K), first (R, K), second (N, R) with contiguous rows, out (M, N) contiguous.
 template <typename T>
 void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::optional<Tensor>& bias, Tensor& out) {
   const LowRankTable& table = *active.load(std::memory_order_relaxed);
+  auto pack = Kernels<T>::pack(table);
+  auto intermediate = Kernels<T>::intermediate(table);
+  auto output = Kernels<T>::output(table);
   const int64_t W = table.panel_floats * 4 / static_cast<int64_t>(sizeof(T));
   const int64_t M = x.size(0), K = x.size(1), R = first.size(0), N = second.size(0);
   const int64_t r_panels = (R + W - 1) / W, n_panels = (N + W - 1) / W, ldt = r_panels * W;
-  const Tensor vt = packed<T>(table, first, K, R, W);
-  const Tensor ut = packed<T>(table, second, R, N, W);
+  Tensor vt = at::empty({std::max<int64_t>(1, r_panels * K * W)}, x.options());
+  const T* v = first.data_ptr<T>();
+  T* vt_data = vt.data_ptr<T>();
+  at::parallel_for(0, r_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, K * W)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t q = p0; q < p1; ++q) pack(v, K, R, first.stride(0), q, vt_data + q * K * W);
+                   });
   Tensor padded_bias = at::zeros({n_panels * W}, x.options());
   if (bias.has_value()) padded_bias.narrow(0, 0, N).copy_(*bias);
-  const LowRankProduct<T> p{M, K, R, N, x.data_ptr<T>(), x.stride(0), vt.data_ptr<T>(), ut.data_ptr<T>(),
-                            padded_bias.data_ptr<T>(), out.data_ptr<T>(), N};
-  auto intermediate = Kernels<T>::intermediate(table);
-  auto output = Kernels<T>::output(table);
-  const int64_t mr = table.tile_rows, tiles = (M + mr - 1) / mr, threads = at::get_num_threads();
-  if (tiles >= 2 * threads) {
-    // Rows split among the threads; each block's intermediate goes to this thread's buffer and is consumed at
-    // once, so it never leaves L1/L2, and each thread reads all of U^T's panels.
-    const int64_t per_tile = std::max<int64_t>(1, mr * R * (K + N));
-    at::parallel_for(0, tiles, std::max<int64_t>(1, kWorkPerTask / per_tile), [&](int64_t t0, int64_t t1) {
-      const int64_t m_last = std::min(M, t1 * mr), block = kBlockTiles * mr;
-      std::vector<T> t(block * ldt);
-      for (int64_t m = t0 * mr; m < m_last; m += block) {
-        const int64_t m_end = std::min(m + block, m_last);
+  const LowRankProduct<T> p{M, K, R, N, x.data_ptr<T>(), x.stride(0), vt_data, padded_bias.data_ptr<T>(),
+                            out.data_ptr<T>(), N};
+  const T* u = second.data_ptr<T>();
+  // Each U^T panel is packed by the thread that consumes it, into its own (R x W) buffer that stays in L1.
+  auto consume = [&](const T* t, int64_t m0, int64_t m1, int64_t q, T* panel) {
+    pack(u, R, N, second.stride(0), q, panel);
+    output(p, t, ldt, m0, m1, q, panel);
+  };
+  const int64_t mr = table.tile_rows, threads = at::get_num_threads();
+  if ((M + mr - 1) / mr >= 2 * threads) {
+    // Rows split evenly among the threads; a block of a thread's rows has its intermediate computed into this
+    // thread's buffer (L2-sized), then every U^T panel passes over it, so the intermediate never goes to memory.
+    const int64_t block = std::max<int64_t>(mr, kIntermediateBytes / std::max<int64_t>(1, ldt * sizeof(T)) / mr * mr);
+    at::parallel_for(0, M, mr, [&](int64_t m0, int64_t m1) {
+      std::vector<T> t(std::min(block, m1 - m0) * ldt), panel(R * W);
+      for (int64_t m = m0; m < m1; m += block) {
+        const int64_t m_end = std::min(m + block, m1);
         intermediate(p, m, m_end, 0, r_panels, t.data(), ldt);
-        output(p, t.data(), ldt, m, m_end, 0, n_panels);
+        for (int64_t q = 0; q < n_panels; ++q) consume(t.data(), m, m_end, q, panel.data());
       }
     });
     return;
@@ -120,7 +118,10 @@ void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::
   at::parallel_for(0, r_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, M * K * W)),
                    [&](int64_t p0, int64_t p1) { intermediate(p, 0, M, p0, p1, t.data(), ldt); });
   at::parallel_for(0, n_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, M * R * W)),
-                   [&](int64_t p0, int64_t p1) { output(p, t.data(), ldt, 0, M, p0, p1); });
+                   [&](int64_t q0, int64_t q1) {
+                     std::vector<T> panel(R * W);
+                     for (int64_t q = q0; q < q1; ++q) consume(t.data(), 0, M, q, panel.data());
+                   });
 }
 
 void check_operand(const Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {

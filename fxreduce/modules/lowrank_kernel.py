@@ -6,10 +6,12 @@ into a per-thread buffer that stays in L1/L2 and immediately the output block, s
 from the bias, so the output is written once and there is no separate bias pass. Its backward stays on
 torch's GEMMs and recomputes the intermediate (one GEMM of the forward's first, smaller half).
 
-Where it serves (:func:`fused_serves`): CPU float32/float64 with the native layer loaded, outside graph
-capture, and at least :data:`MIN_ROWS` rows. Below that the op's column-split path loses to MKL's
-GEMV-like kernels (docs/benchmarks.md, "Fused low-rank product"); CUDA, float16/bfloat16 and a missing
-extension run the torch reference, :func:`lowrank_linear_reference`.
+Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
+the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows. Below that the op's packing of
+U^T costs more than it saves against MKL's small-row kernels; a training step (forward + backward) was
+measured slower with the fused forward, the recomputed intermediate costing more than the forward saves
+(docs/benchmarks.md, "Fused low-rank product"). Everything else (training, CUDA, float16/bfloat16, no
+extension) runs the torch reference, :func:`lowrank_linear_reference`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _op_loaded() -> bool:
 
 def fused_serves(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`lowrank_linear` runs the fused kernel on these operands (see the module docstring)."""
-    return (_op_loaded() and native.serves_eagerly(x, first, second, bias) and x.dim() >= 1
+    operands = (x, first, second, bias)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
+    return (not training and _op_loaded() and native.serves_eagerly(*operands) and x.dim() >= 1
             and math.prod(x.shape[:-1]) >= MIN_ROWS)
 
 

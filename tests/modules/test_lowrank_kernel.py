@@ -1,9 +1,8 @@
 """The fused low-rank product (torch.ops.fxreduce.lowrank_linear) against the two-GEMM torch reference.
 
 Contracts: equal to ``F.linear(F.linear(x, V), U, b)`` (float64 within 1e-9, float32 within 1e-4 relative) on
-every ISA, rank 1, odd sizes, one row, row counts on both of the op's work splits and across its row blocks,
-non-contiguous operands, with and without bias; gradients through LowRankLinear equal the reference's;
-gradcheck; the fake implementation and FLOP formula; bad input is an FxReduceError from Python and an error,
+every ISA, rank 1, odd sizes, one row, row counts on both of the op's work splits, non-contiguous operands,
+with and without bias; its gradients equal the reference's; gradcheck; LowRankLinear runs it in inference only; the fake implementation and FLOP formula; bad input is an FxReduceError from Python and an error,
 never a crash, from the op; everything else (half precision, small row counts, no native) runs the reference.
 """
 
@@ -36,8 +35,8 @@ def close(actual, expected, dtype, what=""):
 
 
 def stored(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """``t`` contiguous, transposed in memory, or a strided slice of a larger tensor: equal values."""
-    if layout == "transposed":
+    """``t`` contiguous, transposed in memory (2-D and up), or a strided slice of a larger tensor: equal values."""
+    if layout == "transposed" and t.dim() >= 2:
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "sliced":
         wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
@@ -73,23 +72,43 @@ def test_the_op_equals_two_gemms(isa, data, dtype):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lowrank_linear_runs_the_op_and_its_gradients_equal_the_reference(isa, dtype):
-    torch.manual_seed(0)
-    module = LowRankLinear(70, 130, 11, dtype=dtype)
-    x = torch.randn(3, MIN_ROWS, 70, dtype=dtype, requires_grad=True)
-    reference = [t.detach().clone().requires_grad_() for t in (x, module.first, module.second, module.bias)]
-    assert fused_serves(x, module.first, module.second, module.bias)
+def test_several_row_blocks_per_thread(isa, dtype):
+    """700 rows at rank 200: each thread's rows take several blocks of the (L2-sized) intermediate buffer."""
+    generator = torch.Generator().manual_seed(1)
+    x, first, second, bias = (torch.randn(*shape, dtype=dtype, generator=generator)
+                              for shape in ((700, 5), (200, 5), (70, 200), (70,)))
     with forced_isa(isa):
-        out = module(x)
-    assert "lowrank_linear" in type(out.grad_fn).__name__
+        out = torch.ops.fxreduce.lowrank_linear(x, first, second, bias)
+    close(out, lowrank_linear_reference(x, first, second, bias), dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_ops_gradients_equal_the_reference(isa, dtype):
+    torch.manual_seed(0)
+    operands = [torch.randn(*shape, dtype=dtype, requires_grad=True) for shape in ((3, 50, 70), (11, 70), (130, 11),
+                                                                                     (130,))]
+    reference = [t.detach().clone().requires_grad_() for t in operands]
+    with forced_isa(isa):
+        out = torch.ops.fxreduce.lowrank_linear(*operands)
     want = lowrank_linear_reference(*reference)
     close(out, want, dtype, "forward")
     grad = torch.randn_like(want)
     out.backward(grad)
     want.backward(grad)
-    for name, got, expected in zip(("x", "first", "second", "bias"), (x, module.first, module.second, module.bias),
-                                   reference):
+    for name, got, expected in zip(("x", "first", "second", "bias"), operands, reference):
         close(got.grad, expected.grad, dtype, f"gradient of {name}")
+
+
+def test_lowrank_linear_runs_the_op_in_inference_only():
+    module = LowRankLinear(70, 130, 11)
+    x = torch.randn(MIN_ROWS, 70)
+    assert not fused_serves(x, module.first, module.second, module.bias)  # the parameters need gradients
+    with torch.no_grad():
+        assert fused_serves(x, module.first, module.second, module.bias)
+        close(module(x), lowrank_linear_reference(x, module.first, module.second, module.bias), torch.float32)
+    out = module(x)
+    assert "lowrank_linear" not in type(out.grad_fn).__name__
 
 
 def test_gradcheck():
@@ -131,6 +150,8 @@ def test_bad_operands_are_clear_errors():
 def test_where_the_op_does_not_serve_the_reference_runs():
     x, first, second = torch.randn(MIN_ROWS, 8), torch.randn(2, 8), torch.randn(5, 2)
     assert fused_serves(x, first, second, None)
+    assert not fused_serves(x.requires_grad_(), first, second, None)
+    x = x.detach()
     assert not fused_serves(x[: MIN_ROWS - 1], first, second, None)
     assert not fused_serves(x.bfloat16(), first.bfloat16(), second.bfloat16(), None)
     with native.disabled():
