@@ -55,6 +55,10 @@ std::string lowrank_isa(std::optional<std::string> name) {
 
 constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
 constexpr int64_t kIntermediateBytes = 1 << 17;  // a thread's block of the intermediate: stays in L2
+// Rows per thread from which the threads split the rows (each then packs all of U^T) rather than the columns
+// (each packs its share of U^T): fewer rows do not amortise a whole pack (docs/benchmarks.md, "Fused low-rank
+// product").
+constexpr int64_t kRowsPerThreadForRowSplit = 48;
 
 template <typename T>
 struct Kernels;
@@ -98,10 +102,11 @@ void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::
     pack(u, R, N, second.stride(0), q, panel);
     output(p, t, ldt, m0, m1, q, panel);
   };
-  const int64_t mr = table.tile_rows, threads = at::get_num_threads();
-  if ((M + mr - 1) / mr >= 2 * threads) {
+  const int64_t threads = at::get_num_threads();
+  if (M >= kRowsPerThreadForRowSplit * threads) {
     // Rows split evenly among the threads; a block of a thread's rows has its intermediate computed into this
     // thread's buffer (L2-sized), then every U^T panel passes over it, so the intermediate never goes to memory.
+    const int64_t mr = table.tile_rows;
     const int64_t block = std::max<int64_t>(mr, kIntermediateBytes / std::max<int64_t>(1, ldt * sizeof(T)) / mr * mr);
     at::parallel_for(0, M, mr, [&](int64_t m0, int64_t m1) {
       std::vector<T> t(std::min(block, m1 - m0) * ldt), panel(R * W);
@@ -113,7 +118,7 @@ void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::
     });
     return;
   }
-  // Too few rows to split: the whole (small) intermediate first, then the output split by column panels.
+  // Few rows: the whole (small) intermediate first, then the output split by column panels.
   std::vector<T> t(M * ldt);
   at::parallel_for(0, r_panels, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, M * K * W)),
                    [&](int64_t p0, int64_t p1) { intermediate(p, 0, M, p0, p1, t.data(), ldt); });

@@ -8,7 +8,7 @@ torch's GEMMs and recomputes the intermediate (one GEMM of the forward's first, 
 
 Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
 the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows. Below that the op's packing of
-U^T costs more than it saves against MKL's small-row kernels; a training step (forward + backward) was
+U^T costs about what it saves against MKL's small-row kernels (one row: 1.5x slower); a training step (forward + backward) was
 measured slower with the fused forward, the recomputed intermediate costing more than the forward saves
 (docs/benchmarks.md, "Fused low-rank product"). Everything else (training, CUDA, float16/bfloat16, no
 extension) runs the torch reference, :func:`lowrank_linear_reference`.
@@ -30,7 +30,7 @@ from ..errors import InputError
 
 # Rows (the product of the input's leading dimensions) from which the fused op is faster than two MKL GEMMs,
 # measured with benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank product").
-MIN_ROWS = 64
+MIN_ROWS = 16
 
 
 def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> Tensor:
