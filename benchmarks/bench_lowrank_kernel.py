@@ -31,7 +31,7 @@ from fxreduce.modules.lowrank_kernel import MIN_ROWS  # noqa: E402
 TITLE = "Fused low-rank product (lowrank_linear)"
 REPEATS = 31
 # (label, rows, in, out, rank): ranks as bench_sparse_lowrank sizes the "lr" form for 4x and 12x.
-SHAPES = [("ViT-B MLP fc1 12x", rows, 768, 3072, 51) for rows in (8, 16, 32, 48, 64, 96, 128, 197)] + [
+SHAPES = [("ViT-B MLP fc1 12x", rows, 768, 3072, 51) for rows in (1, 8, 12, 16, 32, 48, 64, 96, 128, 197)] + [
     ("ViT-B MLP fc1 4x", 197, 768, 3072, 153),
     *[("LSTM gates H=1500 12x", rows, 1500, 6000, 100) for rows in (1, 20, 64, 256)],
     *[("LSTM gates H=1500 4x", rows, 1500, 6000, 300) for rows in (1, 20, 64, 256)],

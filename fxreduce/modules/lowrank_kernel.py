@@ -1,17 +1,18 @@
 """LowRankLinear's product ``(x V^T) U^T + b`` as one native op, ``torch.ops.fxreduce.lowrank_linear``.
 
-Two stock GEMMs write the (rows, r) intermediate out and read it back, and each packs its weight operand; the
-op (C++ in fxreduce/csrc/lowrank_*) packs both factors once, then per block of rows computes the intermediate
-into a per-thread buffer that stays in L1/L2 and immediately the output block, starting its accumulators
-from the bias, so the output is written once and there is no separate bias pass. Its backward stays on
-torch's GEMMs and recomputes the intermediate (one GEMM of the forward's first, smaller half).
+Two stock GEMMs write the (rows, r) intermediate out and read it back, each packs its weight operand, and the
+bias is one more pass over the output. The op (C++ in fxreduce/csrc/lowrank_*) packs V^T once, computes each
+block of rows' intermediate into a per-thread buffer that stays in L1/L2, and has each U^T panel packed by
+the thread that consumes it and run over that block at once, its accumulators starting from the bias: the
+output is written once. Its backward stays on torch's GEMMs and recomputes the intermediate (one GEMM of the
+forward's first, smaller half).
 
 Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
-the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows. Below that the op's packing of
-U^T costs about what it saves against MKL's small-row kernels (one row: 1.5x slower); a training step (forward + backward) was
-measured slower with the fused forward, the recomputed intermediate costing more than the forward saves
-(docs/benchmarks.md, "Fused low-rank product"). Everything else (training, CUDA, float16/bfloat16, no
-extension) runs the torch reference, :func:`lowrank_linear_reference`.
+the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows, where it was measured faster
+than the two GEMMs in every run. With fewer rows the per-call packing of U^T costs about what the fusion
+saves, and a training step was measured slower with the fused forward, its backward recomputing the
+intermediate (docs/benchmarks.md, "Fused low-rank product"). Everything else (training, CUDA,
+float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import InputError
 
 # Rows (the product of the input's leading dimensions) from which the fused op is faster than two MKL GEMMs,
 # measured with benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank product").
-MIN_ROWS = 16
+MIN_ROWS = 96
 
 
 def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> Tensor:
