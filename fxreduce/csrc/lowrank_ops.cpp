@@ -137,7 +137,8 @@ void check_operand(const Tensor& t, const char* name, at::ScalarType dtype, int6
 }
 
 // lowrank_linear(x (..., K), first (R, K), second (N, R), bias (N,)?) -> (..., N).
-Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& second, const std::optional<Tensor>& bias) {
+Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& second,
+                      const std::optional<Tensor>& bias) {
   FXR_CHECK(x_in.device().is_cpu(), "x is on ", x_in.device(), "; the native kernel runs on CPU tensors");
   const at::ScalarType dtype = x_in.scalar_type();
   FXR_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64, got ", dtype);

@@ -8,10 +8,11 @@ output is written once. Its backward stays on torch's GEMMs and recomputes the i
 forward's first, smaller half).
 
 Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
-the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows, where it was measured faster
-than the two GEMMs in every run. With fewer rows the per-call packing of U^T costs about what the fusion
-saves, and a training step was measured slower with the fused forward, its backward recomputing the
-intermediate (docs/benchmarks.md, "Fused low-rank product"). Everything else (training, CUDA,
+the native layer loaded, outside graph capture, from :func:`min_rows` rows (:data:`MIN_ROWS_PER_THREAD` per
+thread, where the op's threads split the rows), where it was measured faster than the two GEMMs in every run.
+With fewer rows the per-call packing of U^T costs about what the fusion saves, and a training step was
+measured slower with the fused forward, its backward recomputing the intermediate (docs/benchmarks.md,
+"Fused low-rank product"). Everything else (training, CUDA,
 float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
 """
 
@@ -29,9 +30,15 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import native
 from ..errors import InputError
 
-# Rows (the product of the input's leading dimensions) from which the fused op is faster than two MKL GEMMs,
-# measured with benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank product").
-MIN_ROWS = 96
+# Rows per torch thread (rows: the product of the input's leading dimensions) from which the fused op was faster
+# than two MKL GEMMs in every run of benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank
+# product"): where its threads split the rows rather than the columns (lowrank_ops.cpp's kRowsPerThreadForRowSplit).
+MIN_ROWS_PER_THREAD = 48
+
+
+def min_rows() -> int:
+    """The fewest rows the fused op serves at torch's current thread count."""
+    return MIN_ROWS_PER_THREAD * torch.get_num_threads()
 
 
 def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> Tensor:
@@ -48,7 +55,7 @@ def fused_serves(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) 
     operands = (x, first, second, bias)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
     return (not training and _op_loaded() and native.serves_eagerly(*operands) and x.dim() >= 1
-            and math.prod(x.shape[:-1]) >= MIN_ROWS)
+            and math.prod(x.shape[:-1]) >= min_rows())
 
 
 def check_operands(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> None:
@@ -123,4 +130,5 @@ if _op_loaded():
     torch.library.register_autograd("fxreduce::lowrank_linear", _backward, setup_context=_setup)
 
 
-__all__ = ["MIN_ROWS", "check_operands", "forced_isa", "fused_serves", "lowrank_linear", "lowrank_linear_reference"]
+__all__ = ["MIN_ROWS_PER_THREAD", "check_operands", "forced_isa", "fused_serves", "lowrank_linear",
+           "lowrank_linear_reference", "min_rows"]
