@@ -9,11 +9,10 @@ forward's first, smaller half).
 
 Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
 the native layer loaded, outside graph capture, from :func:`min_rows` rows (:data:`MIN_ROWS_PER_THREAD` per
-thread, where the op's threads split the rows), where it was measured faster than the two GEMMs in every run.
-With fewer rows the per-call packing of U^T costs about what the fusion saves, and a training step was
-measured slower with the fused forward, its backward recomputing the intermediate (docs/benchmarks.md,
-"Fused low-rank product"). Everything else (training, CUDA,
-float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
+thread), where it was measured faster than the two GEMMs. With fewer rows the per-call packing of U^T
+costs about what the fusion saves, and a training step was measured slower with the fused forward, its
+backward recomputing the intermediate (docs/benchmarks.md, "Fused low-rank product"). Everything else
+(training, CUDA, float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ from .. import native
 from ..errors import InputError
 
 # Rows per torch thread (rows: the product of the input's leading dimensions) from which the fused op was faster
-# than two MKL GEMMs in every run of benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank
-# product"): where its threads split the rows rather than the columns (lowrank_ops.cpp's kRowsPerThreadForRowSplit).
-MIN_ROWS_PER_THREAD = 48
+# than two MKL GEMMs in the runs of benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank
+# product"); from 48 per thread its threads split the rows (lowrank_ops.cpp), but up to 64 it was at parity.
+MIN_ROWS_PER_THREAD = 64
 
 
 def min_rows() -> int:
