@@ -5,7 +5,7 @@ two-GEMM reference (``F.linear(F.linear(x, V), U, b)``, MKL) and the dense ``nn.
 in one process (each timed call after an untimed call of the same candidate, ``time_warm``), inference,
 float32, threads fixed; then a training step (forward + backward) with each. Efficiency = (dense time /
 candidate time) / MAC reduction. The rows sweep at ViT-B's fc1 rank-51 shape is what LowRankLinear's
-dispatch threshold (``lowrank_kernel.MIN_ROWS_PER_THREAD``) is read from; the must-show rows (issue 21):
+dispatch threshold (``lowrank_kernel.MIN_ROWS``) is read from; the must-show rows (issue 21):
 ViT-B MLP fc1 (768 -> 3072, 197 rows) at 12x >= 0.8 efficiency, LSTM gates (1500 -> 6000) at >= 4x and
 >= 20 rows >= 0.8.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fix_threads, markdown_table, time_warm, write_section  # noqa: E402
 
 from fxreduce import native  # noqa: E402
-from fxreduce.modules.lowrank_kernel import min_rows  # noqa: E402
+from fxreduce.modules.lowrank_kernel import MIN_ROWS  # noqa: E402
 
 TITLE = "Fused low-rank product (lowrank_linear), {threads} thread(s)"
 REPEATS = 31
@@ -59,7 +59,7 @@ def bench(shapes, repeats: int) -> tuple[list[list[object]], list[str]]:
             times = time_warm(candidates, repeats)
         reduction = n * m / (rank * (n + m))
         eff = {name: times["dense"] / times[name] / reduction for name in ("fused", "two GEMMs")}
-        chosen = "fused" if batch >= min_rows() else "two GEMMs"
+        chosen = "fused" if batch >= MIN_ROWS else "two GEMMs"
         rows.append([label, f"{n} -> {rank} -> {m}", batch, f"{reduction:.2f}x", f"{1e6 * times['fused']:.0f}",
                      f"{1e6 * times['two GEMMs']:.0f}", f"{1e6 * times['dense']:.0f}",
                      f"{times['two GEMMs'] / times['fused']:.2f}x", f"{eff['fused']:.2f}", f"{eff['two GEMMs']:.2f}",
@@ -105,7 +105,7 @@ def main() -> None:
     load = f"1-minute load average before / after: {load_before:.1f} / {load_after:.1f}" + (
         " (other jobs shared the cores: the figures are noisy)." if max(load_before, load_after) > 0.5 else ".")
     header = ["layer", "shape", "rows", "MAC reduction", "fused us", "two GEMMs us", "dense us", "fused speedup",
-              "fused efficiency", "two-GEMM efficiency", f"LowRankLinear runs (from {min_rows()} rows)"]
+              "fused efficiency", "two-GEMM efficiency", f"LowRankLinear runs (from {MIN_ROWS} rows)"]
     table = markdown_table(header, rows)
     training_table = markdown_table(["layer", "shape", "rows", "fused step us", "two-GEMM step us", "fused speedup"],
                                     training)

@@ -149,7 +149,7 @@ def report() -> list[str]:
     lines += [f"fused low-rank kernel: ISA {torch.ops.fxreduce.lowrank_isa()} (chosen at load like the above; "
               "fxreduce.modules.lowrank_kernel.forced_isa switches it)",
               "  torch.ops.fxreduce.lowrank_linear: LowRankLinear's forward in CPU float32/float64 inference from "
-              "lowrank_kernel.min_rows() rows, torch reference otherwise"]
+              "lowrank_kernel.MIN_ROWS rows, torch reference otherwise"]
     return lines
 
 

@@ -212,7 +212,7 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        """The fused native product for CPU inference from ``lowrank_kernel.min_rows()`` rows, two GEMMs elsewhere."""
+        """The fused native product for CPU inference from ``lowrank_kernel.MIN_ROWS`` rows, two GEMMs elsewhere."""
         return lowrank_linear(x, self.first, self.second, self.bias)
 
     def gemm_factors(self) -> tuple[list[Tensor], Tensor | None]:

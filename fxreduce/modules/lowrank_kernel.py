@@ -8,8 +8,8 @@ output is written once. Its backward stays on torch's GEMMs and recomputes the i
 forward's first, smaller half).
 
 Where it serves (:func:`fused_serves`): inference (no operand needs a gradient) on CPU float32/float64 with
-the native layer loaded, outside graph capture, from :func:`min_rows` rows (:data:`MIN_ROWS_PER_THREAD` per
-thread), where it was measured faster than the two GEMMs. With fewer rows the per-call packing of U^T
+the native layer loaded, outside graph capture, from :data:`MIN_ROWS` rows, where it was measured faster
+than the two GEMMs. With fewer rows the per-call packing of U^T
 costs about what the fusion saves, and a training step was measured slower with the fused forward, its
 backward recomputing the intermediate (docs/benchmarks.md, "Fused low-rank product"). Everything else
 (training, CUDA, float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
@@ -29,15 +29,10 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import native
 from ..errors import InputError
 
-# Rows per torch thread (rows: the product of the input's leading dimensions) from which the fused op was faster
-# than two MKL GEMMs in the runs of benchmarks/bench_lowrank_kernel.py (docs/benchmarks.md, "Fused low-rank
-# product"); from 48 per thread its threads split the rows (lowrank_ops.cpp), but up to 64 it was at parity.
-MIN_ROWS_PER_THREAD = 64
-
-
-def min_rows() -> int:
-    """The fewest rows the fused op serves at torch's current thread count."""
-    return MIN_ROWS_PER_THREAD * torch.get_num_threads()
+# Rows (the product of the input's leading dimensions) from which LowRankLinear takes the fused op: with 2 threads
+# it was faster than two MKL GEMMs from there (benchmarks/bench_lowrank_kernel.py, docs/benchmarks.md "Fused
+# low-rank product"); with 1 thread it is at parity from 64 to 96 rows and faster above.
+MIN_ROWS = 64
 
 
 def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> Tensor:
@@ -54,7 +49,7 @@ def fused_serves(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) 
     operands = (x, first, second, bias)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
     return (not training and _op_loaded() and native.serves_eagerly(*operands) and x.dim() >= 1
-            and math.prod(x.shape[:-1]) >= min_rows())
+            and math.prod(x.shape[:-1]) >= MIN_ROWS)
 
 
 def check_operands(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> None:
@@ -129,5 +124,4 @@ if _op_loaded():
     torch.library.register_autograd("fxreduce::lowrank_linear", _backward, setup_context=_setup)
 
 
-__all__ = ["MIN_ROWS_PER_THREAD", "check_operands", "forced_isa", "fused_serves", "lowrank_linear",
-           "lowrank_linear_reference", "min_rows"]
+__all__ = ["MIN_ROWS", "check_operands", "forced_isa", "fused_serves", "lowrank_linear", "lowrank_linear_reference"]

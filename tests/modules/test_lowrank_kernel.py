@@ -21,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxreduce import native
 from fxreduce.errors import FxReduceError
 from fxreduce.modules.factorized import LowRankLinear
-from fxreduce.modules.lowrank_kernel import (forced_isa, fused_serves, lowrank_linear,
-                                             lowrank_linear_reference, min_rows)
+from fxreduce.modules.lowrank_kernel import (MIN_ROWS, forced_isa, fused_serves, lowrank_linear,
+                                             lowrank_linear_reference)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
 
@@ -104,7 +104,7 @@ def test_the_ops_gradients_equal_the_reference(isa, dtype):
 
 def test_lowrank_linear_runs_the_op_in_inference_only():
     module = LowRankLinear(70, 130, 11)
-    x = torch.randn(min_rows(), 70)
+    x = torch.randn(MIN_ROWS, 70)
     assert not fused_serves(x, module.first, module.second, module.bias)  # the parameters need gradients
     with torch.no_grad():
         assert fused_serves(x, module.first, module.second, module.bias)
@@ -154,11 +154,11 @@ def test_doctor_lists_the_kernel():
 
 
 def test_where_the_op_does_not_serve_the_reference_runs():
-    x, first, second = torch.randn(min_rows(), 8), torch.randn(2, 8), torch.randn(5, 2)
+    x, first, second = torch.randn(MIN_ROWS, 8), torch.randn(2, 8), torch.randn(5, 2)
     assert fused_serves(x, first, second, None)
     assert not fused_serves(x.requires_grad_(), first, second, None)
     x = x.detach()
-    assert not fused_serves(x[: min_rows() - 1], first, second, None)
+    assert not fused_serves(x[: MIN_ROWS - 1], first, second, None)
     assert not fused_serves(x.bfloat16(), first.bfloat16(), second.bfloat16(), None)
     with native.disabled():
         assert not fused_serves(x, first, second, None)
