@@ -19,6 +19,8 @@ ISA_FLAGS = {
     "kernels_avx2.cpp": ["-mavx2", "-mfma"],
     "sparse_int8_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"],
     "sparse_int8_avx2.cpp": ["-mavx2", "-ffp-contract=off"],
+    "lowrank_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
+    "lowrank_avx2.cpp": ["-mavx2", "-mfma"],
 } if X86 else {}
 # The sparse int8 kernels round x * inverse_scale before rounding to an integer, as torch's quantizer does.
 FILE_FLAGS = {**ISA_FLAGS, "sparse_int8_portable.cpp": ["-ffp-contract=off"]}
@@ -57,7 +59,8 @@ def extension_setup() -> dict:
             finally:
                 self.compiler._compile = compile_one
 
-    sources = ["ops.cpp", "kernels_portable.cpp", "sparse_int8_ops.cpp", "sparse_int8_portable.cpp", *ISA_FLAGS]
+    sources = ["ops.cpp", "kernels_portable.cpp", "sparse_int8_ops.cpp", "sparse_int8_portable.cpp", "lowrank_ops.cpp",
+               "lowrank_portable.cpp", *ISA_FLAGS]
     extension = CppExtension(
         "fxreduce._C",
         [os.path.join("fxreduce", "csrc", name) for name in sources],

@@ -146,6 +146,10 @@ def report() -> list[str]:
                  "fxreduce.modules.sparse_int8.forced_isa switches both)")
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU, torch reference otherwise"
               for name in ("sparse_int8_linear", "sparse_int8_conv2d")]
+    lines += [f"fused low-rank kernel: ISA {torch.ops.fxreduce.lowrank_isa()} (chosen at load like the above; "
+              "fxreduce.modules.lowrank_kernel.forced_isa switches it)",
+              "  torch.ops.fxreduce.lowrank_linear: LowRankLinear's forward in CPU float32/float64 inference from "
+              "lowrank_kernel.MIN_ROWS rows, torch reference otherwise"]
     return lines
 
 

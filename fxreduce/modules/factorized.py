@@ -21,11 +21,11 @@ per-step autograd path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..errors import OptionError
+from .lowrank_kernel import lowrank_linear
 from .truncation import DEFAULT_DAMPING, Truncation, damping_for
 
 FORMS = ("lr", "group", "sparse_lr", "lr_sparse", "grouped_shuffle")
@@ -212,7 +212,8 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.first), self.second, self.bias)
+        """The fused native product for CPU inference from ``lowrank_kernel.MIN_ROWS`` rows, two GEMMs elsewhere."""
+        return lowrank_linear(x, self.first, self.second, self.bias)
 
     def gemm_factors(self) -> tuple[list[Tensor], Tensor | None]:
         """[V, U] and the bias: the decomposed LSTM's fast path multiplies by them directly."""
