@@ -114,7 +114,7 @@ def main() -> None:
             if not misses else "Below the goal: " + "; ".join(misses) + ".")
     print(goal)
     if not args.quick:
-        note = (f"Inference, float32, ISA {torch.ops.fxreduce.lowrank_isa()}, {args.threads} threads, median of "
+        note = (f"Inference, float32, ISA {native.active_isa()}, {args.threads} threads, median of "
                 f"{REPEATS} steady-state calls per candidate, round-robin. {load} " + goal)
         training_note = "Training step (forward + backward, float32), same round-robin timing:"
         write_section(TITLE.format(threads=args.threads),

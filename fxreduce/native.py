@@ -142,13 +142,9 @@ def report() -> list[str]:
     lines = [f"native kernels: fxreduce._C, ISA {_C.isa()} ({how}; available: {', '.join(_C.supported_isas())})",
              f"threads: {torch.get_num_threads()} (torch.set_num_threads)"]
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU float32/float64, torch reference otherwise" for name in OPS]
-    lines.append(f"sparse int8 kernels: ISA {torch.ops.fxreduce.sparse_int8_isa()} (chosen at load like the above; "
-                 "fxreduce.modules.sparse_int8.forced_isa switches both)")
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU, torch reference otherwise"
               for name in ("sparse_int8_linear", "sparse_int8_conv2d")]
-    lines += [f"fused low-rank kernel: ISA {torch.ops.fxreduce.lowrank_isa()} (chosen at load like the above; "
-              "fxreduce.modules.lowrank_kernel.forced_isa switches it)",
-              "  torch.ops.fxreduce.lowrank_linear: LowRankLinear's forward in CPU float32/float64 inference from "
+    lines += ["  torch.ops.fxreduce.lowrank_linear: LowRankLinear's forward in CPU float32/float64 inference from "
               "lowrank_kernel.MIN_ROWS rows, torch reference otherwise"]
     return lines
 

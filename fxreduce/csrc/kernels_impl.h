@@ -26,16 +26,7 @@ struct Vec<double> {
   static constexpr int lanes = FXR_VEC_BYTES / 8;
 };
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+#include "simd_inl.h"
 inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Heap scratch owned by one call (no static buffers: calls may run concurrently).

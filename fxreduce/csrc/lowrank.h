@@ -26,7 +26,6 @@ struct LowRankProduct {
 };
 
 struct LowRankTable {
-  const char* name;
   int tile_rows;          // rows per register tile
   int panel_floats;       // W for float32 (float64: half of it)
   // Panel `panel` of the (rows x cols) matrix src(j, c) = src[c*ld + j] into dst (rows * W): a factor stored

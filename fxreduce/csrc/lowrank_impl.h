@@ -1,5 +1,5 @@
 // The fused low-rank product's two halves, written once with GCC vector extensions and compiled per ISA like
-// kernels_impl.h: the including unit defines FXR_LR_ISA (its namespace), FXR_LR_NAME, FXR_LR_TABLE,
+// kernels_impl.h: the including unit defines FXR_LR_ISA (its namespace), FXR_LR_TABLE,
 // FXR_VEC_BYTES and the register tile FXR_LR_MR rows x FXR_LR_NV vectors (FXR_LR_NV * lanes: the panel width).
 // Nothing from the standard library is
 // instantiated here, so no code built for one ISA can be picked by the linker for another.
@@ -18,53 +18,14 @@ struct Vec {
   static constexpr int64_t panel = FXR_LR_NV * lanes;
 };
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+#include "simd_inl.h"
 inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------------
 // Packing a factor stored transposed (src(j, c) = src[c*ld + j], contiguous over j, as both nn.Linear-style
-// weights are) into panels: L x L blocks transposed in registers (log2(L) butterfly stages of two-vector
-// shuffles: rows i and i + H swap their off-diagonal H-blocks), one vector load and store per L elements.
-template <int... I>
-struct Lanes {};
-template <int N, int... I>
-struct MakeLanes : MakeLanes<N - 1, N - 1, I...> {};
-template <int... I>
-struct MakeLanes<0, I...> {
-  typedef Lanes<I...> type;
-};
-
-template <int H, int L, typename V, int... I>
-inline V low_half(V a, V b, Lanes<I...>) {
-  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I : L + I - H)...);
-}
-template <int H, int L, typename V, int... I>
-inline V high_half(V a, V b, Lanes<I...>) {
-  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I + H : L + I)...);
-}
-
-template <int H, int L, typename V>
-__attribute__((always_inline)) inline void transpose(V* m) {
-  if constexpr (H > 0) {
-    for (int i = 0; i < L; ++i)
-      if ((i & H) == 0) {
-        const V a = m[i], b = m[i + H];
-        m[i] = low_half<H, L>(a, b, typename MakeLanes<L>::type());
-        m[i + H] = high_half<H, L>(a, b, typename MakeLanes<L>::type());
-      }
-    transpose<H / 2, L>(m);
-  }
-}
-
+// weights are) into panels: L x L blocks transposed in registers (simd_inl.h), one vector load and store per L
+// elements.
+//
 // Panel `panel` of the (rows x cols) matrix src(j, c) = src[c*ld + j]: columns [panel*W, panel*W + W) of every
 // row at dst, row stride = the panel's width rounded up to whole vectors, zero-padded.
 template <typename T>
@@ -178,7 +139,6 @@ void output(const LowRankProduct<T>& p, const T* t, int64_t ldt, int64_t m_begin
 }  // namespace FXR_LR_ISA
 
 extern const LowRankTable FXR_LR_TABLE = {
-    FXR_LR_NAME,
     FXR_LR_MR,
     static_cast<int>(FXR_LR_ISA::Vec<float>::panel),
     &FXR_LR_ISA::pack_panel<float>,

@@ -1,16 +1,15 @@
 // torch.ops.fxreduce.lowrank_linear(x, first, second, bias) = (x first^T) second^T + bias, LowRankLinear's product
 // in one pass: per block of rows the (rows, r) intermediate goes to a per-thread buffer that stays in cache and
 // is consumed at once by the second product, whose accumulators start from the bias. Operands are checked here
-// (TORCH_CHECK); any strides. The ISA follows FXREDUCE_ISA at load, like ops.cpp's kernels.
+// (TORCH_CHECK); any strides. The ISA is switched with the other kernels' (isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "isa.h"
 #include "lowrank.h"
 
 namespace fxreduce {
@@ -19,37 +18,8 @@ namespace {
 
 using at::Tensor;
 
-const LowRankTable* table_named(const std::string& name) {
-  if (name == "portable") return &lowrank_portable_table;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (name == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &lowrank_avx2_table;
-  if (name == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-    return &lowrank_avx512_table;
-#endif
-  return nullptr;
-}
-
-const LowRankTable* initial_table() {
-  const char* wanted = std::getenv("FXREDUCE_ISA");
-  if (wanted && table_named(wanted)) return table_named(wanted);
-  for (const char* name : {"avx512", "avx2", "portable"})
-    if (table_named(name)) return table_named(name);
-  return &lowrank_portable_table;
-}
-
-std::atomic<const LowRankTable*> active{initial_table()};
-
-// lowrank_isa(name): run on ISA `name` from now on (tests cover every path); returns the ISA in use.
-std::string lowrank_isa(std::optional<std::string> name) {
-  if (name.has_value()) {
-    const LowRankTable* table = table_named(*name);
-    TORCH_CHECK(table != nullptr, "fxreduce.lowrank_linear: ISA '", *name, "' is not available on this CPU or build");
-    active.store(table);
-  }
-  return active.load()->name;
-}
+IsaTables<LowRankTable> tables{FXR_X86_TABLE(lowrank_avx512_table), FXR_X86_TABLE(lowrank_avx2_table),
+                               &lowrank_portable_table};
 
 #define FXR_CHECK(cond, ...) TORCH_CHECK(cond, "fxreduce.lowrank_linear: ", __VA_ARGS__)
 
@@ -78,7 +48,7 @@ struct Kernels<double> {
 // x (M, K), first (R, K), second (N, R) with contiguous rows, out (M, N) contiguous.
 template <typename T>
 void run(const Tensor& x, const Tensor& first, const Tensor& second, const std::optional<Tensor>& bias, Tensor& out) {
-  const LowRankTable& table = *active.load(std::memory_order_relaxed);
+  const LowRankTable& table = tables.active();
   auto pack = Kernels<T>::pack(table);
   auto intermediate = Kernels<T>::intermediate(table);
   auto output = Kernels<T>::output(table);
@@ -175,7 +145,6 @@ Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& sec
 
 TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
   m.def("lowrank_linear(Tensor x, Tensor first, Tensor second, Tensor? bias) -> Tensor");
-  m.def("lowrank_isa(str? name=None) -> str", &lowrank_isa);
 }
 
 TORCH_LIBRARY_IMPL(fxreduce, CPU, m) { m.impl("lowrank_linear", &lowrank_linear); }

@@ -7,10 +7,10 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <string>
 #include <vector>
 
+#include "isa.h"
 #include "kernels.h"
 
 namespace fxreduce {
@@ -19,44 +19,9 @@ namespace {
 
 using at::Tensor;
 
-bool isa_supported(const std::string& name) {
-  if (name == "portable") return true;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-#endif
-  return false;
-}
+IsaTables<KernelTable> tables{FXR_X86_TABLE(avx512_table), FXR_X86_TABLE(avx2_table), &portable_table};
 
-const KernelTable* table_named(const std::string& name) {
-#if defined(__x86_64__)
-  if (name == "avx512") return &avx512_table;
-  if (name == "avx2") return &avx2_table;
-#endif
-  if (name == "portable") return &portable_table;
-  return nullptr;
-}
-
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> names;
-  for (const char* name : {"avx512", "avx2", "portable"})
-    if (table_named(name) && isa_supported(name)) names.push_back(name);
-  return names;
-}
-
-std::atomic<const KernelTable*> active{table_named(supported_isas().front())};
-
-const KernelTable& kernels() { return *active.load(std::memory_order_relaxed); }
-
-void set_isa(const std::string& name) {
-  const KernelTable* table = table_named(name);
-  TORCH_CHECK(table != nullptr && isa_supported(name), "fxreduce: ISA '", name,
-              "' is not available on this CPU or build; available: ", c10::Join(", ", supported_isas()));
-  active.store(table);
-}
+const KernelTable& kernels() { return tables.active(); }
 
 // ------------------------------------------------------------------------------------------------------
 // Checks.

@@ -45,7 +45,6 @@ struct SparseInt8Rows {
 };
 
 struct SparseInt8Table {
-  const char* name;
   int width;  // images per block (the vector lanes of the accumulators)
   void (*quantize)(const SparseQuantize&, int64_t block);
   // scratch: 16 * 16 * width int32, owned by the caller

@@ -1,5 +1,5 @@
 // The sparse int8 kernels, written once with GCC vector extensions and compiled per ISA like kernels_impl.h:
-// the including unit defines FXR_SPARSE_ISA (its namespace), FXR_SPARSE_TABLE, FXR_SPARSE_NAME, FXR_VEC_BYTES
+// the including unit defines FXR_SPARSE_ISA (its namespace), FXR_SPARSE_TABLE, FXR_VEC_BYTES
 // and FXR_SNV (int32 accumulator vectors per block: width = FXR_SNV * lanes images). The units are compiled with
 // -ffp-contract=off so x * inverse_scale is rounded before the rounding to an integer, as torch's quantizer does.
 #include <cstdint>
@@ -21,16 +21,7 @@ constexpr int kEpilogueOutputs = 16;
 typedef int32_t VI __attribute__((vector_size(FXR_VEC_BYTES)));
 typedef float VF __attribute__((vector_size(FXR_VEC_BYTES)));
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+#include "simd_inl.h"
 
 // Two steps GCC's vector extensions compile element by element, written with the ISA's instructions where it has
 // them: widen L uint8 lanes to int32 (vpmovzxbd), and multiply them by a broadcast int8 weight. |w * q| <= 127 *
@@ -74,38 +65,6 @@ inline void narrow_store(uint8_t* p, VI v) {
 #endif
 }
 
-// An L x L transpose of L vectors in place: log2(L) butterfly stages of two-vector shuffles (rows i and i + H
-// swap their off-diagonal H-blocks), L log2(L) shuffles for L^2 elements instead of a load and store each.
-template <int... I>
-struct Lanes {};
-template <int N, int... I>
-struct MakeLanes : MakeLanes<N - 1, N - 1, I...> {};
-template <int... I>
-struct MakeLanes<0, I...> {
-  typedef Lanes<I...> type;
-};
-
-template <int H, typename V, int... I>
-inline V low_half(V a, V b, Lanes<I...>) {
-  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I : L + I - H)...);
-}
-template <int H, typename V, int... I>
-inline V high_half(V a, V b, Lanes<I...>) {
-  return __builtin_shufflevector(a, b, ((I & H) == 0 ? I + H : L + I)...);
-}
-
-template <int H, typename V>
-__attribute__((always_inline)) inline void transpose(V* m) {
-  if constexpr (H > 0) {
-    for (int i = 0; i < L; ++i)
-      if ((i & H) == 0) {
-        const V a = m[i], b = m[i + H];
-        m[i] = low_half<H>(a, b, typename MakeLanes<L>::type());
-        m[i + H] = high_half<H>(a, b, typename MakeLanes<L>::type());
-      }
-    transpose<H / 2>(m);
-  }
-}
 
 // nearbyint (ties to even, the default rounding mode) for |x| < 2^22: adding and subtracting 1.5 * 2^23.
 inline VI quantize_vector(VF x, float inverse_scale, int32_t zero) {
@@ -158,7 +117,7 @@ void quantize(const SparseQuantize& a, int64_t block) {
         for (; e + L <= plane; e += L) {
           VI m[L];
           for (int j = 0; j < L; ++j) m[j] = quantize_vector(load<VF>(x + j * a.C * plane + e), a.inverse_scale, a.zero);
-          transpose<L / 2>(m);
+          transpose<L / 2, L>(m);
           for (int k = 0; k < L; ++k) narrow_store(out + (e + k) * WIDTH, m[k]);
         }
         for (; e < plane; ++e)
@@ -242,7 +201,7 @@ void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t
             for (int r0 = 0; r0 < R; r0 += L) {
               VF m[L];
               for (int r = 0; r < L; ++r) m[r] = load<VF>(y + ((r0 + r) * PP + p - p0) * WIDTH + v * L);
-              transpose<L / 2>(m);
+              transpose<L / 2, L>(m);
               for (int j = 0; j < L && v * L + j < count; ++j)
                 store(a.out + (first + v * L + j) * a.out_image + p * a.out_pixel + n0 + r0, m[j]);
             }
@@ -265,7 +224,7 @@ void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t
 
 }  // namespace FXR_SPARSE_ISA
 
-extern const SparseInt8Table FXR_SPARSE_TABLE = {FXR_SPARSE_NAME, FXR_SPARSE_ISA::WIDTH, &FXR_SPARSE_ISA::quantize,
+extern const SparseInt8Table FXR_SPARSE_TABLE = {FXR_SPARSE_ISA::WIDTH, &FXR_SPARSE_ISA::quantize,
                                                  &FXR_SPARSE_ISA::rows};
 
 }  // namespace native

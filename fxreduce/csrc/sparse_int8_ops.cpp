@@ -2,17 +2,16 @@
 // values, column index, row pointers), for pruned layers. The input is quantized as the dense int8 modules
 // quantize it (Linear: per call, torch's reduce_range qparams; Conv2d: the calibrated static qparams) and the
 // int32 sums equal the dense int8 GEMM's. Every operand is checked here (TORCH_CHECK): a bad index or shape is an
-// error, never a read out of bounds. The ISA follows FXREDUCE_ISA at load, like ops.cpp's kernels.
+// error, never a read out of bounds. The ISA is switched with the other kernels' (isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/quantized/cpu/QuantUtils.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "isa.h"
 #include "sparse_int8.h"
 
 namespace fxreduce {
@@ -21,47 +20,8 @@ namespace {
 
 using at::Tensor;
 
-bool sparse_isa_supported(const std::string& name) {
-  if (name == "portable") return true;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-#endif
-  return false;
-}
-
-const SparseInt8Table* sparse_table_named(const std::string& name) {
-  if (!sparse_isa_supported(name)) return nullptr;
-#if defined(__x86_64__)
-  if (name == "avx512") return &sparse_int8_avx512_table;
-  if (name == "avx2") return &sparse_int8_avx2_table;
-#endif
-  if (name == "portable") return &sparse_int8_portable_table;
-  return nullptr;
-}
-
-const SparseInt8Table* initial_table() {
-  const char* wanted = std::getenv("FXREDUCE_ISA");
-  if (wanted && sparse_table_named(wanted)) return sparse_table_named(wanted);
-  for (const char* name : {"avx512", "avx2", "portable"})
-    if (sparse_table_named(name)) return sparse_table_named(name);
-  return &sparse_int8_portable_table;
-}
-
-std::atomic<const SparseInt8Table*> active{initial_table()};
-
-// sparse_int8_isa(name): run on ISA `name` from now on (tests cover every path); returns the ISA in use.
-std::string sparse_int8_isa(std::optional<std::string> name) {
-  if (name.has_value()) {
-    const SparseInt8Table* table = sparse_table_named(*name);
-    TORCH_CHECK(table != nullptr, "fxreduce.sparse_int8: ISA '", *name, "' is not available on this CPU or build");
-    active.store(table);
-  }
-  return active.load()->name;
-}
+IsaTables<SparseInt8Table> tables{FXR_X86_TABLE(sparse_int8_avx512_table), FXR_X86_TABLE(sparse_int8_avx2_table),
+                                  &sparse_int8_portable_table};
 
 // ------------------------------------------------------------------------------------------------------
 // Checks.
@@ -143,7 +103,7 @@ constexpr int64_t kRowChunk = 16;         // the kernels' epilogue tile (kEpilog
 
 void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
          int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int) {
-  const SparseInt8Table& table = *active.load(std::memory_order_relaxed);
+  const SparseInt8Table& table = tables.active();
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
   const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = g.OH * g.OW;
   // One pass over the non-zeros: check each column index, look up its input offset in a table over (c, kh, kw),
@@ -311,7 +271,6 @@ TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
         "Tensor");
   m.def("sparse_int8_conv2d_int32(Tensor xq, Tensor values, Tensor columns, Tensor row_ptr, int[] kernel, "
         "int[] stride, int[] padding, int[] dilation, int zero) -> Tensor");
-  m.def("sparse_int8_isa(str? name=None) -> str", &sparse_int8_isa);
 }
 
 TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {

@@ -17,9 +17,7 @@ backward recomputing the intermediate (docs/benchmarks.md, "Fused low-rank produ
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,18 +77,6 @@ def lowrank_linear(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None
     return lowrank_linear_reference(x, first, second, bias)
 
 
-@contextlib.contextmanager
-def forced_isa(name: str) -> Iterator[None]:
-    """Run the fused low-rank kernel (and fxreduce's other kernels) on ISA ``name`` inside the block."""
-    with native.forced_isa(name):
-        previous = torch.ops.fxreduce.lowrank_isa()
-        torch.ops.fxreduce.lowrank_isa(name)
-        try:
-            yield
-        finally:
-            torch.ops.fxreduce.lowrank_isa(previous)
-
-
 if _op_loaded():
     _ops = torch.ops.fxreduce
 
@@ -124,4 +110,4 @@ if _op_loaded():
     torch.library.register_autograd("fxreduce::lowrank_linear", _backward, setup_context=_setup)
 
 
-__all__ = ["MIN_ROWS", "check_operands", "forced_isa", "fused_serves", "lowrank_linear", "lowrank_linear_reference"]
+__all__ = ["MIN_ROWS", "check_operands", "fused_serves", "lowrank_linear", "lowrank_linear_reference"]

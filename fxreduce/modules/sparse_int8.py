@@ -19,9 +19,8 @@ Without the native extension both run the torch reference below (same numbers, d
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,18 +107,6 @@ def _conv2d(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, d
     if native.serves(x):
         return torch.ops.fxreduce.sparse_int8_conv2d(*args)
     return sparse_int8_conv2d_reference(*args)
-
-
-@contextlib.contextmanager
-def forced_isa(name: str) -> Iterator[None]:
-    """Run the sparse int8 kernels (and fxreduce's other kernels) on ISA ``name`` inside the block."""
-    with native.forced_isa(name):
-        previous = torch.ops.fxreduce.sparse_int8_isa()
-        torch.ops.fxreduce.sparse_int8_isa(name)
-        try:
-            yield
-        finally:
-            torch.ops.fxreduce.sparse_int8_isa(previous)
 
 
 if native.available():
@@ -318,5 +305,5 @@ class SparseInt8Conv2d(nn.Module):
                 f"non-zeros={self.values.numel()} ({self.density:.1%}), activations=static")
 
 
-__all__ = ["SparseInt8Conv2d", "SparseInt8Linear", "forced_isa", "from_csr", "linear_qparams",
+__all__ = ["SparseInt8Conv2d", "SparseInt8Linear", "from_csr", "linear_qparams",
            "sparse_int8_conv2d_reference", "sparse_int8_linear_reference", "to_csr"]

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxreduce import native
 from fxreduce.errors import FxReduceError
 from fxreduce.modules.factorized import LowRankLinear
-from fxreduce.modules.lowrank_kernel import (MIN_ROWS, forced_isa, fused_serves, lowrank_linear,
+from fxreduce.modules.lowrank_kernel import (MIN_ROWS, fused_serves, lowrank_linear,
                                              lowrank_linear_reference)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
@@ -66,7 +66,7 @@ def problems(draw, dtype):
 @given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_the_op_equals_two_gemms(isa, data, dtype):
     x, first, second, bias = data.draw(problems(dtype))
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         out = torch.ops.fxreduce.lowrank_linear(x, first, second, bias)
     assert out.shape == (*x.shape[:-1], second.shape[0]) and out.dtype == dtype
     close(out, lowrank_linear_reference(x, first, second, bias), dtype, f"{isa} {x.shape} {first.shape}")
@@ -79,7 +79,7 @@ def test_several_row_blocks_per_thread(isa, dtype):
     generator = torch.Generator().manual_seed(1)
     x, first, second, bias = (torch.randn(*shape, dtype=dtype, generator=generator)
                               for shape in ((700, 5), (200, 5), (70, 200), (70,)))
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         out = torch.ops.fxreduce.lowrank_linear(x, first, second, bias)
     close(out, lowrank_linear_reference(x, first, second, bias), dtype)
 
@@ -91,7 +91,7 @@ def test_the_ops_gradients_equal_the_reference(isa, dtype):
     operands = [torch.randn(*shape, dtype=dtype, requires_grad=True) for shape in ((3, 50, 70), (11, 70), (130, 11),
                                                                                      (130,))]
     reference = [t.detach().clone().requires_grad_() for t in operands]
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         out = torch.ops.fxreduce.lowrank_linear(*operands)
     want = lowrank_linear_reference(*reference)
     close(out, want, dtype, "forward")
@@ -145,8 +145,6 @@ def test_bad_operands_are_clear_errors():
             torch.ops.fxreduce.lowrank_linear(*args)
     with pytest.raises(RuntimeError, match="fxreduce.lowrank_linear"):
         torch.ops.fxreduce.lowrank_linear(torch.tensor(1.0), first, second, bias)
-    with pytest.raises(RuntimeError, match="not available"):
-        torch.ops.fxreduce.lowrank_isa("sparc")
 
 
 def test_doctor_lists_the_kernel():

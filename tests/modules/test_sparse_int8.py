@@ -22,7 +22,7 @@ import fxreduce as fr
 from fxreduce import native
 from fxreduce.errors import FxReduceError
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear
-from fxreduce.modules.sparse_int8 import (SparseInt8Conv2d, SparseInt8Linear, forced_isa, sparse_int8_conv2d_reference,
+from fxreduce.modules.sparse_int8 import (SparseInt8Conv2d, SparseInt8Linear, sparse_int8_conv2d_reference,
                                           sparse_int8_linear_reference, to_csr)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
@@ -50,7 +50,7 @@ densities = st.sampled_from([0.0, 0.02, 0.1, 0.5, 1.0])
 def test_linear_int32_sums_equal_the_dense_int8_gemm(isa, seed, rows, out, k, density, empty_rows, empty_columns):
     weight = sparse_weight(seed, (out, k), density, empty_rows, empty_columns)
     xq = torch.randint(0, 128, (rows, k), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.uint8)
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         sums = ops.sparse_int8_linear_int32(xq, *to_csr(weight), k)
     # torch's dense int8 GEMM wants more than 16 rows and sizes in multiples of 8: zero padding adds nothing.
     up = lambda n: -(-n // 8) * 8  # noqa: E731
@@ -73,7 +73,7 @@ def test_conv_int32_sums_equal_the_dense_conv_exactly(isa, seed, batch, channels
     weight = sparse_weight(seed, (out, channels, *kernel), density, empty_rows, empty_columns)
     g = torch.Generator().manual_seed(seed)
     xq = torch.randint(0, 256, (batch, channels, *size), generator=g, dtype=torch.uint8)
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         sums = ops.sparse_int8_conv2d_int32(xq, *to_csr(weight), [channels, *kernel], list(stride), list(padding),
                                             list(dilation), zero)
     padded = F.pad(xq.double(), (padding[1], padding[1], padding[0], padding[0]), value=zero)
@@ -92,7 +92,7 @@ def test_sparse_linear_equals_the_dense_int8_linear(isa, seed, rows, out, k, den
     x = torch.randn(rows, k, generator=g) * 3 + shift
     sparse = SparseInt8Linear.from_int8(weight, scale, b, relu)
     dense = Int8Linear.from_int8(weight, scale, b, relu)
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         y = sparse(x)
     expected = dense(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.abs().max())))
@@ -114,7 +114,7 @@ def test_sparse_conv_matches_the_dense_int8_conv_and_its_bound(isa, seed, batch,
     x = torch.randn(batch, 4, 9, 8, generator=g) * (3 if wide else 1)  # wide: beyond the calibrated range
     settings = dict(stride=stride, padding=padding, dilation=dilation, input_range=(-1.5, 2.0), relu=relu)
     sparse = SparseInt8Conv2d.from_int8(weight, scale, bias, **settings)
-    with forced_isa(isa):
+    with native.forced_isa(isa):
         y = sparse(x)
     reference = sparse_int8_conv2d_reference(x, sparse.values, sparse.columns, sparse.row_ptr, (4, 3, 3), scale, bias,
                                              stride, padding, dilation, sparse.input_qparams, relu)
@@ -123,7 +123,7 @@ def test_sparse_conv_matches_the_dense_int8_conv_and_its_bound(isa, seed, batch,
     # Inside the calibrated range (beyond it fbgemm's 7-bit u8 x s8 pair sums may saturate in int16; ours do not)
     # the dense conv differs only by its output requantization.
     inside = x.clamp(-1.5, 2.0)
-    with torch.no_grad(), forced_isa(isa):
+    with torch.no_grad(), native.forced_isa(isa):
         full, y = sparse.reference(inside), sparse(inside)
     dense = Int8Conv2d.from_int8(weight, scale, bias, groups=1, output_range=(float(full.min()) - 1,
                                                                              float(full.max()) + 1), **settings)
@@ -173,8 +173,6 @@ def test_bad_indices_and_shapes_raise_clear_errors():
     with pytest.raises(RuntimeError, match="zero point"):
         ops.sparse_int8_conv2d(torch.randn(1, 2, 5, 5), *csr, [2, 3, 3], torch.ones(4), None, [1, 1], [0, 0], [1, 1],
                                torch.tensor([0.1, 300.0]), False)
-    with pytest.raises(RuntimeError, match="not available"):
-        ops.sparse_int8_isa("sse1")
     with pytest.raises(FxReduceError):
         SparseInt8Linear.from_int8(weight.float(), torch.ones(5))
     with pytest.raises(FxReduceError):
