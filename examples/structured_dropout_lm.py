@@ -211,7 +211,7 @@ seeded by (seed, n) (modules get seed, seed+1, ... in graph order), so a run is 
 and DistributedDataParallel ranks built with the same seed draw identical masks at every step without
 communicating (tested with 2 gloo processes). Each rank must run the same number of training forwards.
 
-## Contracts (tests/test_structured_dropout.py, hypothesis)
+## Contracts (tests/passes/test_structured_dropout.py, hypothesis)
 
 * eval: outputs equal torch.nn.LSTM's (float64 within 1e-9); state_dicts load both ways;
 * training: outputs and all parameter gradients equal a dense LSTM written from nn.LSTM's equations that
