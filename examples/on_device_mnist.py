@@ -236,7 +236,8 @@ def goal(runs: list[Run]) -> str:
 def main(argv=None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subset, 1 epoch, writes nothing")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 30 LeNet / 12 ResNet: converged plain training)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per variant (default 30 LeNet / 12 ResNet: plain training converged)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3], help="error_map_pruning keep fractions")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam's initial learning rate (cosine decay to 0)")
@@ -271,13 +272,13 @@ def main(argv=None) -> list[Run]:
     print(goal(runs))
     if not (args.quick or args.no_write):
         command = "python examples/on_device_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_markdown_section(DOC, SECTION, f"Command: `{command.strip()}` ({(time.perf_counter() - started) / 60:.0f} "
-                               f"min)  \nMeasured on: {os.cpu_count()} cores, {args.threads} threads, torch "
-                               f"{torch.__version__}, {time.strftime('%Y-%m-%d')}, 1-minute load average before / "
-                               f"after {load_before:.1f} / {os.getloadavg()[0]:.1f}. Budget \"epochs\": every variant "
-                               f"the same epochs; \"S x FLOPs\": each variant trains until it has spent S times plain's "
-                               f"training FLOPs (savings are against plain's epochs run). The learning rate follows a cosine over "
-                               f"each run's budget.\n\n{table(runs)}\n\n{goal(runs)}\n", "# On-device CNN training")
+        header = (f"Command: `{command.strip()}` ({(time.perf_counter() - started) / 60:.0f} min)  \n"
+                  f"Measured on: {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+                  f"{time.strftime('%Y-%m-%d')}, 1-minute load average before / after {load_before:.1f} / "
+                  f"{os.getloadavg()[0]:.1f}. Budget \"epochs\": every variant the same epochs; \"S x FLOPs\": each "
+                  f"variant trains until it has spent S times plain's training FLOPs (savings are against plain's "
+                  f"epochs run). The learning rate follows a cosine over each run's budget.")
+        write_markdown_section(DOC, SECTION, f"{header}\n\n{table(runs)}\n\n{goal(runs)}\n", "# On-device CNN training")
     return runs
 
 
