@@ -3,9 +3,11 @@
 Micro-benchmarks of the kernels graphs call, each timed in blocks long enough to swamp the clock and
 summarised by the median block: float32 GEMM (F.linear) over an (M, N, K) grid; convolutions of four
 classes (pointwise, spatial, strided, depthwise) over a grid of their implicit-GEMM sizes; fxreduce's
-int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM; the
-overheads of a Python call, an aten dispatch and an nn.Module call; and, for nn.Linear and AntMan's
-factorised modules, the Python work of one call beyond the kernels it runs. The result is a
+int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM; max and
+average pooling by window reads; one-row products streaming weights of 1-128 MB; the overheads of a
+Python call, an aten dispatch and an nn.Module call; each kernel class's fixed cost per call; and, for
+torch.nn's common layers and AntMan's factorised modules, the Python work of one call beyond the kernels
+it runs. The grids are swept twice, each cell keeping its faster sweep. The result is a
 :class:`~fxreduce.cost_models.latency.Profile`, written atomically as versioned JSON.
 """
 
@@ -20,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +49,23 @@ class Plan:
     conv_channels: tuple[int, ...]
     conv_sizes: tuple[int, ...]
     bandwidth_elements: tuple[int, ...]
+    pooling_shapes: tuple[tuple[int, int, int, int], ...]
+    stream_widths: tuple[int, ...]
     block_seconds: float
     blocks: int
+    passes: int
 
 
-FULL = Plan(gemm_ms=(1, 8, 32, 128, 512, 2048), gemm_ns=(16, 64, 256, 1024, 4096), gemm_ks=(16, 64, 256, 1024, 4096),
-            int8_ms=(1, 8, 64, 512), int8_ns=(64, 256, 1024, 4096), conv_batches=(1, 8),
-            conv_channels=(16, 64, 256), conv_sizes=(7, 14, 28, 56),
-            bandwidth_elements=(1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24), block_seconds=0.01, blocks=3)
+FULL = Plan(gemm_ms=(1, 4, 8, 16, 64, 256, 1024), gemm_ns=(16, 64, 256, 512, 1024, 2048, 4096),
+            gemm_ks=(16, 64, 256, 512, 1024, 2048, 4096), int8_ms=(1, 8, 64, 512), int8_ns=(64, 256, 1024, 4096),
+            conv_batches=(1, 8), conv_channels=(16, 64, 256), conv_sizes=(7, 14, 28, 56),
+            bandwidth_elements=(1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24),
+            pooling_shapes=((1, 16, 8, 8), (1, 32, 28, 28), (1, 64, 56, 56), (8, 64, 56, 56), (8, 64, 112, 112)),
+            stream_widths=(512, 1024, 2048, 2896, 4096, 5792), block_seconds=0.005, blocks=3, passes=2)
 TINY = Plan(gemm_ms=(1, 16), gemm_ns=(8, 32), gemm_ks=(8, 32), int8_ms=(1, 16), int8_ns=(16, 32),
             conv_batches=(1,), conv_channels=(4, 8), conv_sizes=(4, 8), bandwidth_elements=(1 << 8, 1 << 12),
-            block_seconds=0.0005, blocks=2)
+            pooling_shapes=((1, 4, 8, 8), (1, 8, 16, 16)), stream_widths=(64, 128), block_seconds=0.0005, blocks=2,
+            passes=1)
 
 
 def _seconds_per_call(fn: Callable[[], object], plan: Plan) -> float:
@@ -76,18 +84,25 @@ def _seconds_per_call(fn: Callable[[], object], plan: Plan) -> float:
     return statistics.median(means)
 
 
-def _gemm_grid(ms, ns, ks, make: Callable[[int, int, int], Callable[[], object]], plan: Plan,
-               step: Callable[[], None]) -> Grid:
-    seconds = []
-    for m in ms:
-        rows = []
-        for n in ns:
-            cells = []
-            for k in ks:
-                cells.append(_seconds_per_call(make(m, n, k), plan))
-                step()
-            rows.append(tuple(cells))
-        seconds.append(tuple(rows))
+def _sweep(cells: dict[Any, Callable[[], Callable[[], object]]], plan: Plan,
+           step: Callable[[], None]) -> dict[Any, float]:
+    """Seconds per call of every cell (a key and a maker of its call), the fastest of ``plan.passes`` sweeps
+    over all of them: on a shared machine a neighbour's burst can slow one measurement by half, and sweeps
+    tens of seconds apart rarely meet the same burst."""
+    fastest: dict[Any, float] = {}
+    for _ in range(plan.passes):
+        for key, make in cells.items():
+            fastest[key] = min(_seconds_per_call(make(), plan), fastest.get(key, math.inf))
+            step()
+    return fastest
+
+
+def _gemm_cells(name: str, ms, ns, ks, make: Callable[[int, int, int], Callable[[], object]]) -> dict:
+    return {(name, m, n, k): functools.partial(make, m, n, k) for m in ms for n in ns for k in ks}
+
+
+def _gemm_grid(name: str, ms, ns, ks, measured: dict) -> Grid:
+    seconds = [[[measured[(name, m, n, k)] for k in ks] for n in ns] for m in ms]
     return Grid(tuple(ms), tuple(ns), tuple(ks), monotone_grid(seconds))
 
 
@@ -111,30 +126,52 @@ _CONV_KINDS = {  # class -> (kernel, stride, depthwise)
 }
 
 
-def _conv_grid(kind: str, plan: Plan, step: Callable[[], None]) -> Grid:
+def _conv_shape(kind: str, channels: int, size: int) -> tuple[int, int, int, int]:
+    """A conv of class ``kind`` on ``channels`` x ``size`` x ``size``: (groups, out size, and its implicit
+    GEMM's N and K)."""
+    kernel, stride, depthwise = _CONV_KINDS[kind]
+    groups = channels if depthwise else 1
+    out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    return groups, out, channels // groups, (channels // groups) * kernel ** 2
+
+
+def _conv(kind: str, batch: int, channels: int, size: int) -> Callable[[], object]:
+    kernel, stride, _ = _CONV_KINDS[kind]
+    groups = _conv_shape(kind, channels, size)[0]
+    conv: nn.Module = nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups)
+    if kind == "int8_conv":
+        conv = Int8Conv2d.from_int8(*_int8_weight(channels, channels // groups, kernel, kernel),
+                                    torch.zeros(channels), stride=(stride, stride), padding=(kernel // 2,) * 2,
+                                    dilation=(1, 1), groups=groups, input_range=(-3.0, 3.0),
+                                    output_range=(-3.0, 3.0))
+    x = torch.randn(batch, channels, size, size)
+    return lambda: conv(x)
+
+
+def _conv_cells(plan: Plan) -> dict:
+    return {(kind, batch, channels, size): functools.partial(_conv, kind, batch, channels, size)
+            for kind in _CONV_KINDS
+            for batch, channels, size in itertools.product(plan.conv_batches, plan.conv_channels, plan.conv_sizes)}
+
+
+def _conv_grid(kind: str, measured: dict) -> Grid:
     """A conv class measured over batch x channels x size, stored on its implicit-GEMM (M, N, K) axes.
 
     Channels in = channels out, so N and K move together; the grid's cells are the measured shapes, the
     cells between them interpolated like any other grid.
     """
-    kernel, stride, depthwise = _CONV_KINDS[kind]
-    measured: dict[tuple[int, int, int], float] = {}
-    for batch, channels, size in itertools.product(plan.conv_batches, plan.conv_channels, plan.conv_sizes):
-        groups = channels if depthwise else 1
-        conv: nn.Module = nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups)
-        if kind == "int8_conv":
-            conv = Int8Conv2d.from_int8(*_int8_weight(channels, channels // groups, kernel, kernel),
-                                        torch.zeros(channels), stride=(stride, stride), padding=(kernel // 2,) * 2,
-                                        dilation=(1, 1), groups=groups, input_range=(-3.0, 3.0),
-                                        output_range=(-3.0, 3.0))
-        x = torch.randn(batch, channels, size, size)
-        out = (size + 2 * (kernel // 2) - kernel) // stride + 1
-        m = batch * out * out * groups
-        key = (m, channels // groups, (channels // groups) * kernel * kernel)
-        with torch.no_grad():
-            measured[key] = _seconds_per_call(lambda: conv(x), plan)
-        step()
-    return _grid_from_points(measured)
+    points = {}
+    for (name, batch, channels, size), seconds in measured.items():
+        if name == kind:
+            groups, out, n, k = _conv_shape(kind, channels, size)
+            points[(batch * out * out * groups, n, k)] = seconds
+    return _grid_from_points(points)
+
+
+def _with_fixed_cost(grid: Grid, overheads: float) -> Grid:
+    """``grid`` with its kernel's fixed cost per call: its smallest measurement (whose arithmetic is a few
+    hundred multiply-adds at most) less the Python call and dispatch every op is charged anyway."""
+    return dataclasses.replace(grid, fixed=max(grid.seconds[0][0][0] - overheads, 0.0))
 
 
 def _grid_from_points(points: dict[tuple[int, int, int], float]) -> Grid:
@@ -156,17 +193,55 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
         a, b = torch.randn(elements), torch.randn(elements)
         pairs.append((3 * elements * a.element_size(), _seconds_per_call(lambda: torch.add(a, b), plan)))
         step()
+    return _running_minimum(pairs)
+
+
+def _pooling(plan: Plan, step: Callable[[], None]) -> dict[str, tuple[tuple[int, float], ...]]:
+    """Seconds of 3x3 / stride-2 max and average pooling by window elements read (outputs x 9): torch's
+    CPU pooling runs far below the memory bandwidth, so the bytes it moves do not price it."""
+    tables = {}
+    for kind, pool in (("max_pool", F.max_pool2d), ("avg_pool", F.avg_pool2d)):
+        pairs = []
+        for shape in plan.pooling_shapes:
+            x = torch.randn(shape)
+            reads = pool(x, 3, 2, 1).numel() * 9
+            pairs.append((reads, _seconds_per_call(lambda: pool(x, 3, 2, 1), plan)))
+            step()
+        tables[kind] = _running_minimum(pairs)
+    return tables
+
+
+def _weight_stream(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float], ...]:
+    """Seconds of a one-row float32 product by its (square) weight's bytes, 1 MB to 128 MB: how fast a weight
+    streams from L2, the last-level cache or memory, the floor under every product's time."""
+    pairs = []
+    for width in plan.stream_widths:
+        x, layer = torch.randn(1, width), nn.Linear(width, width, bias=False)
+        pairs.append((4 * width * width, _seconds_per_call(lambda: F.linear(x, layer.weight), plan)))
+        step()
+    return _running_minimum(pairs)
+
+
+def _running_minimum(pairs: list[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """(size, seconds) pairs with each time lowered to the fastest larger size's: times never fall as sizes grow."""
     return tuple((size, min(seconds for _, seconds in pairs[index:])) for index, (size, _) in enumerate(pairs))
 
 
 def _runtime_modules() -> list[tuple[nn.Module, tuple[int, ...]]]:
-    """A small instance of each module class rewrites put in graphs whose own Python work per call is not one
-    of the measured kernels: nn.Linear (the GEMM grid times F.linear) and AntMan's factorised forms."""
+    """A small instance of each module class graphs call whose Python work per call is not one of the
+    measured kernels: torch.nn's common layers (BatchNorm's forward alone does a dozen checks in Python) and
+    AntMan's factorised forms."""
     torch.manual_seed(0)
     dense = nn.Linear(64, 64)
     forms = [factorize(dense, "lr", 8), factorize(dense, "group", groups=4)]
     forms += [factorize(dense, form, 8, 4) for form in ("sparse_lr", "lr_sparse", "grouped_shuffle")]
-    return [(module, (4, 64)) for module in [dense] + forms]
+    rows = [(module, (4, 64)) for module in [dense] + forms]
+    rows += [(module, (4, 64)) for module in (nn.LayerNorm(64), nn.GELU(), nn.Dropout(), nn.Softmax(-1), nn.Tanh())]
+    images = [nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8),
+              nn.ReLU(inplace=True), nn.ReLU(), nn.ReLU6(inplace=True), nn.SiLU(inplace=True), nn.Hardswish(),
+              nn.Hardsigmoid(), nn.Sigmoid(), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1),
+              nn.Flatten(), nn.Identity()]
+    return rows + [(module.eval(), (1, 8, 4, 4)) for module in images]
 
 
 def _module_calls(profile: Profile, plan: Plan, step: Callable[[], None]) -> dict[str, float]:
@@ -206,21 +281,24 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()
-    total = (len(plan.gemm_ms) * len(plan.gemm_ns) * len(plan.gemm_ks) + len(plan.int8_ms) * len(plan.int8_ns) ** 2
-             + len(_CONV_KINDS) * len(plan.conv_batches) * len(plan.conv_channels) * len(plan.conv_sizes)
-             + len(plan.bandwidth_elements) + len(_runtime_modules()))
+    cells = {**_gemm_cells("gemm", plan.gemm_ms, plan.gemm_ns, plan.gemm_ks, _linear),
+             **_gemm_cells("int8_gemm", plan.int8_ms, plan.int8_ns, plan.int8_ns, _int8_linear), **_conv_cells(plan)}
+    total = (plan.passes * len(cells) + len(plan.bandwidth_elements) + 2 * len(plan.pooling_shapes)
+             + len(plan.stream_widths) + len(_runtime_modules()))
     try:
         with torch.no_grad(), tqdm(total=total, desc="fxreduce calibrate", unit="kernel", disable=not progress,
                                    leave=False) as bar:
             step = functools.partial(bar.update, 1)
             call, dispatch, module = _overheads(plan)
-            grids = {"gemm": _gemm_grid(plan.gemm_ms, plan.gemm_ns, plan.gemm_ks, _linear, plan, step),
-                     "int8_gemm": _gemm_grid(plan.int8_ms, plan.int8_ns, plan.int8_ns, _int8_linear, plan, step)}
-            for kind in _CONV_KINDS:
-                grids[kind] = _conv_grid(kind, plan, step)
+            measured = _sweep(cells, plan, step)
+            grids = {"gemm": _gemm_grid("gemm", plan.gemm_ms, plan.gemm_ns, plan.gemm_ks, measured),
+                     "int8_gemm": _gemm_grid("int8_gemm", plan.int8_ms, plan.int8_ns, plan.int8_ns, measured),
+                     **{kind: _conv_grid(kind, measured) for kind in _CONV_KINDS}}
+            grids = {name: _with_fixed_cost(grid, call + dispatch) for name, grid in grids.items()}
             bandwidth = _bandwidth(plan, step)
             profile = Profile(Machine.current(), call, dispatch, module, bandwidth, grids,
-                              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              pooling=_pooling(plan, step), weight_stream=_weight_stream(plan, step))
             profile = dataclasses.replace(profile, module_calls=_module_calls(profile, plan, step))
         profile.validate()
         profile.save(path if path is not None else default_profile_path())

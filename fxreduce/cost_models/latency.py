@@ -11,6 +11,7 @@ model here prices each kernel a graph will call with throughputs measured on thi
   layer as its GEMMs, fxreduce's int8 GEMM, any op with a registered FLOP formula) costs MACs / throughput, the throughput interpolated in log space over the profile's
   (M, N, K) grid for its class; a convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the grid of its
   class (pointwise, spatial, strided, depthwise);
+- a pooling window op (max or average pooling) costs its window reads at the rate measured for its kind;
 - every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
   a view moves nothing;
 - every op pays the profile's dispatch overhead and every fx node its Python call overhead.
@@ -43,9 +44,10 @@ from ..errors import CostError, ProfileError
 from ..files import atomic_path
 
 FORMAT = "fxreduce.latency-profile"
-VERSION = 2
+VERSION = 3
 GEMM_CLASSES = ("gemm", "int8_gemm")
 CONV_CLASSES = ("conv_pointwise", "conv_spatial", "conv_strided", "conv_depthwise", "int8_conv")
+POOLING_KINDS = ("max_pool", "avg_pool")
 aten = torch.ops.aten
 
 
@@ -85,14 +87,17 @@ class Machine:
 class Grid:
     """Measured seconds per call over a log-spaced (M, N, K) grid; ``seconds[i][j][k]`` at (ms[i], ns[j], ks[k]).
 
-    Throughput (MACs / (seconds - overhead)) is interpolated in log space, clamped to the grid's range:
-    past its largest sizes a product runs at the largest measured throughput.
+    ``fixed`` is the kernel's own cost per call whatever its size (oneDNN's primitive set-up, a thread
+    pool's wake-up), beyond the dispatch overhead priced for every op. Throughput (MACs / (seconds -
+    overheads)) is interpolated in log space, clamped to the grid's range: past its largest sizes a
+    product runs at the largest measured throughput.
     """
 
     ms: tuple[int, ...]
     ns: tuple[int, ...]
     ks: tuple[int, ...]
     seconds: tuple[tuple[tuple[float, ...], ...], ...]
+    fixed: float = 0.0
 
     def validate(self, name: str) -> None:
         shape = (len(self.ms), len(self.ns), len(self.ks))
@@ -105,22 +110,25 @@ class Grid:
             raise ValueError(f"grid {name}: every time must be a positive number")
         if monotone_grid(self.seconds) != self.seconds:
             raise ValueError(f"grid {name}: times must not fall as M, N or K grow")
+        if not (math.isfinite(self.fixed) and 0 <= self.fixed <= self.seconds[0][0][0]):
+            raise ValueError(f"grid {name}: its fixed cost must be between 0 and its smallest time")
 
     def log_throughput(self, i: int, j: int, k: int, overhead: float) -> float:
         macs = self.ms[i] * self.ns[j] * self.ks[k]
         return math.log(macs / max(self.seconds[i][j][k] - overhead, self.seconds[i][j][k] * 0.05))
 
-    def seconds_for(self, m: float, n: float, k: float, overhead: float) -> float:
-        """Predicted seconds of an (m, n, k) product, overhead excluded."""
-        if m * n * k <= 0:
+    def seconds_for(self, m: float, n: float, k: float, overhead: float, count: int = 1) -> float:
+        """Predicted seconds of ``count`` (m, n, k) products in one call (a batched GEMM runs each of its
+        matrices at that matrix's own throughput), the dispatch ``overhead`` excluded, the fixed cost included."""
+        if m * n * k * count <= 0:
             return 0.0
         corners = [_bracket(axis, value) for axis, value in ((self.ms, m), (self.ns, n), (self.ks, k))]
         log_rate = 0.0
         for (i, wi) in corners[0]:
             for (j, wj) in corners[1]:
                 for (l, wl) in corners[2]:
-                    log_rate += wi * wj * wl * self.log_throughput(i, j, l, overhead)
-        return m * n * k / math.exp(log_rate)
+                    log_rate += wi * wj * wl * self.log_throughput(i, j, l, overhead + self.fixed)
+        return self.fixed + count * m * n * k / math.exp(log_rate)
 
 
 def monotone_grid(seconds: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[tuple[float, ...], ...], ...]:
@@ -167,17 +175,24 @@ class Profile:
     grids: Mapping[str, Grid]
     created: str = ""
     module_calls: Mapping[str, float] = field(default_factory=dict)
+    pooling: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    weight_stream: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         for name in ("call_overhead", "op_overhead", "module_overhead"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not self.bandwidth or any(size <= 0 or not (seconds > 0) for size, seconds in self.bandwidth):
-            raise ValueError("bandwidth needs at least one (bytes, seconds) pair of positive numbers")
-        sizes, times = zip(*self.bandwidth)
-        if list(sizes) != sorted(set(sizes)) or list(times) != sorted(times):
-            raise ValueError("bandwidth sizes must increase, and their times must not fall")
+        tables = [("bandwidth", self.bandwidth), *((f"pooling {kind}", t) for kind, t in self.pooling.items())]
+        for name, table in tables + ([("weight_stream", self.weight_stream)] if self.weight_stream else []):
+            if not table or any(size <= 0 or not (seconds > 0) for size, seconds in table):
+                raise ValueError(f"{name} needs at least one (size, seconds) pair of positive numbers")
+            sizes, times = zip(*table)
+            if list(sizes) != sorted(set(sizes)) or list(times) != sorted(times):
+                raise ValueError(f"{name} sizes must increase, and their times must not fall")
+        unknown = set(self.pooling) - set(POOLING_KINDS)
+        if unknown:
+            raise ValueError(f"unknown pooling kinds {', '.join(sorted(unknown))} (known: {', '.join(POOLING_KINDS)})")
         missing = [name for name in GEMM_CLASSES + CONV_CLASSES if name not in self.grids]
         if missing:
             raise ValueError(f"missing grids: {', '.join(missing)}")
@@ -197,7 +212,9 @@ class Profile:
                 "call_overhead": self.call_overhead, "op_overhead": self.op_overhead,
                 "module_overhead": self.module_overhead, "bandwidth": [list(pair) for pair in self.bandwidth],
                 "grids": {name: asdict(grid) for name, grid in self.grids.items()},
-                "module_calls": dict(self.module_calls)}
+                "module_calls": dict(self.module_calls),
+                "pooling": {kind: [list(pair) for pair in table] for kind, table in self.pooling.items()},
+                "weight_stream": [list(pair) for pair in self.weight_stream]}
 
     @classmethod
     def from_json(cls, data: Any) -> "Profile":
@@ -208,13 +225,15 @@ class Profile:
             raise ValueError(f"it has profile format version {data.get('version')!r}, this fxreduce reads {VERSION}")
         try:
             grids = {name: Grid(tuple(g["ms"]), tuple(g["ns"]), tuple(g["ks"]),
-                                tuple(tuple(tuple(float(v) for v in cell) for cell in row) for row in g["seconds"]))
+                                tuple(tuple(tuple(float(v) for v in cell) for cell in row) for row in g["seconds"]),
+                                float(g["fixed"]))
                      for name, g in data["grids"].items()}
             profile = cls(Machine(**data["machine"]), float(data["call_overhead"]), float(data["op_overhead"]),
-                          float(data["module_overhead"]),
-                          tuple((int(size), float(seconds)) for size, seconds in data["bandwidth"]), grids,
+                          float(data["module_overhead"]), _pairs(data["bandwidth"]), grids,
                           str(data.get("created", "")),
-                          {str(name): float(seconds) for name, seconds in data["module_calls"].items()})
+                          {str(name): float(seconds) for name, seconds in data["module_calls"].items()},
+                          {str(kind): _pairs(table) for kind, table in data["pooling"].items()},
+                          _pairs(data["weight_stream"]))
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
             raise ValueError(f"a field is missing or malformed ({type(error).__name__}: {error})") from None
         profile.validate()
@@ -228,13 +247,38 @@ class Profile:
 
     def bytes_seconds(self, moved: float) -> float:
         """Seconds to move ``moved`` bytes through memory in one op, overhead excluded."""
-        if moved <= 0:
+        return self._table_seconds(self.bandwidth, moved)
+
+    def weight_seconds(self, weight_bytes: float, resident_bytes: float = 0.0) -> float:
+        """The least time a float32 product takes to stream a weight of ``weight_bytes`` from where it lives
+        (L2, L3 or memory), measured as single-row products; 0 where the profile has no such table.
+
+        A weight lives where the model's whole set of weights, ``resident_bytes``, fits: every forward
+        cycles all of them through the caches, so a layer's small weight still comes from memory when the
+        model's weights do not fit in the last-level cache."""
+        if not self.weight_stream or weight_bytes <= 0:
             return 0.0
-        sizes = [size for size, _ in self.bandwidth]
-        weights = _bracket(sizes, moved)
+        footprint = max(weight_bytes, resident_bytes)
+        return weight_bytes * self._table_seconds(self.weight_stream, footprint) / footprint
+
+    def pooling_seconds(self, kind: str, window_reads: float) -> float | None:
+        """Seconds of a pooling op of ``kind`` reading ``window_reads`` window elements, overhead excluded
+        (None where the profile has no rate for that kind)."""
+        table = self.pooling.get(kind)
+        return self._table_seconds(table, window_reads) if table else None
+
+    def _table_seconds(self, table: tuple[tuple[int, float], ...], amount: float) -> float:
+        """A (size, seconds) table's rate interpolated in log space at ``amount``, clamped at its ends."""
+        if amount <= 0:
+            return 0.0
+        weights = _bracket([size for size, _ in table], amount)
         log_rate = sum(w * math.log(size / max(seconds - self.op_overhead, seconds * 0.05))
-                       for (i, w) in weights for size, seconds in [self.bandwidth[i]])
-        return moved / math.exp(log_rate)
+                       for (i, w) in weights for size, seconds in [table[i]])
+        return amount / math.exp(log_rate)
+
+
+def _pairs(table: Any) -> tuple[tuple[int, float], ...]:
+    return tuple((int(size), float(seconds)) for size, seconds in table)
 
 
 def module_class_name(module: torch.nn.Module) -> str:
@@ -351,15 +395,29 @@ def _conv_gemm(input_shape, weight_shape, output_shape, groups) -> tuple[int, in
 class _Pricer:
     """Prices one aten op from its shapes with a profile."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, resident_bytes: float = 0.0):
         self.profile = profile
+        self.resident_bytes = resident_bytes  # the weights the priced graph cycles through the caches
 
-    def gemm(self, grid: str, m: int, n: int, k: int) -> float:
-        return self.profile.grids[grid].seconds_for(m, n, k, self.profile.op_overhead)
+    def gemm(self, grid: str, m: int, n: int, k: int, count: int = 1) -> float:
+        """A product on its class's grid; a float32 one never faster than streaming its weight (K x N per
+        matrix) once, which the grid's own weights, all within the last-level cache, do not show."""
+        seconds = self.profile.grids[grid].seconds_for(m, n, k, self.profile.op_overhead, count)
+        floor = self.profile.weight_seconds(4 * count * n * k, self.resident_bytes) if grid == "gemm" else 0.0
+        return max(seconds, floor)
 
-    def attention(self, rows: int, keys: int, head_dim: int) -> float:
-        """Q K^T then P V: two products over ``rows`` query rows (batch x heads x queries)."""
-        return self.gemm("gemm", rows, keys, head_dim) + self.gemm("gemm", rows, head_dim, keys)
+    def pooling(self, kind: str, spatial: int, kernel_size: Sequence[int], out: Any) -> float | None:
+        """A pooling op as the window elements it reads: output elements x window size (aten gives one size
+        for a square or cubic window)."""
+        first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        sizes = [int(size) for size in kernel_size]
+        window = math.prod(sizes) if len(sizes) == spatial else sizes[0] ** spatial
+        return self.profile.pooling_seconds(kind, first.numel() * window)
+
+    def attention(self, heads: int, queries: int, keys: int, head_dim: int) -> float:
+        """Q K^T then P V, each a batch of ``heads`` (batch x heads) products over ``queries`` rows."""
+        return (self.gemm("gemm", queries, keys, head_dim, count=heads)
+                + self.gemm("gemm", queries, head_dim, keys, count=heads))
 
     def recurrent_layer(self, x: Sequence[int], w_ih: Sequence[int], w_hh: Sequence[int], batch_first: bool) -> float:
         """One recurrent layer (oneDNN's LSTM): the input projection of every step as one GEMM, then one
@@ -386,15 +444,14 @@ class _Pricer:
         if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
             first, second = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
             a, b = _shape(first), _shape(second)
-            batch = a[0] if len(a) == 3 else 1
-            return "gemm", self.gemm("gemm", batch * a[-2], b[-1], a[-1])
+            return "gemm", self.gemm("gemm", a[-2], b[-1], a[-1], count=a[0] if len(a) == 3 else 1)
         if packet in (aten.convolution, aten._convolution, aten.mkldnn_convolution):
             weight, stride, groups = _shape(args[1]), args[3], int(args[-1])
             x, y = _shape(args[0]), _shape(out)
             return "conv", self.gemm(_conv_class(weight, stride, groups, x[1]), *_conv_gemm(x, weight, y, groups))
         if packet in _ATTENTION:
             q, k = _shape(args[0]), _shape(args[1])
-            return "attention", self.attention(_numel(q[:-1]), k[-2], q[-1])
+            return "attention", self.attention(_numel(q[:-2]), q[-2], k[-2], q[-1])
         if packet is aten.mkldnn_rnn_layer:
             return "recurrent", self.recurrent_layer(_shape(args[0]), _shape(args[1]), _shape(args[2]),
                                                      bool(args[14]))
@@ -404,7 +461,8 @@ class _Pricer:
             tokens, batch_length = _numel(query[:-1]), _numel(key[:-1])
             projections = (self.gemm("gemm", tokens, embed, embed) + 2 * self.gemm("gemm", batch_length, embed, embed)
                            + self.gemm("gemm", tokens, embed, embed))
-            return "attention", projections + self.attention(tokens * heads, key[-2], embed // heads)
+            return "attention", projections + self.attention(_numel(query[:-2]) * heads, query[-2], key[-2],
+                                                             embed // heads)
         name = getattr(packet, "__name__", "")
         if name == "int8_linear":
             x, weight = _shape(args[0]), _shape(args[1])
@@ -412,6 +470,10 @@ class _Pricer:
         if name == "int8_conv2d":
             x, weight, y = _shape(args[0]), _shape(args[1]), _shape(out)
             return "int8_conv", self.gemm("int8_conv", *_conv_gemm(x, weight, y, int(args[6])))
+        if packet in _POOLING:
+            seconds = self.pooling(*_POOLING[packet], args[1], out)
+            if seconds is not None:
+                return "pooling", seconds
         if getattr(func, "is_view", False) or packet in _METADATA_ONLY:
             return "view", 0.0
         formula = flop_registry.get(packet)
@@ -427,6 +489,9 @@ _ATTENTION = tuple(op for op in (getattr(aten, name, None) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_attention_math")) if op is not None)
+_POOLING = {aten.max_pool2d_with_indices: ("max_pool", 2), aten.max_pool2d: ("max_pool", 2),
+            aten.max_pool3d_with_indices: ("max_pool", 3), aten.avg_pool2d: ("avg_pool", 2),
+            aten.avg_pool3d: ("avg_pool", 3)}
 _METADATA_ONLY = (aten.detach, aten.lift_fresh, aten.alias, aten.sym_size, aten.sym_stride, aten.sym_numel)
 
 
@@ -498,7 +563,7 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.utils.stateless import _reparametrize_module
 
-    recorder = _Recorder(_Pricer(profile))
+    recorder = _Recorder(_Pricer(profile, _state_bytes(gm)))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         inputs = concrete_inputs(gm, dims, lambda shape, dtype: torch.empty(shape, dtype=dtype))
@@ -538,13 +603,18 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
         " (training step)" if training else ""))
 
 
+def _state_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a module's parameters and buffers: what one forward reads through the caches."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Sequence[int],
                    dtype: torch.dtype = torch.float32) -> float:
     """Predicted eval seconds of one call of ``module`` on inputs of ``input_shapes``: how a pass weighs
     candidate rewrites of a layer (its ops priced like a graph's, plus one module call)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    recorder = _Recorder(_Pricer(profile))
+    recorder = _Recorder(_Pricer(profile, _state_bytes(module)))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         inputs = [torch.empty(tuple(shape), dtype=dtype) for shape in input_shapes]
@@ -578,7 +648,7 @@ def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str,
     from .propagation import symbol
 
     substitutions = {symbol(name): int(value) for name, value in dims.items()}
-    pricer = _Pricer(profile)
+    pricer = _Pricer(profile, _state_bytes(gm))
     nodes, unpriced = [], []
     for node in gm.graph.nodes:
         node_info = meta.info(node)

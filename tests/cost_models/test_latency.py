@@ -21,6 +21,7 @@ from fxreduce.errors import CostError, OptionError, ProfileError
 
 RATE = 1e10  # MACs per second of the synthetic profile
 OVERHEAD = 1e-6
+POOLING_RATES = {"max_pool": 1e8, "avg_pool": 4e8}  # window elements read per second
 
 
 def _grid(ms=(1, 16, 256), ns=(16, 256, 4096), ks=(16, 256, 4096), rate=RATE) -> Grid:
@@ -33,7 +34,9 @@ def synthetic_profile(**changes) -> Profile:
     grids["int8_gemm"] = _grid(rate=4 * RATE)
     profile = Profile(Machine.current(), call_overhead=2e-6, op_overhead=OVERHEAD, module_overhead=1e-6,
                       bandwidth=((1 << 10, OVERHEAD + (1 << 10) / 1e10), (1 << 30, OVERHEAD + (1 << 30) / 1e10)),
-                      grids=grids, created="test")
+                      grids=grids, created="test",
+                      pooling={kind: ((1 << 10, OVERHEAD + (1 << 10) / rate), (1 << 30, OVERHEAD + (1 << 30) / rate))
+                               for kind, rate in POOLING_RATES.items()})
     return dataclasses.replace(profile, **changes)
 
 
@@ -70,6 +73,14 @@ def test_a_profile_from_another_machine_or_torch_is_refused_naming_both(tmp_path
         load_profile(path)
     message = str(error.value)
     assert "'Other CPU 9000' vs " + repr(here.cpu) in message and f"'1.0.0' vs {here.torch!r}" in message
+
+
+def test_a_profile_of_an_older_format_is_refused_naming_the_versions(tmp_path):
+    path = tmp_path / "old.json"
+    synthetic_profile().save(path)
+    path.write_text(path.read_text().replace('"version": 3', '"version": 2'))
+    with pytest.raises(ProfileError, match="format version 2, this fxreduce reads 3.*calibrate"):
+        load_profile(path)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "field", "falling"])
@@ -244,6 +255,69 @@ def test_apply_prints_predicted_beside_measured(tmp_path, capsys):
     assert "pipeline: predicted latency at N=1, H=32, W=32" in out and "latency:" in out.split("measured on")[1]
 
 
+def test_pooling_is_priced_by_the_window_elements_it_reads():
+    gm = fr.trace(nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2)), (torch.randn(1, 8, 32, 32),),
+                  {"N": (0, 0)})
+    nodes = {node.name: node for node in fr.cost(gm).latency(synthetic_profile(), N=4).nodes}
+    assert nodes["_0"].kind == nodes["_1"].kind == "pooling"
+    max_reads, avg_reads = 4 * 8 * 16 * 16 * 9, 4 * 8 * 8 * 8 * 4
+    overheads = OVERHEAD + 2e-6 + 1e-6  # dispatch, Python call, module call
+    assert nodes["_0"].seconds == pytest.approx(max_reads / POOLING_RATES["max_pool"] + overheads, rel=1e-3)
+    assert nodes["_1"].seconds == pytest.approx(avg_reads / POOLING_RATES["avg_pool"] + overheads, rel=1e-3)
+
+
+def test_a_batched_product_runs_each_matrix_at_that_matrixs_own_throughput():
+    rate = {1: RATE / 16, 16: RATE / 4, 256: RATE}  # small products run far below the peak
+    seconds = tuple(tuple(tuple(OVERHEAD + m * n * k / rate[m] for k in (16, 256, 4096)) for n in (16, 256, 4096))
+                    for m in (1, 16, 256))
+    profile = synthetic_profile(grids={**synthetic_profile().grids, "gemm": Grid((1, 16, 256), (16, 256, 4096),
+                                                                                 (16, 256, 4096), seconds)})
+
+    class Batched(nn.Module):
+        def forward(self, a, b):
+            return torch.bmm(a, b)
+
+    gm = fr.trace(Batched(), (torch.randn(16, 16, 256), torch.randn(16, 256, 256)))
+    node = next(node for node in fr.cost(gm).latency(profile).nodes if node.name == "bmm")
+    assert node.seconds == pytest.approx(16 * 16 * 256 * 256 / rate[16] + OVERHEAD + 2e-6, rel=1e-6)
+
+
+def test_a_kernel_classs_fixed_cost_is_paid_once_per_call():
+    fixed = 5e-5
+    grids = {**synthetic_profile().grids}
+    slower = tuple(tuple(tuple(value + fixed for value in cell) for cell in row) for row in _grid().seconds)
+    grids["gemm"] = dataclasses.replace(_grid(), seconds=slower, fixed=fixed)
+    profile = synthetic_profile(grids=grids)
+    assert grids["gemm"].seconds_for(64, 256, 256, OVERHEAD) == pytest.approx(fixed + 64 * 256 * 256 / RATE)
+    four = grids["gemm"].seconds_for(64, 256, 256, OVERHEAD, count=4)
+    assert four == pytest.approx(fixed + 4 * 64 * 256 * 256 / RATE)
+    with pytest.raises(ValueError, match="fixed cost"):
+        dataclasses.replace(_grid(), fixed=1.0).validate("gemm")
+    fc1 = next(node for node in fr.cost(_mlp_graph()).latency(profile, N=64).nodes if node.name == "fc1")
+    assert fc1.seconds == pytest.approx(fixed + 64 * 64 * 256 / RATE + fc1.ops * OVERHEAD + 2e-6 + 1e-6, rel=0.05)
+
+
+def test_a_weight_larger_than_the_grids_is_never_priced_faster_than_it_streams():
+    stream = ((1 << 20, 1e-4), (1 << 27, 1.0))  # a weight past the cache streams slowly
+    plain, floored = (fr.cost(_mlp_graph(4096)).latency(synthetic_profile(weight_stream=table), N=1)
+                      for table in ((), stream))
+    fc1 = [next(node for node in latency.nodes if node.name == "fc1") for latency in (plain, floored)]
+    weight_bytes = 4 * 64 * 4096
+    assert fc1[1].seconds > fc1[0].seconds
+    assert fc1[1].seconds >= synthetic_profile(weight_stream=stream).weight_seconds(weight_bytes)
+
+
+def test_a_small_weight_streams_at_the_rate_of_the_whole_models_weights():
+    stream = ((1 << 20, 1e-5), (1 << 24, 1.6e-4), (1 << 26, 1e-2))  # cached up to 16 MB, memory beyond
+    profile = synthetic_profile(weight_stream=stream)
+    alone = fr.trace(nn.Linear(512, 512), (torch.randn(1, 512),), {"N": (0, 0)})  # 1 MB
+    beside_a_large_one = fr.trace(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1 << 15)),  # and 64 MB
+                                  (torch.randn(1, 512),), {"N": (0, 0)})
+    small = [next(node for node in fr.cost(gm).latency(profile, N=1).nodes if node.kind == "gemm")
+             for gm in (alone, beside_a_large_one)]
+    assert small[1].seconds > 4 * small[0].seconds
+
+
 def test_a_module_is_priced_alone_like_inside_a_graph():
     profile = synthetic_profile()
     fc1 = next(node for node in fr.cost(_mlp_graph()).latency(profile, N=32).nodes if node.name == "fc1")
@@ -291,7 +365,9 @@ def test_a_module_class_is_charged_its_measured_call_cost(tmp_path):
                       for calls in ({}, {name: 1e-3}))
     assert charged.seconds == pytest.approx(plain.seconds + 2 * (1e-3 - 1e-6))
     profile = fr.calibrate(tmp_path / "profile.json", quick=True, progress=False)
-    assert {"torch.nn.modules.linear.Linear", name} <= set(profile.module_calls)
+    measured = set(profile.module_calls)
+    assert {"torch.nn.modules.linear.Linear", "torch.nn.modules.batchnorm.BatchNorm2d", name} <= measured
+    assert set(profile.pooling) == {"max_pool", "avg_pool"} and profile.weight_stream
 
 
 def test_sparse_lowrank_picks_the_form_predicted_fastest_and_skips_where_none_is(tmp_path):
