@@ -128,9 +128,25 @@ def serves(*tensors: Tensor | None) -> bool:
 
 def serves_eagerly(*tensors: Tensor | None) -> bool:
     """:func:`serves` for real tensors outside graph capture. Fake tensors (the cost model, shape
-    propagation) and torch.export / torch.compile see the torch path, the decomposition graphs record."""
+    propagation) and torch.export / torch.compile see the torch path, the decomposition graphs record;
+    inside :func:`fake_runs_as_eager`, fake tensors take the kernels real ones would."""
     return (serves(*tensors) and not torch.compiler.is_compiling()
-            and not any(t is not None and is_fake(t) for t in tensors))
+            and (_FAKE_AS_EAGER[0] or not any(t is not None and is_fake(t) for t in tensors)))
+
+
+_FAKE_AS_EAGER = [False]
+
+
+@contextlib.contextmanager
+def fake_runs_as_eager() -> Iterator[None]:
+    """Inside the block a fake run dispatches the native kernels where an eager run would: the latency model
+    prices what runs, not the decomposition a captured graph records (every native op has a fake kernel)."""
+    previous = _FAKE_AS_EAGER[0]
+    _FAKE_AS_EAGER[0] = True
+    try:
+        yield
+    finally:
+        _FAKE_AS_EAGER[0] = previous
 
 
 def report() -> list[str]:

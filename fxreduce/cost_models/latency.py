@@ -8,9 +8,11 @@ model here prices each kernel a graph will call with throughputs measured on thi
 - the graph runs once on fake tensors at the requested dims (no arithmetic, no timing), and every aten
   op it dispatches is recorded with its shapes and attributed to its fx node;
 - a matrix product (mm, addmm, bmm, attention and nn.MultiheadAttention's fused kernel, oneDNN's LSTM
-  layer as its GEMMs, fxreduce's int8 GEMM, any op with a registered FLOP formula) costs MACs / throughput, the throughput interpolated in log space over the profile's
-  (M, N, K) grid for its class; a convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the grid of its
-  class (pointwise, spatial, strided, depthwise);
+  layer and fxreduce's LSTM time loop as their GEMMs, fxreduce's int8 GEMM, any op with a registered FLOP
+  formula) costs its class's fixed cost plus MACs / throughput, the throughput interpolated in log space
+  over the profile's (M, N, K) grid for its class, and never less than streaming its weight once; a
+  convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the
+  grid of its class (pointwise, spatial, strided, depthwise);
 - a pooling window op (max or average pooling) costs its window reads at the rate measured for its kind;
 - every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
   a view moves nothing;
@@ -39,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from .. import meta
+from .. import meta, native
 from ..errors import CostError, ProfileError
 from ..files import atomic_path
 
@@ -101,7 +103,8 @@ class Grid:
 
     def validate(self, name: str) -> None:
         shape = (len(self.ms), len(self.ns), len(self.ks))
-        if min(shape) < 1 or any(list(axis) != sorted(set(axis)) or axis[0] < 1 for axis in (self.ms, self.ns, self.ks)):
+        axes = (self.ms, self.ns, self.ks)
+        if min(shape) < 1 or any(list(axis) != sorted(set(axis)) or axis[0] < 1 for axis in axes):
             raise ValueError(f"grid {name}: axes must be increasing positive sizes")
         if (len(self.seconds), len(self.seconds[0]), len(self.seconds[0][0])) != shape or any(
                 len(row) != shape[1] or any(len(cell) != shape[2] for cell in row) for row in self.seconds):
@@ -427,6 +430,15 @@ class _Pricer:
         return (self.gemm("gemm", steps * batch, gates, w_ih[1]) + steps * self.gemm("gemm", batch, gates, w_hh[1])
                 + self.profile.bytes_seconds(4 * steps * batch * gates * 3))
 
+    def native_recurrence(self, gates: Sequence[int], index: Any, passes: int) -> float:
+        """fxreduce's LSTM time loop (forward: one product per step; backward: two) on its (steps, rows,
+        4 x hidden) gate pre-activations, each step's product over the kept hidden units, plus the cells'
+        elementwise work."""
+        steps, rows, width = gates
+        kept = width // 4 if index is None else int(index.shape[-1])
+        return passes * (steps * self.gemm("gemm", rows, width, kept)
+                         + self.profile.bytes_seconds(4 * steps * rows * width * 3))
+
     def by_formula(self, packet: Any, formula: Callable, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
         """An op with a registered FLOP formula (fxreduce's native kernels among them), priced as one GEMM
         shaped by its output: M rows of its last dim N, K = MACs / (M N)."""
@@ -464,6 +476,10 @@ class _Pricer:
             return "attention", projections + self.attention(_numel(query[:-2]) * heads, query[-2], key[-2],
                                                              embed // heads)
         name = getattr(packet, "__name__", "")
+        if name in ("lstm_layer", "lstm_layer_backward"):
+            return "recurrent", self.native_recurrence(_shape(args[0] if name == "lstm_layer" else args[2]),
+                                                       args[4 if name == "lstm_layer" else 9],
+                                                       passes=1 if name == "lstm_layer" else 2)
         if name == "int8_linear":
             x, weight = _shape(args[0]), _shape(args[1])
             return "int8_gemm", self.gemm("int8_gemm", _numel(x[:-1]), weight[0], weight[1])
@@ -574,7 +590,7 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
     was_training = gm.training
     gm.train(training)
     try:
-        with torch.set_grad_enabled(training), fake, recorder, parameters:
+        with torch.set_grad_enabled(training), fake, recorder, parameters, native.fake_runs_as_eager():
             outputs = _NodeTracker(gm, recorder).run(*inputs)
             if training:
                 recorder.node = "backward"
@@ -621,7 +637,7 @@ def module_seconds(profile: Profile, module: torch.nn.Module, *input_shapes: Seq
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), fake, recorder:
+        with torch.no_grad(), fake, recorder, native.fake_runs_as_eager():
             module(*inputs)
     finally:
         module.train(was_training)

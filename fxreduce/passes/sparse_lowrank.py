@@ -49,6 +49,10 @@ GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_s
 SIZINGS = ("rank", "rank_ratio", "energy", "flop_reduction", "model_flop_reduction")
 DEFAULT_FLOP_REDUCTION = 4.0
 OVERSHOOT = 1.25  # objective='latency' compares forms whose MAC cut is at most this many times the one asked for
+# objective='latency' leaves the form option's choice for another form only when that one is predicted this many
+# times faster: a smaller predicted gain is within the latency model's error (docs/cost-model.md), and a
+# switch on it trades a known form for a coin toss.
+SWITCH_MARGIN = 1.2
 
 
 def _positive_int(value) -> bool:
@@ -491,7 +495,8 @@ class SparseLowRank(Pass):
     def _fastest(self, slot: Slot, reduction: float, profile: Profile) -> Choice | str:
         """objective='latency': of every form and group count that meets ``reduction`` without cutting more
         than OVERSHOOT times that (a deeper cut would buy time with accuracy), the one the profile predicts
-        fastest at the example sizes; a string (why) when none beats the dense layer."""
+        fastest at the example sizes, unless the form option's own choice is within SWITCH_MARGIN of it; a
+        string (why) when none beats the dense layer."""
         m, n = slot.weight.shape
         shape = (max(int(round(slot.rows)), 1), n)
         dense = module_seconds(profile, nn.Linear(n, m, bias=slot.bias is not None), shape)
@@ -510,13 +515,19 @@ class SparseLowRank(Pass):
         if not timed:
             return self._choose(slot, reduction)
         seconds, form, choice = min(timed, key=lambda item: item[0])
+        kept = ""
+        default = [item for item in timed if item[1] == self.options.form and item[2].groups == self.options.groups]
+        if default and default[0][2] is not choice and default[0][0] < SWITCH_MARGIN * seconds:
+            kept = (f"; kept form {self.options.form!r} within {SWITCH_MARGIN:g}x of the fastest predicted, "
+                    f"{choice.describe(form)} at {seconds * 1e6:.3g} us")
+            seconds, form, choice = default[0]
         if seconds >= dense:
             return (f"no factorisation at {reduction:.3g}x is predicted faster on this machine: the best, "
                     f"{choice.describe(form)}, {seconds * 1e6:.3g} us against {dense * 1e6:.3g} us dense on input "
                     f"{'x'.join(map(str, shape))} (latency profile; objective='latency')")
         return Choice(choice.rank, choice.groups, f"predicted {seconds * 1e6:.3g} us against {dense * 1e6:.3g} us "
-                      f"dense on input {'x'.join(map(str, shape))}, fastest of {len(timed)} forms and group counts",
-                      form)
+                      f"dense on input {'x'.join(map(str, shape))}, fastest of {len(timed)} forms and group counts"
+                      f"{kept}", form)
 
     def _choose(self, slot: Slot, reduction: float | None, form: str | None = None,
                 groups: int | None = None) -> Choice | str:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxreduce as fr
+from fxreduce import native
 from fxreduce.cli import main
 from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
                                           module_class_name, module_seconds, monotone_grid)
@@ -356,6 +357,27 @@ def test_an_lstm_layer_is_priced_as_its_gemms():
     assert latencies[1] > 4 * latencies[0]
 
 
+class WordLM(nn.Module):
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.embedding, self.lstm, self.decoder = nn.Embedding(100, 32), nn.LSTM(32, hidden, 2), nn.Linear(hidden, 100)
+
+    def forward(self, tokens):
+        return self.decoder(self.lstm(self.embedding(tokens))[0])
+
+
+@pytest.mark.skipif(not native.available(), reason="prices the native time loop, which needs fxreduce._C")
+def test_fxreduces_lstms_are_priced_as_the_kernels_they_run_eagerly():
+    gm = fr.trace(WordLM(), (torch.randint(0, 100, (35, 4)),), {"T": (0, 0)})
+    dense = fr.apply(gm, "decompose_lstm").graph_module
+    factorised = fr.apply(gm, "decompose_lstm,sparse_lowrank(flop_reduction=2)").graph_module
+    priced = [fr.cost(g).latency(synthetic_profile(), T=35) for g in (dense, factorised)]
+    assert [latency.method for latency in priced] == ["fake run", "fake run"]  # no fallback to symbolic costs
+    assert next(node for node in priced[0].nodes if node.name.startswith("lstm")).kind == "recurrent"
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # outside a prediction, fake runs record the torch path
+        assert not native.serves_eagerly(torch.empty(2, 2))
+
+
 def test_a_module_class_is_charged_its_measured_call_cost(tmp_path):
     gm = _mlp_graph(1024)
     factorised = fr.apply(gm, "sparse_lowrank(flop_reduction=4)").graph_module
@@ -384,6 +406,21 @@ def test_sparse_lowrank_picks_the_form_predicted_fastest_and_skips_where_none_is
     assert not kept.rewrites and [s.node for s in kept.skipped] == ["fc1", "fc2"]
     assert all("no factorisation at 4x is predicted faster on this machine" in s.reason for s in kept.skipped)
     assert "fastest of" not in str(fr.apply(gm, "sparse_lowrank").report)  # the FLOP objective stays the default
+
+
+def test_sparse_lowrank_keeps_the_form_option_unless_another_is_predicted_clearly_faster(tmp_path):
+    gm = _mlp_graph(1024)
+
+    def forms(low_rank_call: float) -> list[str]:
+        path = tmp_path / f"{low_rank_call}.json"
+        synthetic_profile(module_calls={"fxreduce.modules.factorized.LowRankLinear": low_rank_call}).save(path)
+        result = fr.apply(gm, f"sparse_lowrank(objective='latency', flop_reduction=4, profile={str(path)!r})")
+        return [r.rewrite.what for r in result.report.steps[0].rewrites]
+
+    slightly_slower = forms(1.6e-5)  # lr ~10% slower than the fastest grouped form: within the model's error
+    assert all(what.startswith("lr r=") and "kept form 'lr' within 1.2x of the fastest predicted" in what
+               for what in slightly_slower)
+    assert not any(what.startswith("lr r=") for what in forms(3e-5))  # lr clearly slower: the faster form wins
 
 
 def test_sparse_lowrank_latency_objective_refuses_a_fixed_rank():

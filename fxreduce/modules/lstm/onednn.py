@@ -29,10 +29,13 @@ WINDOW_DNN_MIN_WEIGHTS = 1 << 18
 
 
 def onednn_ok(tensor: Tensor) -> bool:
-    """oneDNN's kernels for real CPU float32 tensors; fake tensors (costing, torch.export) take torch.mm."""
+    """oneDNN's kernels for real CPU float32 tensors; fake tensors (costing, torch.export) take torch.mm, and
+    so does a real weight met inside a fake run (the parameters stay real there), whose packing op has no
+    fake kernel."""
     return (
         DNN_LINEAR is not None
         and not is_fake(tensor)
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
         and tensor.device.type == "cpu"
         and tensor.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
