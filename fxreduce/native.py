@@ -246,7 +246,12 @@ def lstm_layer_backward_reference(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, i
     return dgates, dh, dc, dwt
 
 
+def channel_l1_norms_reference(x: Tensor) -> Tensor:
+    return x.abs().sum(dim=[d for d in range(x.dim()) if d != 1])
+
+
 REFERENCES = {
+    "channel_l1_norms": channel_l1_norms_reference,
     "gather_matmul": gather_matmul_reference,
     "gather_matmul_input_grad": gather_matmul_input_grad_reference,
     "gather_matmul_weight_grad": gather_matmul_weight_grad_reference,
@@ -260,6 +265,12 @@ def call(name: str, *args):
     if serves(*(a for a in args if isinstance(a, Tensor))):
         return getattr(torch.ops.fxreduce, name)(*args)
     return REFERENCES[name](*args)
+
+
+def channel_l1_norms(x: Tensor) -> Tensor:
+    """sum |x| over every dim but dim 1 of an (N, C, ...) tensor, one read of it (error-map pruning's channel
+    scores; torch's ``abs().sum((0, 2, 3))`` writes an |x| temporary and reduces across strided planes)."""
+    return call("channel_l1_norms", x)
 
 
 def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None) -> Tensor:
@@ -278,6 +289,10 @@ def lstm_layer(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: Tensor | N
 # Fake implementations, autograd and FLOP formulas of the native ops.
 if _C is not None:
     lib = torch.ops.fxreduce
+
+    @torch.library.register_fake("fxreduce::channel_l1_norms")
+    def _channel_l1_norms_fake(x):
+        return x.new_empty(x.shape[1])
 
     @torch.library.register_fake("fxreduce::gather_matmul")
     def _gather_matmul_fake(x, wt, index):

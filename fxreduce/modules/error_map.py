@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .. import native
 from ..errors import OptionError
 
 aten = torch.ops.aten
@@ -70,6 +71,16 @@ def l1_norms(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
     """L1 norms over ``dims``. ``abs().sum()`` rather than ``linalg.vector_norm(ord=1)``, whose reduction is
     not vectorised on torch's CPU build (docs/benchmarks.md, "Design measurements")."""
     return tensor.abs().sum(dim=dims)
+
+
+def channel_norms(delta: Tensor, channel_dim: int) -> Tensor:
+    """sum |delta| over every dim but ``channel_dim``: the error map's per-channel scores, in one read of it on
+    the native kernel where the channels are dim 1 of a batch (the pruned backward and its reference score
+    alike, so both keep the same channels)."""
+    channel_dim %= delta.dim()
+    if channel_dim == 1 and delta.dim() > 2:
+        return native.channel_l1_norms(delta)
+    return l1_norms(delta, tuple(d for d in range(delta.dim()) if d != channel_dim))
 
 
 _ROW_BLOCK_BYTES = 1 << 20
@@ -131,7 +142,7 @@ class _ErrorMapConv2d(torch.autograd.Function):
     def backward(ctx, delta):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
-        kept = layer.channels_for(weight, l1_norms(delta, (0, 2, 3)))
+        kept = layer.channels_for(weight, channel_norms(delta, 1))
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         source, stride = x, layer.stride
         strided_pointwise = weight.shape[2:] == (1, 1) and tuple(layer.conv_padding) == (0, 0) and tuple(stride) != (1, 1)
@@ -237,8 +248,7 @@ class ErrorMapPruningModule(nn.Module):
     def _mask_error_map(self, output: Tensor, channel_dim: int) -> Tensor:
         """The reference: the dense layer whose error map is zeroed outside the kept channels."""
         def mask(delta: Tensor) -> Tensor:
-            reduce = tuple(d for d in range(delta.dim()) if d != channel_dim % delta.dim())
-            kept = self.channels_for(self.weight, l1_norms(delta, reduce))
+            kept = self.channels_for(self.weight, channel_norms(delta, channel_dim))
             shape = [1] * delta.dim()
             shape[channel_dim] = -1
             keep = torch.zeros(delta.shape[channel_dim], dtype=delta.dtype, device=delta.device)
