@@ -246,12 +246,13 @@ def lstm_layer_backward_reference(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, i
     return dgates, dh, dc, dwt
 
 
-def channel_l1_norms_reference(x: Tensor) -> Tensor:
-    return x.abs().sum(dim=[d for d in range(x.dim()) if d != 1])
+def channel_sums_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.abs().sum(dim=dims), x.sum(dim=dims)
 
 
 REFERENCES = {
-    "channel_l1_norms": channel_l1_norms_reference,
+    "channel_sums": channel_sums_reference,
     "gather_matmul": gather_matmul_reference,
     "gather_matmul_input_grad": gather_matmul_input_grad_reference,
     "gather_matmul_weight_grad": gather_matmul_weight_grad_reference,
@@ -267,10 +268,11 @@ def call(name: str, *args):
     return REFERENCES[name](*args)
 
 
-def channel_l1_norms(x: Tensor) -> Tensor:
-    """sum |x| over every dim but dim 1 of an (N, C, ...) tensor, one read of it (error-map pruning's channel
-    scores; torch's ``abs().sum((0, 2, 3))`` writes an |x| temporary and reduces across strided planes)."""
-    return call("channel_l1_norms", x)
+def channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum |x|, sum x) over every dim but dim 1 of an (N, C, ...) tensor, in one read of it: error-map pruning's
+    channel scores and bias gradient (torch's ``abs().sum((0, 2, 3))`` writes an |x| temporary and reduces
+    across strided planes)."""
+    return call("channel_sums", x)
 
 
 def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None) -> Tensor:
@@ -290,9 +292,9 @@ def lstm_layer(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: Tensor | N
 if _C is not None:
     lib = torch.ops.fxreduce
 
-    @torch.library.register_fake("fxreduce::channel_l1_norms")
-    def _channel_l1_norms_fake(x):
-        return x.new_empty(x.shape[1])
+    @torch.library.register_fake("fxreduce::channel_sums")
+    def _channel_sums_fake(x):
+        return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
     @torch.library.register_fake("fxreduce::gather_matmul")
     def _gather_matmul_fake(x, wt, index):

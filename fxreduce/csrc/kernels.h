@@ -86,10 +86,12 @@ struct KernelTable {
                           const float* dh, float* dc, float* dgates);
   void (*cell_backward_d)(int64_t H, int64_t units, const double* acts, const double* c_prev, const double* tanh_c,
                           const double* dh, double* dc, double* dgates);
-  // out[p] = sum_i |x[p*plane + i]| for planes p in [begin, end): error-map pruning's channel scores in one
-  // read of the error map (no |x| temporary, no strided reduction).
-  void (*abs_sums_f)(const float* x, int64_t plane, int64_t begin, int64_t end, float* out);
-  void (*abs_sums_d)(const double* x, int64_t plane, int64_t begin, int64_t end, double* out);
+  // abs_out[p] = sum_i |x[p*plane + i]| and sum_out[p] = sum_i x[p*plane + i] for planes p in [begin, end):
+  // error-map pruning's channel scores and bias gradient in one read of the error map (no |x| temporary, no
+  // strided reduction).
+  void (*plane_sums_f)(const float* x, int64_t plane, int64_t begin, int64_t end, float* abs_out, float* sum_out);
+  void (*plane_sums_d)(const double* x, int64_t plane, int64_t begin, int64_t end, double* abs_out,
+                       double* sum_out);
 };
 
 extern const KernelTable avx512_table;

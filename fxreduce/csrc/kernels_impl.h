@@ -355,27 +355,31 @@ void cell_backward(int64_t H, int64_t units, const T* acts, const T* c_prev, con
 }
 
 template <typename T>
-void abs_sums(const T* x, int64_t plane, int64_t begin, int64_t end, T* out) {
+void plane_sums(const T* x, int64_t plane, int64_t begin, int64_t end, T* abs_out, T* sum_out) {
   typedef typename Vec<T>::V V;
   constexpr int L = Vec<T>::lanes, U = 4;  // U independent accumulators hide the add latency
   for (int64_t p = begin; p < end; ++p) {
     const T* row = x + p * plane;
-    V acc[U] = {};
+    V magnitude[U] = {}, signed_sum[U] = {};
     int64_t i = 0;
     for (; i + U * L <= plane; i += U * L)
       for (int u = 0; u < U; ++u) {
         const V v = load<V>(row + i + u * L);
-        acc[u] += v < V() ? -v : v;
+        magnitude[u] += v < V() ? -v : v;
+        signed_sum[u] += v;
       }
     for (; i + L <= plane; i += L) {
       const V v = load<V>(row + i);
-      acc[0] += v < V() ? -v : v;
+      magnitude[0] += v < V() ? -v : v;
+      signed_sum[0] += v;
     }
-    const V sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    T total = 0;
-    for (int lane = 0; lane < L; ++lane) total += sum[lane];
-    for (; i < plane; ++i) total += row[i] < 0 ? -row[i] : row[i];
-    out[p] = total;
+    const V a = (magnitude[0] + magnitude[1]) + (magnitude[2] + magnitude[3]);
+    const V b = (signed_sum[0] + signed_sum[1]) + (signed_sum[2] + signed_sum[3]);
+    T total_abs = 0, total = 0;
+    for (int lane = 0; lane < L; ++lane) total_abs += a[lane], total += b[lane];
+    for (; i < plane; ++i) total_abs += row[i] < 0 ? -row[i] : row[i], total += row[i];
+    abs_out[p] = total_abs;
+    sum_out[p] = total;
   }
 }
 
@@ -394,8 +398,8 @@ extern const KernelTable FXR_TABLE = {
     &FXR_ISA::cell_forward_d,
     &FXR_ISA::cell_backward<float>,
     &FXR_ISA::cell_backward<double>,
-    &FXR_ISA::abs_sums<float>,
-    &FXR_ISA::abs_sums<double>,
+    &FXR_ISA::plane_sums<float>,
+    &FXR_ISA::plane_sums<double>,
 };
 
 }  // namespace native

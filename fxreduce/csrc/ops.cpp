@@ -492,32 +492,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------------
-// Error-map pruning's channel scores: sum |x| over every dim but dim 1 of an (N, C, ...) tensor, in one read.
-Tensor channel_l1_norms(const Tensor& x) {
-  const char* op = "channel_l1_norms";
+// Error-map pruning's channel scores and bias gradient: sum |x| and sum x over every dim but dim 1 of an
+// (N, C, ...) tensor, in one read of it.
+std::tuple<Tensor, Tensor> channel_sums(const Tensor& x) {
+  const char* op = "channel_sums";
   check_dtype(x, op);
   check_float(x, op, "x", x.scalar_type());
   check_shape(x.dim() >= 2, op, "x must have a batch and a channel dim, got shape " + c10::str(x.sizes()));
   const Tensor c = x.contiguous();
   const int64_t batch = c.size(0), channels = c.size(1), planes = batch * channels;
   const int64_t plane = planes ? c.numel() / planes : 0;
-  Tensor sums = at::empty({batch, channels}, c.options());
-  if (planes == 0) return sums.sum(0);
-  const int64_t grain = std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, plane));
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "channel_l1_norms", [&] {
-    using Fn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, scalar_t*);
-    const Fn fn = std::is_same<scalar_t, float>::value ? reinterpret_cast<Fn>(kernels().abs_sums_f)
-                                                       : reinterpret_cast<Fn>(kernels().abs_sums_d);
-    const scalar_t* data = c.data_ptr<scalar_t>();
-    scalar_t* out = sums.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) { fn(data, plane, p0, p1, out); });
-  });
-  return sums.sum(0);
+  Tensor magnitudes = at::zeros({batch, channels}, c.options()), sums = at::zeros({batch, channels}, c.options());
+  if (planes > 0) {
+    const int64_t grain = std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, plane));
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "channel_sums", [&] {
+      using Fn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, scalar_t*, scalar_t*);
+      const Fn fn = std::is_same<scalar_t, float>::value ? reinterpret_cast<Fn>(kernels().plane_sums_f)
+                                                         : reinterpret_cast<Fn>(kernels().plane_sums_d);
+      const scalar_t* data = c.data_ptr<scalar_t>();
+      scalar_t *abs_out = magnitudes.data_ptr<scalar_t>(), *sum_out = sums.data_ptr<scalar_t>();
+      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) { fn(data, plane, p0, p1, abs_out, sum_out); });
+    });
+  }
+  return {magnitudes.sum(0), sums.sum(0)};
 }
 
 TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
   m.def("gather_matmul(Tensor x, Tensor wt, Tensor? index) -> Tensor");
-  m.def("channel_l1_norms(Tensor x) -> Tensor");
+  m.def("channel_sums(Tensor x) -> (Tensor, Tensor)");
   m.def("gather_matmul_input_grad(Tensor dout, Tensor wt, Tensor? index, int k) -> Tensor");
   m.def("gather_matmul_weight_grad(Tensor x, Tensor dout, Tensor? index, int rows) -> Tensor");
   m.def("lstm_layer(Tensor xp, Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> "
@@ -528,7 +530,7 @@ TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
 
 TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
   m.impl("gather_matmul", &gather_matmul);
-  m.impl("channel_l1_norms", &channel_l1_norms);
+  m.impl("channel_sums", &channel_sums);
   m.impl("gather_matmul_input_grad", &gather_matmul_input_grad);
   m.impl("gather_matmul_weight_grad", &gather_matmul_weight_grad);
   m.impl("lstm_layer", &lstm_layer);

@@ -73,22 +73,26 @@ def l1_norms(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
     return tensor.abs().sum(dim=dims)
 
 
-def channel_norms(delta: Tensor, channel_dim: int) -> Tensor:
-    """sum |delta| over every dim but ``channel_dim``: the error map's per-channel scores, in one read of it on
-    the native kernel where the channels are dim 1 of a batch (the pruned backward and its reference score
-    alike, so both keep the same channels)."""
+def channel_sums(delta: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+    """(sum |delta|, sum delta) over every dim but ``channel_dim``: the error map's per-channel scores and its
+    bias gradient, in one read of it on the native kernel where the channels are dim 1 of a batch (the
+    pruned backward and its reference score alike, so both keep the same channels)."""
     channel_dim %= delta.dim()
     if channel_dim == 1 and delta.dim() > 2:
-        return native.channel_l1_norms(delta)
-    return l1_norms(delta, tuple(d for d in range(delta.dim()) if d != channel_dim))
+        return native.channel_sums(delta)
+    dims = tuple(d for d in range(delta.dim()) if d != channel_dim)
+    return l1_norms(delta, dims), delta.sum(dim=dims)
 
 
 _ROW_BLOCK_BYTES = 1 << 20
 
 
 def row_l1_norms(matrix: Tensor) -> Tensor:
-    """L1 norm of each row of a 2-D tensor, a block of rows (~1 MiB) at a time so that the ``abs``
-    temporary stays in cache: a weight-sized temporary costs several times the sum itself."""
+    """L1 norm of each row of a 2-D tensor: one read of it on the native kernel where it serves, else a block
+    of rows (~1 MiB) at a time so that the ``abs`` temporary stays in cache (a weight-sized temporary costs
+    several times the sum itself)."""
+    if native.serves_eagerly(matrix):
+        return native.channel_sums(matrix.unsqueeze(0))[0]
     rows_per_block = max(1, _ROW_BLOCK_BYTES // max(1, matrix.shape[1] * matrix.element_size()))
     if rows_per_block >= matrix.shape[0]:
         return l1_norms(matrix, (1,))
@@ -142,7 +146,8 @@ class _ErrorMapConv2d(torch.autograd.Function):
     def backward(ctx, delta):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
-        kept = layer.channels_for(weight, channel_norms(delta, 1))
+        norms, sums = channel_sums(delta, 1)
+        kept = layer.channels_for(weight, norms)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         source, stride = x, layer.stride
         strided_pointwise = weight.shape[2:] == (1, 1) and tuple(layer.conv_padding) == (0, 0) and tuple(stride) != (1, 1)
@@ -161,7 +166,7 @@ class _ErrorMapConv2d(torch.autograd.Function):
         grad_weight = _scatter_rows(kept, grad_weight_kept, weight.shape[0]) if needs_weight else None
         grad_bias = None
         if ctx.has_bias and needs_bias:
-            grad_bias = _scatter_rows(kept, delta_kept.sum(dim=(0, 2, 3)), weight.shape[0])
+            grad_bias = _scatter_rows(kept, sums.index_select(0, kept), weight.shape[0])
         return grad_input, grad_weight, grad_bias, None
 
 
@@ -248,7 +253,7 @@ class ErrorMapPruningModule(nn.Module):
     def _mask_error_map(self, output: Tensor, channel_dim: int) -> Tensor:
         """The reference: the dense layer whose error map is zeroed outside the kept channels."""
         def mask(delta: Tensor) -> Tensor:
-            kept = self.channels_for(self.weight, channel_norms(delta, channel_dim))
+            kept = self.channels_for(self.weight, channel_sums(delta, channel_dim)[0])
             shape = [1] * delta.dim()
             shape[channel_dim] = -1
             keep = torch.zeros(delta.shape[channel_dim], dtype=delta.dtype, device=delta.device)
