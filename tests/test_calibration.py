@@ -255,7 +255,7 @@ def test_a_calibration_set_smaller_than_the_layer_is_damped_and_stated():
 @pytest.mark.parametrize("options, message", [
     ({"rank": 2, "method": "whitened"}, "method='whitened' needs calibration inputs"),
     ({"form": "sparse_lr", "groups": 2, "model_flop_reduction": 2, "allocation": "global"},
-     "allocation='global' ranks the singular values"),
+     "allocation='global' ranks the truncations of one factorisation"),
     ({"rank": 2, "calibration": 3}, "calibration"),
 ])
 def test_bad_calibration_options_are_clear_errors(options, message):

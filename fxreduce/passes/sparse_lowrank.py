@@ -4,8 +4,8 @@ Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's m
 ``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncation, with
 its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
 reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
-(ranks allocated over the layers the pass can reach to minimise the summed relative truncation error,
-or shared out evenly). Truncation is plain (closest in weight norms) or, given calibration inputs,
+(ranks shared out evenly, or allocated over the layers the pass can reach to minimise the summed relative
+truncation error or the summed output divergence each layer's truncation causes on calibration data). Truncation is plain (closest in weight norms) or, given calibration inputs,
 whitened by each layer's input second moment X X^T (closest on those inputs: fxreduce.calibration
 collects the statistics, fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition
 per weight). LSTMs are rewritten through fxreduce's
@@ -445,7 +445,7 @@ class SparseLowRank(Pass):
     def _allocate(self, gm: fx.GraphModule, slots: list[Slot], reduction: float,
                   outcome: PassOutcome) -> dict[str, Choice]:
         """Ranks for model_flop_reduction shared over the layers by one greedy rule on a per-layer error curve
-        (``_greedy_ranks``): every layer starts at rank 1, then steps along each curve's monotone lower
+        (``greedy_ranks``): every layer starts at rank 1, then steps along each curve's monotone lower
         envelope are taken in order of error removed per MAC added (rows x (in + out) a rank, the module's
         formula) while the model's MACs stay within total / target. 'global' reads the curve from the
         truncation (relative squared error at every rank); 'sensitivity' measures it on the model's output
@@ -491,7 +491,7 @@ class SparseLowRank(Pass):
             measure = f"output divergence ({self.options.divergence})"
             divergence = self._output_divergence(gm)
             curves = self._sensitivity_curves(eligible, caps, even, divergence)
-        ranks, envelopes, admitted = _greedy_ranks(curves, unit, budget)
+        ranks, envelopes, admitted = greedy_ranks(curves, unit, budget)
         complete = all(rank is not None for rank in even.values())
         if allocation == "global":
             def summed(chosen: dict[str, int | None]) -> float:
@@ -791,7 +791,7 @@ class SparseLowRank(Pass):
         return None
 
 
-def _lower_envelope(curve: dict[int, float]) -> list[tuple[int, float]]:
+def lower_envelope(curve: dict[int, float]) -> list[tuple[int, float]]:
     """The (rank, error) points of a per-layer curve on its monotone lower convex envelope: from the smallest
     rank, only points below every smaller rank's error, then their lower convex hull (Andrew's monotone
     chain), so that the error removed per rank falls step by step."""
@@ -811,14 +811,14 @@ def _lower_envelope(curve: dict[int, float]) -> list[tuple[int, float]]:
     return hull
 
 
-def _greedy_ranks(curves: dict[str, dict[int, float]], unit: dict[str, float],
+def greedy_ranks(curves: dict[str, dict[int, float]], unit: dict[str, float],
                   budget: float) -> tuple[dict[str, int], dict[str, list[tuple[int, int, float]]], float]:
     """Ranks within ``budget`` MACs (``unit`` a rank), each layer from its envelope's first rank: envelope
     steps in order of error removed per MAC, each taken when it is its layer's next, whole where it fits, else
     as many of its ranks as fit (its error there is unmeasured, and that layer stops there). Returns the ranks, each layer's steps (start, end, rate) and the rate of the last step taken."""
     envelopes = {}
     for name, curve in curves.items():
-        hull = _lower_envelope(curve)
+        hull = lower_envelope(curve)
         envelopes[name] = [(r0, r1, (e0 - e1) / (unit[name] * (r1 - r0)))
                            for (r0, e0), (r1, e1) in zip(hull, hull[1:])]
     ranks = {name: min(curve) for name, curve in curves.items()}
