@@ -5,13 +5,13 @@ Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's m
 its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
 reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
 (ranks shared out evenly, or allocated over the layers the pass can reach to minimise the summed relative
-truncation error or the summed output divergence each layer's truncation causes on calibration data). Truncation is plain (closest in weight norms) or, given calibration inputs,
-whitened by each layer's input second moment X X^T (closest on those inputs: fxreduce.calibration
-collects the statistics, fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition
-per weight). LSTMs are rewritten through fxreduce's
-decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the conversion decompose_lstm
-makes; the pipeline does not insert passes, so this pass needs none before it), then each of its gate
-projections is swapped with ``set_projection``.
+truncation error or the summed output divergence each layer's truncation causes on calibration data).
+Truncation is plain (closest in weight norms) or, given calibration inputs, whitened by each layer's input
+second moment X X^T (closest on those inputs: fxreduce.calibration collects the statistics,
+fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition per weight). LSTMs are
+rewritten through fxreduce's decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the
+conversion decompose_lstm makes; the pipeline does not insert passes, so this pass needs none before
+it), then each of its gate projections is swapped with ``set_projection``.
 
 A layer whose chosen rank would not cost less than the dense product (r >= m n / (m + n) for the
 low-rank form) is left alone and the report says why. Every rewrite states its weight error
@@ -140,7 +140,8 @@ class SparseLowRankOptions(LatencyObjective, LayerSelection):
                               fix="give calibration='inputs.pt' (or tensors; the CLI's --calibration FILE)")
         if self.divergence is not None and self.allocation != "sensitivity":
             raise OptionError(f"divergence={self.divergence!r} is the measure of allocation='sensitivity', but "
-                              f"allocation={self.allocation!r}", where=f"sparse_lowrank(divergence={self.divergence!r})",
+                              f"allocation={self.allocation!r}",
+                              where=f"sparse_lowrank(divergence={self.divergence!r})",
                               fix="add allocation='sensitivity' (with model_flop_reduction), or drop divergence")
         if self.allocation == "sensitivity" and self.divergence is None:
             self.divergence = "relative_squared"
@@ -815,7 +816,8 @@ def greedy_ranks(curves: dict[str, dict[int, float]], unit: dict[str, float],
                   budget: float) -> tuple[dict[str, int], dict[str, list[tuple[int, int, float]]], float]:
     """Ranks within ``budget`` MACs (``unit`` a rank), each layer from its envelope's first rank: envelope
     steps in order of error removed per MAC, each taken when it is its layer's next, whole where it fits, else
-    as many of its ranks as fit (its error there is unmeasured, and that layer stops there). Returns the ranks, each layer's steps (start, end, rate) and the rate of the last step taken."""
+    as many of its ranks as fit (its error there is unmeasured, and that layer stops there). Returns the
+    ranks, each layer's steps (start, end, rate) and the rate of the last step taken."""
     envelopes = {}
     for name, curve in curves.items():
         hull = lower_envelope(curve)
@@ -829,7 +831,7 @@ def greedy_ranks(curves: dict[str, dict[int, float]], unit: dict[str, float],
     for rate, start, end, name in steps:
         if ranks[name] != start:
             continue
-        taken = min(end - start, int((budget - spend) // unit[name] + 1e-9))
+        taken = min(end - start, int((budget - spend) // unit[name]))
         if taken > 0:
             ranks[name], spend, admitted = start + taken, spend + unit[name] * taken, rate
     return ranks, envelopes, admitted
