@@ -271,7 +271,8 @@ def test_example_runs_quick(tmp_path):
     text = (tmp_path / "antman.md").read_text()
     for title in ("Data-aware low rank: LSTM LM", "Data-aware low rank: GPT-style LM"):
         assert f"## {title}" in text
-    assert text.count("| 4x, whitened, global |") == 2 and "whitened + global recovers" in text
+    assert text.count("| 4x, whitened, global |") == 2 and text.count("| 4x, whitened, sensitivity |") == 2
+    assert "4x, whitened, sensitivity: recovers" in text and text.count("joint output divergence (kl)") >= 2
     assert (tmp_path / "images" / "antman_whitened_gpt.png").exists()
 
 
