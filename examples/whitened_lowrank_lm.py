@@ -182,7 +182,8 @@ def goals(results: dict, kind: str, cuts: list[float]) -> list[str]:
                 recovered = (plain - before) / (plain - teacher) if plain > teacher else float("nan")
                 text += f" recovers {100 * recovered:.0f}% of the perplexity plain SVD loses"
                 if int(cut) in (4, 10):
-                    text += " (goal >= 50%: " + ("met" if recovered >= 0.5 else "missed") + ");"
+                    text += " (goal >= 50%: " + ("met" if recovered >= 0.5 else "missed") + ")"
+                text += ";"
             gap = 100 * (after / teacher - 1)
             text += f" after distillation {gap:+.1f}% from the teacher"
             if allowed is not None:
