@@ -255,7 +255,7 @@ def test_a_calibration_set_smaller_than_the_layer_is_damped_and_stated():
 @pytest.mark.parametrize("options, message", [
     ({"rank": 2, "method": "whitened"}, "method='whitened' needs calibration inputs"),
     ({"form": "sparse_lr", "groups": 2, "model_flop_reduction": 2, "allocation": "global"},
-     "allocation='global' ranks the singular values"),
+     "allocation='global' ranks the truncations of one factorisation"),
     ({"rank": 2, "calibration": 3}, "calibration"),
 ])
 def test_bad_calibration_options_are_clear_errors(options, message):
@@ -271,7 +271,8 @@ def test_example_runs_quick(tmp_path):
     text = (tmp_path / "antman.md").read_text()
     for title in ("Data-aware low rank: LSTM LM", "Data-aware low rank: GPT-style LM"):
         assert f"## {title}" in text
-    assert text.count("| 4x, whitened, global |") == 2 and "whitened + global recovers" in text
+    assert text.count("| 4x, whitened, global |") == 2 and text.count("| 4x, whitened, sensitivity |") == 2
+    assert "4x, whitened, sensitivity: recovers" in text and text.count("joint output divergence (kl)") >= 2
     assert (tmp_path / "images" / "antman_whitened_gpt.png").exists()
 
 

@@ -4,14 +4,14 @@ Each selected weight W (out x in) becomes one of fxreduce.modules.factorized's m
 ``U(Vx)``, block-diagonal, or their sparse x low-rank compositions — initialised by truncation, with
 its rank chosen by one sizing rule: a rank, a rank ratio, a kept spectral energy, a per-layer FLOP
 reduction (the rank is solved from the module's sympy MAC formula) or a whole-model FLOP reduction
-(ranks allocated over the layers the pass can reach to minimise the summed relative truncation error,
-or shared out evenly). Truncation is plain (closest in weight norms) or, given calibration inputs,
-whitened by each layer's input second moment X X^T (closest on those inputs: fxreduce.calibration
-collects the statistics, fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition
-per weight). LSTMs are rewritten through fxreduce's
-decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the conversion decompose_lstm
-makes; the pipeline does not insert passes, so this pass needs none before it), then each of its gate
-projections is swapped with ``set_projection``.
+(ranks shared out evenly, or allocated over the layers the pass can reach to minimise the summed relative
+truncation error or the summed output divergence each layer's truncation causes on calibration data).
+Truncation is plain (closest in weight norms) or, given calibration inputs, whitened by each layer's input
+second moment X X^T (closest on those inputs: fxreduce.calibration collects the statistics,
+fxreduce.modules.truncation does the algebra from one Gram eigen-decomposition per weight). LSTMs are
+rewritten through fxreduce's decomposed LSTM: an ``nn.LSTM`` is converted here (LSTM.from_torch, the
+conversion decompose_lstm makes; the pipeline does not insert passes, so this pass needs none before
+it), then each of its gate projections is swapped with ``set_projection``.
 
 A layer whose chosen rank would not cost less than the dense product (r >= m n / (m + n) for the
 low-rank form) is left alone and the report says why. Every rewrite states its weight error
@@ -41,11 +41,14 @@ from ..cost_models.latency import Profile, module_seconds
 from ..modules.factorized import FORMS, GroupLinear, LowRankLinear, SparseLowRankLinear, factorize, macs_per_row
 from ..modules.lstm import DecomposedLSTM
 from ..modules.truncation import DEFAULT_DAMPING, Truncation, data_error, spectral_norm
+from ..sensitivity import DIVERGENCES, OutputDivergence
 from ..testing.kit import capture_calls, run_eval
 from .base import Contract, LatencyObjective, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
 GROUPED_FACTORS = {"lr": (), "group": ("in", "out"), "sparse_lr": ("in",), "lr_sparse": ("out",),
                    "grouped_shuffle": ("in", "out")}
+ALLOCATIONS = ("even", "global", "sensitivity")
+LADDER_STEP = 2 ** 0.5  # allocation='sensitivity' measures ranks 1, 2, 3, 4, 6, 8, 11, ... (and the even rank)
 SIZINGS = ("rank", "rank_ratio", "energy", "flop_reduction", "model_flop_reduction")
 DEFAULT_FLOP_REDUCTION = 4.0
 OVERSHOOT = 1.25  # objective='latency' compares forms whose MAC cut is at most this many times the one asked for
@@ -96,10 +99,17 @@ class SparseLowRankOptions(LatencyObjective, LayerSelection):
                                              "grouped block's fit), relative to its mean diagonal",
                             check=("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1))
     allocation: str = option("even", "model_flop_reduction's ranks: 'even' (one per-layer reduction for every "
-                                     "layer) or 'global' (form 'lr': minimise the summed relative truncation "
+                                     "layer), 'global' (form 'lr': minimise the summed relative truncation "
                                      "error under the MAC budget; measured to lose perplexity against even "
-                                     "ranks on both example LMs, docs/antman.md)",
-                             check=("'global' or 'even'", lambda v: v in ("global", "even")))
+                                     "ranks on both example LMs, docs/antman.md) or 'sensitivity' (form 'lr', "
+                                     "calibration: minimise the summed output divergence each layer's "
+                                     "truncation alone causes on the calibration inputs, measured over a "
+                                     "ladder of ranks; kept only where its joint divergence beats even ranks')",
+                             check=("'even', 'global' or 'sensitivity'", lambda v: v in ALLOCATIONS))
+    divergence: str = option(None, "allocation='sensitivity''s measure of the model output's change: "
+                                   "'relative_squared' (sum ||y' - y||^2 / sum ||y||^2; the default) or 'kl' "
+                                   "(KL of softmax over the output's last dim, for logits)",
+                             check=(f"one of {', '.join(DIVERGENCES)}, or None", lambda v: v in (None, *DIVERGENCES)))
 
     def __post_init__(self) -> None:
         given = [name for name in SIZINGS if getattr(self, name) is not None]
@@ -120,14 +130,25 @@ class SparseLowRankOptions(LatencyObjective, LayerSelection):
             raise OptionError(f"objective='latency' chooses the rank for a MAC reduction, but {given[0]} fixes it",
                               where="sparse_lowrank(objective='latency')",
                               fix="size it with flop_reduction or model_flop_reduction")
-        if self.objective == "latency" and self.allocation == "global":
+        if self.objective == "latency" and self.allocation != "even":
             raise OptionError("objective='latency' picks each layer's form by its own predicted time; "
-                              "allocation='global' spends one rank budget across layers",
+                              f"allocation={self.allocation!r} spends one rank budget across layers",
                               where="sparse_lowrank(objective='latency')", fix="use allocation='even'")
-        if self.allocation == "global" and self.form != "lr":
-            raise OptionError(f"allocation='global' ranks the singular values of one factorisation; form "
+        if self.allocation != "even" and self.form != "lr":
+            raise OptionError(f"allocation={self.allocation!r} ranks the truncations of one factorisation; form "
                               f"{self.form!r} truncates block by block", where=f"sparse_lowrank(form={self.form!r})",
-                              fix="use form='lr' for a global allocation, or allocation='even'")
+                              fix=f"use form='lr' for allocation={self.allocation!r}, or allocation='even'")
+        if self.allocation == "sensitivity" and self.calibration is None:
+            raise OptionError("allocation='sensitivity' measures the model's output on calibration inputs, and "
+                              "none were given", where="sparse_lowrank(allocation='sensitivity')",
+                              fix="give calibration='inputs.pt' (or tensors; the CLI's --calibration FILE)")
+        if self.divergence is not None and self.allocation != "sensitivity":
+            raise OptionError(f"divergence={self.divergence!r} is the measure of allocation='sensitivity', but "
+                              f"allocation={self.allocation!r}",
+                              where=f"sparse_lowrank(divergence={self.divergence!r})",
+                              fix="add allocation='sensitivity' (with model_flop_reduction), or drop divergence")
+        if self.allocation == "sensitivity" and self.divergence is None:
+            self.divergence = "relative_squared"
         if self.form == "group":
             if set(given) & {"rank", "rank_ratio", "energy"}:
                 raise OptionError(f"form 'group' has no rank, got {given[0]}", where="sparse_lowrank(form='group')",
@@ -290,7 +311,7 @@ class SparseLowRank(Pass):
         if options.model_flop_reduction is not None:
             reduction = self._per_layer_reduction(gm, slots)
         choices = {}
-        if options.model_flop_reduction is not None and options.allocation == "global":
+        if options.model_flop_reduction is not None and options.allocation != "even":
             choices = self._allocate(gm, slots, reduction, outcome)
         else:
             profile = options.latency_profile()
@@ -428,11 +449,14 @@ class SparseLowRank(Pass):
 
     def _allocate(self, gm: fx.GraphModule, slots: list[Slot], reduction: float,
                   outcome: PassOutcome) -> dict[str, Choice]:
-        """Global ranks for model_flop_reduction: every layer starts at rank 1, then rank steps are taken in
-        order of relative squared truncation error removed per MAC added (each layer's next singular value
-        lambda_{r+1} / its total, over rows (in + out)) while the model's MACs stay within total / target.
-        The even ranks are the fallback: whichever has the smaller summed relative error is used."""
-        target = self.options.model_flop_reduction
+        """Ranks for model_flop_reduction shared over the layers by one greedy rule on a per-layer error curve
+        (``greedy_ranks``): every layer starts at rank 1, then steps along each curve's monotone lower
+        envelope are taken in order of error removed per MAC added (rows x (in + out) a rank, the module's
+        formula) while the model's MACs stay within total / target. 'global' reads the curve from the
+        truncation (relative squared error at every rank); 'sensitivity' measures it on the model's output
+        (``_sensitivity_curves``). The even ranks are the fallback: whichever allocation has the smaller error
+        (summed for 'global', measured jointly for 'sensitivity') is used."""
+        target, allocation = self.options.model_flop_reduction, self.options.allocation
         info = graph_info(gm)
         total = float(graph_cost(gm).at(**{name: info.spec.hint(name) for name in info.symbolic}).macs)
         eligible = []
@@ -444,7 +468,6 @@ class SparseLowRank(Pass):
                 eligible.append(slot)
         budget = total / target - (total - sum(slot.dense_macs for slot in eligible))
         unit = {slot.name: slot.rows * sum(slot.weight.shape) for slot in eligible}
-        scale = {slot.name: self._truncation(slot).total() or 1.0 for slot in eligible}
         caps = {slot.name: min(self._truncation(slot).max_rank,
                                (slot.weight.shape[0] * slot.weight.shape[1] - 1) // sum(slot.weight.shape))
                 for slot in eligible}
@@ -453,44 +476,92 @@ class SparseLowRank(Pass):
             raise OptionError(f"no ranks meet a {target:g}x smaller model: rank 1 in every layer already costs "
                               f"more than the budget of {budget:.4g} MACs for the rewritable layers", where=where,
                               fix="ask for a smaller model_flop_reduction")
-        ranks = {name: 1 for name in unit}
-        spend = sum(unit.values())
-        steps = sorted(((float(self._truncation(slot).values[r]) / scale[slot.name] / unit[slot.name], r, slot.name)
-                        for slot in eligible for r in range(1, caps[slot.name])), key=lambda step: (-step[0], step[1]))
-        admitted = 0.0
-        for rate, rank, name in steps:
-            if ranks[name] == rank and spend + unit[name] <= budget:
-                ranks[name], spend, admitted = rank + 1, spend + unit[name], rate
         even = {}
         for slot in eligible:
             try:
                 choice = self._choose(slot, reduction)
-            except OptionError:  # no even rank reaches this layer's share; the global ranks still may
+            except OptionError:  # no even rank reaches this layer's share; the allocation still may
                 choice = None
             even[slot.name] = choice.rank if isinstance(choice, Choice) else None
+        if allocation == "global":
+            kind = "data" if self.options.method == "whitened" else "Frobenius"
+            measure = f"relative squared {kind} error"
+            curves = {}
+            for slot in eligible:
+                truncation = self._truncation(slot)
+                scale = truncation.total() or 1.0
+                curves[slot.name] = {rank: truncation.squared_error(rank) / scale
+                                     for rank in range(1, caps[slot.name] + 1)}
+        else:
+            measure = f"output divergence ({self.options.divergence})"
+            divergence = self._output_divergence(gm)
+            curves = self._sensitivity_curves(eligible, caps, even, divergence)
+        ranks, envelopes, admitted = greedy_ranks(curves, unit, budget)
+        complete = all(rank is not None for rank in even.values())
+        if allocation == "global":
+            def summed(chosen: dict[str, int | None]) -> float:
+                return sum(curves[name][rank] for name, rank in chosen.items() if rank is not None)
 
-        def summed(chosen: dict[str, int | None]) -> float:
-            return sum(self._truncation(slot).squared_error(chosen[slot.name]) / scale[slot.name]
-                       for slot in eligible if chosen[slot.name] is not None)
-
-        global_error, even_error = summed(ranks), summed(even)
-        use_even = even_error < global_error and all(rank is not None for rank in even.values())
+            chosen_error, even_error = summed(ranks), summed(even)
+            totals = f"summed {measure} {chosen_error:.4g} (global) vs {even_error:.4g} (even ranks)"
+        else:
+            for slot in eligible:  # ranks the fill moved off the ladder are measured alone too
+                if ranks[slot.name] not in curves[slot.name]:
+                    curves[slot.name][ranks[slot.name]] = divergence(self._swaps([slot], ranks))
+            chosen_error = divergence(self._swaps(eligible, ranks))
+            even_error = divergence(self._swaps(eligible, even)) if complete else float("inf")
+            totals = (f"joint {measure} on {len(divergence.batches)} calibration batch(es) {chosen_error:.4g} "
+                      f"(sensitivity ranks) vs " + (f"{even_error:.4g} (even ranks)" if complete else
+                                                     "no even ranks (a layer's share is out of their reach)"))
+        use_even = even_error < chosen_error and complete
         chosen = even if use_even else ranks
-        kind = "data" if self.options.method == "whitened" else "Frobenius"
-        summary = (f"{'even ranks kept' if use_even else 'global allocation'}: summed relative squared {kind} "
-                   f"error {global_error:.4g} (global) vs {even_error:.4g} (even ranks)")
+        summary = f"{'even ranks kept' if use_even else f'{allocation} allocation'}: {totals}"
         choices = {}
         for slot in eligible:
-            rank = chosen[slot.name]
-            truncation = self._truncation(slot)
-            kept = math.sqrt(truncation.squared_error(rank) / scale[slot.name])
-            following = (float(truncation.values[rank]) / scale[slot.name] / unit[slot.name]
-                         if rank < caps[slot.name] else 0.0)
-            why = (f"{summary}; r={rank} (even: r={even[slot.name]}) leaves {100 * kept:.2f}% relative {kind} "
-                   f"error; rank {rank + 1} would remove {following:.3g} of it per MAC, the last step taken removed "
+            name, rank = slot.name, chosen[slot.name]
+            following = next(((end, rate) for _, end, rate in envelopes[name] if end > rank), None)
+            step = (f"rank {following[0]} would remove {following[1]:.3g} of it per MAC" if following else
+                    "no rank above it saves MACs")
+            if allocation == "global":
+                left = f"leaves {100 * math.sqrt(curves[name][rank]):.2f}% relative {kind} error"
+            else:
+                alone = curves[name].get(rank)
+                left = (f"alone causes {measure} {alone:.4g}" if alone is not None else "not measured alone") + (
+                    f" (even rank alone: {curves[name][even[name]]:.4g})" if even[name] in curves[name] else "")
+            why = (f"{summary}; r={rank} (even: r={even[name]}) {left}; {step}, the last step taken removed "
                    f"{admitted:.3g}")
-            choices[slot.name] = Choice(rank, 1, why)
+            choices[name] = Choice(rank, 1, why)
         return choices
+
+    def _output_divergence(self, gm: fx.GraphModule) -> OutputDivergence:
+        where = "sparse_lowrank(calibration=...)"
+        batches, source = load_calibration(self.options.calibration, where,
+                                           "torch.save a batch (or a list of batches) of real inputs to that path")
+        return OutputDivergence(gm, batches, source, self.options.divergence)
+
+    def _swaps(self, slots: list[Slot], ranks: dict[str, int | None]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each slot's weight (the graph's own tensor) and its rank-r truncation, for OutputDivergence."""
+        return {slot.name: (slot.weight, self._truncation(slot).dense(ranks[slot.name]).to(slot.weight.dtype))
+                for slot in slots if ranks[slot.name] is not None}
+
+    def _sensitivity_curves(self, slots: list[Slot], caps: dict[str, int], even: dict[str, int | None],
+                            divergence: OutputDivergence) -> dict[str, dict[int, float]]:
+        """Per layer, the output divergence of truncating that layer alone to each rank of a geometric ladder
+        (1, 2, 3, 4, 6, 8, 11, ... up to the largest rank that saves MACs, and its even rank)."""
+        ladders = {}
+        for slot in slots:
+            cap = caps[slot.name]
+            ladder = {min(cap, round(LADDER_STEP ** step)) for step in range(int(math.log(cap, LADDER_STEP)) + 2)}
+            ladders[slot.name] = sorted(ladder | ({even[slot.name]} if even[slot.name] else set()) | {cap})
+        curves: dict[str, dict[int, float]] = {}
+        with tqdm(total=sum(map(len, ladders.values())), desc="sparse_lowrank sensitivity", unit="measurement",
+                  leave=False) as progress:
+            for slot in slots:
+                curves[slot.name] = {}
+                for rank in ladders[slot.name]:
+                    curves[slot.name][rank] = divergence(self._swaps([slot], {slot.name: rank}))
+                    progress.update()
+        return curves
 
     def _fastest(self, slot: Slot, reduction: float, profile: Profile) -> Choice | str:
         """objective='latency': of every form and group count that meets ``reduction`` without cutting more
@@ -730,6 +801,51 @@ class SparseLowRank(Pass):
                     return (f"{name}: ||(W - W')X||_F / ||WX||_F = {actual:.6g} on the calibration inputs, the "
                             f"report states {stated:.6g}")
         return None
+
+
+def lower_envelope(curve: dict[int, float]) -> list[tuple[int, float]]:
+    """The (rank, error) points of a per-layer curve on its monotone lower convex envelope: from the smallest
+    rank, only points below every smaller rank's error, then their lower convex hull (Andrew's monotone
+    chain), so that the error removed per rank falls step by step."""
+    points: list[tuple[int, float]] = []
+    for rank, error in sorted(curve.items()):
+        if not points or error < min(e for _, e in points):
+            points.append((rank, error))
+    hull: list[tuple[int, float]] = []
+    for point in points:
+        while len(hull) >= 2:
+            (r0, e0), (r1, e1) = hull[-2], hull[-1]
+            if (e1 - e0) * (point[0] - r0) > (point[1] - e0) * (r1 - r0):  # hull[-1] above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def greedy_ranks(curves: dict[str, dict[int, float]], unit: dict[str, float],
+                  budget: float) -> tuple[dict[str, int], dict[str, list[tuple[int, int, float]]], float]:
+    """Ranks within ``budget`` MACs (``unit`` a rank), each layer from its envelope's first rank: envelope
+    steps in order of error removed per MAC, each taken when it is its layer's next, whole where it fits, else
+    as many of its ranks as fit (its error there is unmeasured, and that layer stops there). Returns the
+    ranks, each layer's steps (start, end, rate) and the rate of the last step taken."""
+    envelopes = {}
+    for name, curve in curves.items():
+        hull = lower_envelope(curve)
+        envelopes[name] = [(r0, r1, (e0 - e1) / (unit[name] * (r1 - r0)))
+                           for (r0, e0), (r1, e1) in zip(hull, hull[1:])]
+    ranks = {name: min(curve) for name, curve in curves.items()}
+    spend = sum(unit[name] * rank for name, rank in ranks.items())
+    admitted = 0.0
+    steps = sorted(((rate, start, end, name) for name, envelope in envelopes.items()
+                    for start, end, rate in envelope), key=lambda step: (-step[0], step[1]))
+    for rate, start, end, name in steps:
+        if ranks[name] != start:
+            continue
+        taken = min(end - start, int((budget - spend) // unit[name]))
+        if taken > 0:
+            ranks[name], spend, admitted = start + taken, spend + unit[name] * taken, rate
+    return ranks, envelopes, admitted
 
 
 def _spectral_check(name: str, weight: Tensor, dense: Tensor, stated: float, tolerance: float) -> str | None:
