@@ -18,8 +18,10 @@ import datetime
 import functools
 import itertools
 import math
+import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -269,6 +271,36 @@ def _overheads(plan: Plan) -> tuple[float, float, float]:
     return max(one - dispatch, 0.0), dispatch, module
 
 
+BUSY_CORES_LIMIT = 0.5  # other processes' load above which calibrate warns that its timings are unreliable
+
+
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """Cores the machine kept busy over ``seconds`` while this process slept: other processes' load (Linux's
+    /proc/stat; None where it cannot be read)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # all but idle and iowait, all
+
+    try:
+        busy_before, total_before = sample()
+        time.sleep(seconds)
+        busy_after, total_after = sample()
+    except (OSError, ValueError):
+        return None
+    return (busy_after - busy_before) / max(total_after - total_before, 1) * (os.cpu_count() or 1)
+
+
+def _warn_if_busy() -> None:
+    """Timings taken while other processes run are slow and uneven (a multi-threaded op waits for its
+    descheduled threads), and the profile cannot tell afterwards: say so before measuring."""
+    busy = busy_cores()
+    if busy is not None and busy > BUSY_CORES_LIMIT:
+        warnings.warn(f"fxreduce calibrate: other processes kept {busy:.1f} of {os.cpu_count()} cores busy as it "
+                      "started; kernels timed under load run slower and more unevenly than on an idle machine, "
+                      "and the profile will predict that. Calibrate again when the machine is idle.", stacklevel=3)
+
+
 def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: int | None = None,
               progress: bool = True) -> Profile:
     """Measure this machine and write its latency profile to ``path`` (default: the user's cache directory).
@@ -277,6 +309,7 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
     measurements, which the profile records (default: the current count).
     """
     plan = TINY if quick else FULL
+    _warn_if_busy()
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

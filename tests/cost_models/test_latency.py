@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
+import warnings
 
 import pytest
 import torch
@@ -74,6 +77,26 @@ def test_a_profile_from_another_machine_or_torch_is_refused_naming_both(tmp_path
         load_profile(path)
     message = str(error.value)
     assert "'Other CPU 9000' vs " + repr(here.cpu) in message and f"'1.0.0' vs {here.torch!r}" in message
+
+
+def test_calibrate_warns_when_other_processes_keep_the_machine_busy(tmp_path, monkeypatch):
+    from fxreduce import profiling
+
+    monkeypatch.setattr(profiling, "busy_cores", lambda: 1.6)
+    with pytest.warns(UserWarning, match=r"other processes kept 1\.6 of \d+ cores busy.*Calibrate again when"):
+        fr.calibrate(tmp_path / "busy.json", quick=True, progress=False)
+    monkeypatch.setattr(profiling, "busy_cores", lambda: 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fr.calibrate(tmp_path / "idle.json", quick=True, progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/stat")
+def test_busy_cores_reads_the_machines_load():
+    from fxreduce import profiling
+
+    busy = profiling.busy_cores(0.05)
+    assert busy is not None and 0.0 <= busy <= os.cpu_count()
 
 
 def test_a_profile_of_an_older_format_is_refused_naming_the_versions(tmp_path):
