@@ -427,8 +427,15 @@ class _Pricer:
         small GEMM per step on the recurrent weight, and the gates' elementwise work."""
         steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
         gates = w_ih[0]
-        return (self.gemm("gemm", steps * batch, gates, w_ih[1]) + steps * self.gemm("gemm", batch, gates, w_hh[1])
+        return (self.gemm("gemm", steps * batch, gates, w_ih[1]) + self.steps(steps, batch, gates, w_hh[1])
                 + self.profile.bytes_seconds(4 * steps * batch * gates * 3))
+
+    def steps(self, steps: int, m: int, n: int, k: int) -> float:
+        """``steps`` products of one recurrence on the same (k, n) weight: each at the grid's time, the weight
+        streamed once (it stays cached from one step to the next), not once per step."""
+        grid = self.profile.grids["gemm"]
+        return max(steps * grid.seconds_for(m, n, k, self.profile.op_overhead),
+                   self.profile.weight_seconds(4 * n * k, self.resident_bytes))
 
     def native_recurrence(self, gates: Sequence[int], index: Any, passes: int) -> float:
         """fxreduce's LSTM time loop (forward: one product per step; backward: two) on its (steps, rows,
@@ -436,7 +443,7 @@ class _Pricer:
         elementwise work."""
         steps, rows, width = gates
         kept = width // 4 if index is None else int(index.shape[-1])
-        return passes * (steps * self.gemm("gemm", rows, width, kept)
+        return passes * (self.steps(steps, rows, width, kept)
                          + self.profile.bytes_seconds(4 * steps * rows * width * 3))
 
     def by_formula(self, packet: Any, formula: Callable, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
