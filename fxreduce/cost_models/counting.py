@@ -205,6 +205,21 @@ def attention_other(func: Any, args: tuple, kwargs: dict) -> sympy.Expr | None:
     return scores * per_score
 
 
+def fused_epilogue_other(func: Any, args: tuple, kwargs: dict, out: Any) -> sympy.Expr | None:
+    """The "other" arithmetic fxreduce's own kernels run after their products, None where there is none: a fused
+    ReLU (the op's bool argument ``relu``) counts one op per output element and a fused max pool (its int argument
+    ``pool``) one per element its windows read, pool^2 per output element, as the unfused ReLU and max pool count."""
+    if getattr(func, "namespace", None) != "fxreduce":
+        return None
+    bound = dict(zip((a.name for a in func._schema.arguments), args))
+    bound.update(kwargs)
+    relu, pool = bool(bound.get("relu", False)), int(bound.get("pool", 1))
+    if not relu and pool == 1:
+        return None
+    outputs = sum((numel(t) for t in _tensors(out)), sympy.Integer(0))
+    return outputs * ((pool * pool if pool > 1 else 0) + relu)
+
+
 def to_sympy(value: Any) -> sympy.Expr:
     """A SymInt / int / float count as a sympy expression."""
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
@@ -282,6 +297,8 @@ class OpCounter(TorchDispatchMode):
             target = counts.backward_macs if backward else counts.macs
             target[dtype] = target[dtype] + macs
             other = attention_other(func, args, kwargs)
+            if other is None:
+                other = fused_epilogue_other(func, args, kwargs, out)
             if other is None:
                 return out
         elif packet in REDUCTIONS:

@@ -24,14 +24,18 @@ struct SparseQuantize {
 };
 
 // Output rows [n_begin, n_end) of one block: acc(n, p, lane) = sum over row n's non-zeros i of
-// value[i] * block[offset[i] + pixel_offset[p]][lane], exact in int32. Then either out_int = acc, or
-// out = float(acc - zero * row_sums[n]) * multipliers[n] + bias[n] (ReLU if relu).
+// values[i] * block[column_offsets[columns[i]] + pixel_offset[p]][lane], exact in int32. Then either
+// out_int = acc, or out = float(acc - zero * row_sums[n]) * multipliers[n] + bias[n] (ReLU if relu), acc first
+// max-pooled over windows of pool x pool pixels when pool > 1. The CSR weight is read as stored, so a call does no
+// work per non-zero beyond the products.
 struct SparseInt8Rows {
-  const int32_t* weights;       // per non-zero: its int8 value in the low 16 bits, the high 16 bits zero
-  const int64_t* offsets;       // per non-zero: the byte offset of its input element in a block
+  const int8_t* values;         // per non-zero
+  const int32_t* columns;       // per non-zero: its (c, kh, kw) index, checked in range by the caller
+  const int64_t* column_offsets;  // per (c, kh, kw): the byte offset of its input element in a block
   const int64_t* row_ptr;       // (rows + 1)
-  int64_t pixels;
-  const int64_t* pixel_offsets; // per output pixel: the byte offset of its window in a block
+  int64_t pixels;               // conv output pixels computed: whole pooling windows, window after window
+  const int64_t* pixel_offsets; // per conv output pixel: the byte offset of its receptive field in a block
+  int pool;                     // max pooling window side (= stride) on the sums, 1 for none; pool^2 <= 16
   int64_t block_elements;       // C*Hp*Wp
   int64_t images;
   const int32_t* row_sums;
@@ -41,7 +45,7 @@ struct SparseInt8Rows {
   bool relu;
   float* out;                   // or nullptr, then out_int
   int32_t* out_int;
-  int64_t out_image, out_channel, out_pixel;  // output strides
+  int64_t out_image, out_channel, out_pixel;  // output strides (of the pooled output)
 };
 
 struct SparseInt8Table {

@@ -38,7 +38,7 @@ inline VI widen(const uint8_t* p) {
 #endif
 }
 
-// w: the weight in the low 16 bits of every lane, upper 16 bits zero.
+// w: the int8 weight in the low 16 bits of every lane, upper 16 bits zero.
 inline VI small_product(VI q, VI w) {
 #if FXR_VEC_BYTES == 64 && defined(__AVX512BW__)
   return reinterpret_cast<VI>(_mm512_madd_epi16(reinterpret_cast<__m512i>(q), reinterpret_cast<__m512i>(w)));
@@ -146,8 +146,8 @@ __attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, c
   for (int p = 0; p < PTt; ++p)
     for (int v = 0; v < NV; ++v) acc[p][v] = VI();
   for (int64_t i = i0; i < i1; ++i) {
-    const VI w = VI() + a.weights[i];
-    const uint8_t* base = block + a.offsets[i];
+    const VI w = VI() + static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(a.values[i])));
+    const uint8_t* base = block + a.column_offsets[a.columns[i]];
     for (int p = 0; p < PTt; ++p)
       for (int v = 0; v < NV; ++v) acc[p][v] += small_product(widen(base + poff[p] + v * L), w);
   }
@@ -165,13 +165,31 @@ __attribute__((always_inline)) inline void pixel_tile_of(int pixels, const Spars
   }
 }
 
-// Output rows [n_begin, n_end) of one block, kEpilogueOutputs rows x kEpilogueOutputs pixels at a time: the int32
-// sums of the tile, converted to float in place, then written out. Outputs are channels-last (a Linear's rows are
-// its channels), so with a full chunk of rows each (image, pixel) gets one contiguous run of channels, written as
-// L x L transposes of the tile instead of one float per (row, pixel, image).
+// Each window of `window` consecutive pixel tiles of acc (pixel j of window q at acc[(q * window + j) * WIDTH]) to
+// its lane-wise maximum, stored at acc[q * WIDTH]: max pooling on the int32 sums, before the epilogue.
+inline void pool_windows(int32_t* acc, int64_t windows, int window) {
+  for (int64_t q = 0; q < windows; ++q)
+    for (int v = 0; v < NV; ++v) {
+      VI m = load<VI>(acc + q * window * WIDTH + v * L);
+      for (int j = 1; j < window; ++j) {
+        const VI next = load<VI>(acc + (q * window + j) * WIDTH + v * L);
+        m = next > m ? next : m;
+      }
+      store(acc + q * WIDTH + v * L, m);
+    }
+}
+
+// Output rows [n_begin, n_end) of one block, kEpilogueOutputs rows x up to kEpilogueOutputs pixels at a time: the
+// int32 sums of the tile, max-pooled over each window of a.pool x a.pool pixels (the pixel offsets come window by
+// window), converted to float in place, then written out. Pooling the sums equals pooling the floats, bit for bit:
+// the epilogue is non-decreasing in the sum (a multiplier >= 0, the caller checks). Outputs are channels-last (a
+// Linear's rows are its channels), so with a full chunk of rows each (image, pixel) gets one contiguous run of
+// channels, written as L x L transposes of the tile instead of one float per (row, pixel, image).
 void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t n_begin, int64_t n_end,
           int32_t* scratch) {
-  constexpr int R = kEpilogueOutputs, PP = kEpilogueOutputs;
+  constexpr int R = kEpilogueOutputs, S = kEpilogueOutputs;  // S: a row's pixel slots in the scratch tile
+  const int window = a.pool * a.pool;
+  const int64_t PP = S / window * window;  // pixels per chunk: whole windows
   const uint8_t* x = blocks + block * a.block_elements * WIDTH;
   const int64_t first = block * WIDTH;
   const int64_t count = a.images - first < WIDTH ? a.images - first : WIDTH;
@@ -180,38 +198,40 @@ void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t
     const int64_t n1 = n0 + R < n_end ? n0 + R : n_end;
     for (int64_t p0 = 0; p0 < a.pixels; p0 += PP) {
       const int64_t p1 = p0 + PP < a.pixels ? p0 + PP : a.pixels;
+      const int64_t q0 = p0 / window, outputs = (p1 - p0) / window;  // this chunk's output pixels
       for (int64_t n = n0; n < n1; ++n) {
-        int32_t* acc = scratch + (n - n0) * PP * WIDTH;
+        int32_t* acc = scratch + (n - n0) * S * WIDTH;
         for (int64_t p = p0; p < p1; p += PT) {
           const int tile = static_cast<int>(p1 - p < PT ? p1 - p : PT);
           pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
         }
+        if (window > 1) pool_windows(acc, outputs, window);
         if (a.out_int) continue;
         const int32_t offset = a.zero * a.row_sums[n];
         const float multiplier = a.multipliers[n], bias = a.bias ? a.bias[n] : 0.0f;
-        for (int64_t e = 0; e < (p1 - p0) * WIDTH; e += L) {
+        for (int64_t e = 0; e < outputs * WIDTH; e += L) {
           VF v = __builtin_convertvector(load<VI>(acc + e) - offset, VF) * multiplier + bias;
           if (a.relu) v = v > 0.0f ? v : VF();
-          store(y + (n - n0) * PP * WIDTH + e, v);
+          store(y + (n - n0) * S * WIDTH + e, v);
         }
       }
       if (!a.out_int && n1 - n0 == R && a.out_channel == 1) {
-        for (int64_t p = p0; p < p1; ++p)
+        for (int64_t q = 0; q < outputs; ++q)
           for (int v = 0; v < NV; ++v)
             for (int r0 = 0; r0 < R; r0 += L) {
               VF m[L];
-              for (int r = 0; r < L; ++r) m[r] = load<VF>(y + ((r0 + r) * PP + p - p0) * WIDTH + v * L);
+              for (int r = 0; r < L; ++r) m[r] = load<VF>(y + ((r0 + r) * S + q) * WIDTH + v * L);
               transpose<L / 2, L>(m);
               for (int j = 0; j < L && v * L + j < count; ++j)
-                store(a.out + (first + v * L + j) * a.out_image + p * a.out_pixel + n0 + r0, m[j]);
+                store(a.out + (first + v * L + j) * a.out_image + (q0 + q) * a.out_pixel + n0 + r0, m[j]);
             }
         continue;
       }
       for (int64_t b = 0; b < count; ++b)
-        for (int64_t p = p0; p < p1; ++p)
+        for (int64_t q = 0; q < outputs; ++q)
           for (int64_t n = n0; n < n1; ++n) {
-            const int64_t at = (first + b) * a.out_image + n * a.out_channel + p * a.out_pixel;
-            const int64_t from = ((n - n0) * PP + p - p0) * WIDTH + b;
+            const int64_t at = (first + b) * a.out_image + n * a.out_channel + (q0 + q) * a.out_pixel;
+            const int64_t from = ((n - n0) * S + q) * WIDTH + b;
             if (a.out_int) {
               a.out_int[at] = scratch[from];
             } else {

@@ -95,6 +95,16 @@ Geometry linear_geometry(int64_t images, int64_t in_features) {
   return Geometry{images, 1, 1, in_features, 1, in_features, 1, 1, 0, 0, 1, 1, 1, 1};
 }
 
+// A max pooling window (= stride, no padding, floor mode) on the conv's output: 1..4, and no larger than it.
+constexpr int64_t kMaxPool = 4;  // pool^2 pixels fit the kernels' epilogue tile of 16
+
+void check_pool(const char* op, const Geometry& g, int64_t pool) {
+  FXR_CHECK(pool >= 1 && pool <= kMaxPool, "pool must be a max pooling window side in [1, ", kMaxPool, "], got ",
+            pool);
+  FXR_CHECK(g.OH >= pool && g.OW >= pool, "the conv output ", g.OH, "x", g.OW, " is smaller than the pooling window ",
+            pool, "x", pool);
+}
+
 // ------------------------------------------------------------------------------------------------------
 // The driver: quantize the input into blocks of `width` images (parallel over blocks), then every (block, output
 // row) pair (parallel, block-major so a block stays in cache across its rows).
@@ -102,45 +112,54 @@ constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread
 constexpr int64_t kRowChunk = 16;         // the kernels' epilogue tile (kEpilogueOutputs)
 
 void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
-         int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int) {
+         int32_t zero, const float* multipliers, const float* bias, bool relu, float* out, int32_t* out_int,
+         int64_t pool = 1) {
   const SparseInt8Table& table = tables.active();
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
-  const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = g.OH * g.OW;
-  // One pass over the non-zeros: check each column index, look up its input offset in a table over (c, kh, kw),
-  // put its value in a lane's low half, and sum each row's values (the zero point's correction).
-  std::vector<int64_t> column_offsets(csr.kernel_elements), offsets(csr.nnz), pixel_offsets(pixels);
+  const int64_t PH = g.OH / pool, PW = g.OW / pool, window = pool * pool;
+  const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = PH * PW * window;
+  // Per call, only what is per kernel element or per row: the input offset of each (c, kh, kw), the range check
+  // of the column indices (a min and max the compiler vectorises) and each row's sum of values (the zero
+  // point's correction). The non-zeros themselves are read as stored by the kernel.
+  std::vector<int64_t> column_offsets(csr.kernel_elements), pixel_offsets(pixels);
   for (int64_t c = 0, k = 0; c < g.C; ++c)
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t kw = 0; kw < g.KW; ++kw) column_offsets[k++] = ((c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw) * width;
-  std::vector<int32_t> weights(csr.nnz), row_sums(csr.rows, 0);
   const int32_t* columns = csr.columns.data_ptr<int32_t>();
   const int8_t* values = csr.values.data_ptr<int8_t>();
   const int64_t* row_ptr = csr.row_ptr.data_ptr<int64_t>();
-  bool in_range = true;
-  for (int64_t n = 0; n < csr.rows; ++n)
-    for (int64_t i = row_ptr[n]; i < row_ptr[n + 1]; ++i) {
-      const int32_t column = columns[i];
-      const bool ok = column >= 0 && column < csr.kernel_elements;
-      in_range &= ok;
-      offsets[i] = ok ? column_offsets[column] : 0;
-      weights[i] = static_cast<uint16_t>(static_cast<int16_t>(values[i]));
-      row_sums[n] += values[i];
+  int32_t low = 0, high = 0;
+  if (csr.nnz > 0) {
+    low = high = columns[0];
+    for (int64_t i = 0; i < csr.nnz; ++i) {
+      low = std::min(low, columns[i]);
+      high = std::max(high, columns[i]);
     }
-  if (!in_range) {
-    const int64_t low = csr.columns.min().item<int64_t>(), high = csr.columns.max().item<int64_t>();
-    TORCH_CHECK(false, "fxreduce.", op, ": column indices must lie in [0, ", csr.kernel_elements, "), got [", low,
-                ", ", high, "]");
   }
-  for (int64_t oh = 0; oh < g.OH; ++oh)
-    for (int64_t ow = 0; ow < g.OW; ++ow) pixel_offsets[oh * g.OW + ow] = (oh * g.sh * g.Wp() + ow * g.sw) * width;
+  TORCH_CHECK(low >= 0 && high < csr.kernel_elements, "fxreduce.", op, ": column indices must lie in [0, ",
+              csr.kernel_elements, "), got [", low, ", ", high, "]");
+  std::vector<int32_t> row_sums(csr.rows);
+  for (int64_t n = 0; n < csr.rows; ++n) {
+    int32_t sum = 0;
+    for (int64_t i = row_ptr[n]; i < row_ptr[n + 1]; ++i) sum += values[i];
+    row_sums[n] = sum;
+  }
+  // The conv pixels pooling window by window (one window of one pixel without pooling): the kernel pools each run
+  // of `window` consecutive pixels.
+  for (int64_t ph = 0, k = 0; ph < PH; ++ph)
+    for (int64_t pw = 0; pw < PW; ++pw)
+      for (int64_t i = 0; i < pool; ++i)
+        for (int64_t j = 0; j < pool; ++j)
+          pixel_offsets[k++] = ((ph * pool + i) * g.sh * g.Wp() + (pw * pool + j) * g.sw) * width;
   Tensor quantized = at::empty({blocks * elements * width}, at::kByte);
   uint8_t* quantized_data = quantized.data_ptr<uint8_t>();
   SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized_data};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
-  SparseInt8Rows a{weights.data(), offsets.data(), row_ptr, pixels, pixel_offsets.data(), elements, g.images,
-                   row_sums.data(), zero, multipliers, bias, relu, out, out_int, csr.rows * pixels, 1, csr.rows};
+  SparseInt8Rows a{values, columns, column_offsets.data(), row_ptr, pixels, pixel_offsets.data(),
+                   static_cast<int>(pool), elements, g.images, row_sums.data(), zero, multipliers, bias, relu, out,
+                   out_int, csr.rows * PH * PW, 1, csr.rows};
   // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
   const int64_t chunks = (csr.rows + kRowChunk - 1) / kRowChunk;
   const int64_t per_chunk = std::max<int64_t>(1, csr.nnz / chunks * pixels * width);
@@ -196,15 +215,17 @@ Tensor sparse_int8_linear(const Tensor& x_in, const Tensor& values, const Tensor
   return out;
 }
 
-// sparse_int8_conv2d(x (N, C, H, W), CSR weight (O, C*kh*kw), kernel (C, kh, kw), ..., input_qparams (scale, zero))
-// -> (N, O, OH, OW) float32 straight from the int32 sums (no output requantization).
+// sparse_int8_conv2d(x (N, C, H, W), CSR weight (O, C*kh*kw), kernel (C, kh, kw), ..., input_qparams (scale, zero),
+// relu, pool) -> (N, O, OH / pool, OW / pool) float32 straight from the int32 sums (no output requantization), max
+// pooled over pool x pool windows (stride pool, floor mode) when pool > 1: the conv's full output is never written.
 Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor& columns, const Tensor& row_ptr,
                           c10::IntArrayRef kernel, const Tensor& scale, const std::optional<Tensor>& bias,
                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                          const Tensor& input_qparams, bool relu) {
+                          const Tensor& input_qparams, bool relu, int64_t pool) {
   const char* op = "sparse_int8_conv2d";
   check_input(op, x_in, at::kFloat);
   const Geometry g = conv_geometry(op, x_in, kernel, stride, padding, dilation);
+  check_pool(op, g, pool);
   Csr csr = checked_csr(op, values, columns, row_ptr, g.C * g.KH * g.KW);
   check_channel_vector(op, scale, "scale", csr.rows);
   check_channel_vector(op, bias, "bias", csr.rows);
@@ -215,12 +236,17 @@ Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor
             "input_qparams must be a positive finite scale and an integer zero point in [0, 255], got ", in_scale,
             ", ", in_zero);
   Tensor x = x_in.contiguous();
-  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor out = at::empty({g.images, csr.rows, g.OH / pool, g.OW / pool},
+                         x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), in_scale);
+  if (pool > 1)
+    for (int64_t n = 0; n < csr.rows; ++n)
+      FXR_CHECK(multipliers[n] >= 0, "pooling on the int32 sums needs non-negative weight scales; output channel ",
+                n, " has scale ", scale[n].item<float>());
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   run(op, g, csr, x.data_ptr<float>(), nullptr, 1.0f / in_scale, static_cast<int32_t>(in_zero), multipliers.data(),
-      bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr);
+      bias.has_value() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), nullptr, pool);
   return out;
 }
 
@@ -228,18 +254,19 @@ Tensor sparse_int8_conv2d(const Tensor& x_in, const Tensor& values, const Tensor
 // bit, to a dense int8 GEMM on the same weights.
 Tensor sparse_int8_conv2d_int32(const Tensor& xq_in, const Tensor& values, const Tensor& columns,
                                 const Tensor& row_ptr, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                                c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t zero) {
+                                c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t zero, int64_t pool) {
   const char* op = "sparse_int8_conv2d_int32";
   check_input(op, xq_in, at::kByte);
   FXR_CHECK(zero >= 0 && zero <= 255, "zero must lie in [0, 255], got ", zero);
   const Geometry g = conv_geometry(op, xq_in, kernel, stride, padding, dilation);
+  check_pool(op, g, pool);
   Csr csr = checked_csr(op, values, columns, row_ptr, g.C * g.KH * g.KW);
   Tensor xq = xq_in.contiguous();
-  Tensor out = at::empty({g.images, csr.rows, g.OH, g.OW},
+  Tensor out = at::empty({g.images, csr.rows, g.OH / pool, g.OW / pool},
                          xq_in.options().dtype(at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   run(op, g, csr, nullptr, xq.data_ptr<uint8_t>(), 1.0f, static_cast<int32_t>(zero), nullptr, nullptr, false, nullptr,
-      out.data_ptr<int32_t>());
+      out.data_ptr<int32_t>(), pool);
   return out;
 }
 
@@ -266,11 +293,12 @@ TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
   m.def("sparse_int8_linear(Tensor x, Tensor values, Tensor columns, Tensor row_ptr, int in_features, Tensor scale, "
         "Tensor? bias, bool relu) -> Tensor");
   m.def("sparse_int8_conv2d(Tensor x, Tensor values, Tensor columns, Tensor row_ptr, int[] kernel, Tensor scale, "
-        "Tensor? bias, int[] stride, int[] padding, int[] dilation, Tensor input_qparams, bool relu) -> Tensor");
+        "Tensor? bias, int[] stride, int[] padding, int[] dilation, Tensor input_qparams, bool relu, int pool=1) -> "
+        "Tensor");
   m.def("sparse_int8_linear_int32(Tensor xq, Tensor values, Tensor columns, Tensor row_ptr, int in_features) -> "
         "Tensor");
   m.def("sparse_int8_conv2d_int32(Tensor xq, Tensor values, Tensor columns, Tensor row_ptr, int[] kernel, "
-        "int[] stride, int[] padding, int[] dilation, int zero) -> Tensor");
+        "int[] stride, int[] padding, int[] dilation, int zero, int pool=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {

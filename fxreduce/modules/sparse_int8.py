@@ -32,6 +32,8 @@ from ..errors import InputError, OptionError
 from .int8 import INPUT_LEVELS, Int8Conv2d, Int8Linear, check_input, out_size, activation_qparams, check_int8_weight
 from .int8 import Storage, storage_of
 
+MAX_POOL = 4  # the largest max pooling window the sparse conv kernel fuses (its epilogue tile holds 16 pixels)
+
 
 def to_csr(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """int8 weight (out, ...) -> CSR by output channel over its flattened rows: (values, columns, row_ptr)."""
@@ -86,13 +88,14 @@ def sparse_int8_linear_reference(x: Tensor, values: Tensor, columns: Tensor, row
 
 def sparse_int8_conv2d_reference(x: Tensor, values: Tensor, columns: Tensor, row_ptr: Tensor, kernel: Sequence[int],
                                  scale: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                                 dilation: Sequence[int], input_qparams: Tensor, relu: bool) -> Tensor:
+                                 dilation: Sequence[int], input_qparams: Tensor, relu: bool, pool: int = 1) -> Tensor:
     x_scale, zero = float(input_qparams[0]), int(input_qparams[1])
     weight = from_csr(values, columns, row_ptr, math.prod(kernel)).reshape(-1, *kernel)
     q = F.pad(_quantize(x, x_scale, zero).double(), (padding[1], padding[1], padding[0], padding[0]), value=zero)
     sums = F.conv2d(q, weight.double(), None, stride, 0, dilation).to(torch.int64)
     multipliers = torch.tensor(x_scale, dtype=torch.float32) * scale
-    return _sums_to_float(sums, zero, weight.flatten(1).sum(1, dtype=torch.int64), multipliers, bias, relu, 1)
+    y = _sums_to_float(sums, zero, weight.flatten(1).sum(1, dtype=torch.int64), multipliers, bias, relu, 1)
+    return F.max_pool2d(y, pool) if pool > 1 else y
 
 
 def _linear(x, values, columns, row_ptr, in_features, scale, bias, relu) -> Tensor:
@@ -101,9 +104,9 @@ def _linear(x, values, columns, row_ptr, in_features, scale, bias, relu) -> Tens
     return sparse_int8_linear_reference(x, values, columns, row_ptr, in_features, scale, bias, relu)
 
 
-def _conv2d(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, dilation, input_qparams, relu):
+def _conv2d(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, dilation, input_qparams, relu, pool):
     args = (x, values, columns, row_ptr, list(kernel), scale, bias, list(stride), list(padding), list(dilation),
-            input_qparams, relu)
+            input_qparams, relu, pool)
     if native.serves(x):
         return torch.ops.fxreduce.sparse_int8_conv2d(*args)
     return sparse_int8_conv2d_reference(*args)
@@ -120,9 +123,10 @@ if native.available():
         return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
     @torch.library.register_fake("fxreduce::sparse_int8_conv2d")
-    def _conv_fake(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, dilation, input_qparams, relu):
+    def _conv_fake(x, values, columns, row_ptr, kernel, scale, bias, stride, padding, dilation, input_qparams, relu,
+                   pool=1):
         return x.new_empty((x.shape[0], row_ptr.shape[0] - 1,
-                            *(_conv_out(x.shape[2 + d], kernel[1 + d], stride[d], padding[d], dilation[d])
+                            *(_conv_out(x.shape[2 + d], kernel[1 + d], stride[d], padding[d], dilation[d]) // pool
                               for d in range(2)))).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("fxreduce::sparse_int8_linear_int32")
@@ -130,18 +134,20 @@ if native.available():
         return xq.new_empty((xq.shape[0], row_ptr.shape[0] - 1), dtype=torch.int32)
 
     @torch.library.register_fake("fxreduce::sparse_int8_conv2d_int32")
-    def _conv_int32_fake(xq, values, columns, row_ptr, kernel, stride, padding, dilation, zero):
+    def _conv_int32_fake(xq, values, columns, row_ptr, kernel, stride, padding, dilation, zero, pool=1):
         return _conv_fake(xq, values, columns, row_ptr, kernel, None, None, stride, padding, dilation, None,
-                          False).to(torch.int32)
+                          False, pool).to(torch.int32)
 
-    # The FLOPs are the stored non-zeros' multiply-adds: what the cost model certifies pruning saves.
+    # The FLOPs are the stored non-zeros' multiply-adds: what the cost model certifies pruning saves. A fused max
+    # pool computes the conv at every pixel of its windows: pool^2 conv pixels per output pixel.
     @register_flop_formula(_ops.sparse_int8_linear)
     def _linear_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(x_shape[:-1]) * values_shape[0]
 
     @register_flop_formula(_ops.sparse_int8_conv2d)
-    def _conv_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * out_shape[0] * out_shape[2] * out_shape[3] * values_shape[0]
+    def _conv_flops(x_shape, values_shape, columns, row_ptr, kernel, scale, bias, stride, padding, dilation,
+                    input_qparams, relu, pool=1, *, out_shape=None, **kwargs) -> int:
+        return 2 * out_shape[0] * out_shape[2] * out_shape[3] * pool * pool * values_shape[0]
 
 
 def _csr_buffers(module: nn.Module, weight: Tensor) -> None:
@@ -217,14 +223,23 @@ class SparseInt8Conv2d(nn.Module):
 
     Error (:meth:`error_bound`): each input element is off by at most s_in/2 plus its distance outside the
     calibrated range, so the output by at most conv(that, |W|), plus float32 rounding; no output requantization.
+
+    With ``pool`` > 1 a following ``max_pool2d(pool)`` (window = stride, no padding, floor mode) runs in the
+    kernel: each window's int32 sums are max-pooled before the float epilogue, which is non-decreasing in the
+    sum, so the result equals pooling this module's unpooled output bit for bit, and the full-size conv
+    output is never written (lower_int8 fuses it; ``fuse_pool``).
     """
 
     fxreduce_mac_dtype = "int8"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
                  padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), nonzeros: int = 0,
-                 bias: bool = True, relu: bool = False):
+                 bias: bool = True, relu: bool = False, pool: int = 1):
         super().__init__()
+        if not isinstance(pool, int) or not 1 <= pool <= MAX_POOL:
+            raise OptionError(f"pool must be a max pooling window side in 1..{MAX_POOL}, got {pool!r}",
+                              where="SparseInt8Conv2d", fix=f"leave windows above {MAX_POOL} to F.max_pool2d")
+        self.pool = pool
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
@@ -239,7 +254,7 @@ class SparseInt8Conv2d(nn.Module):
     @classmethod
     def from_int8(cls, weight: Tensor, scale: Tensor, bias: Tensor | None, *, stride: Sequence[int],
                   padding: Sequence[int], dilation: Sequence[int], input_range: tuple[float, float],
-                  relu: bool = False, groups: int = 1) -> "SparseInt8Conv2d":
+                  relu: bool = False, groups: int = 1, pool: int = 1) -> "SparseInt8Conv2d":
         """A sparse int8 conv whose input scale covers ``input_range`` (the calibrated min, max)."""
         check_int8_weight(weight, scale, "SparseInt8Conv2d")
         if groups != 1:
@@ -248,7 +263,7 @@ class SparseInt8Conv2d(nn.Module):
         if weight.dim() != 4:
             raise InputError(f"expected a 4-D conv weight, got shape {tuple(weight.shape)}", where="SparseInt8Conv2d")
         module = cls(weight.shape[1], weight.shape[0], weight.shape[2:], stride, padding, dilation, 0,
-                     bias is not None, relu)
+                     bias is not None, relu, pool)
         _csr_buffers(module, weight)
         with torch.no_grad():
             module.weight_scale.copy_(scale)
@@ -273,27 +288,35 @@ class SparseInt8Conv2d(nn.Module):
         check_input(x, "SparseInt8Conv2d", dims=4)
         return _conv2d(x, self.values, self.columns, self.row_ptr, (self.in_channels, *self.kernel_size),
                        self.weight_scale, self.bias, self.stride, self.padding, self.dilation, self.input_qparams,
-                       self.relu)
+                       self.relu, self.pool)
 
     _conv = Int8Conv2d._conv
     _range = Int8Conv2d._range
-    reference = Int8Conv2d.reference
+
+    def _pooled(self, y: Tensor) -> Tensor:
+        return F.max_pool2d(y, self.pool) if self.pool > 1 else y
+
+    def reference(self, x: Tensor) -> Tensor:
+        return self._pooled(Int8Conv2d.reference(self, x))
 
     def error_bound(self, x: Tensor) -> Tensor:
-        """Per output element: the most ``self(x)`` may differ from :meth:`reference`."""
+        """Per output element: the most ``self(x)`` may differ from :meth:`reference`. Max pooling moves no
+        output further than the largest bound in its window, so a pooled output's bound is that maximum."""
         with torch.no_grad():
             in_scale, in_low, in_high = self._range(self.input_qparams, INPUT_LEVELS)
             outside = (in_low - x).clamp(min=0) + (x - in_high).clamp(min=0)
             weight = self.dequantized_weight().abs()
             spread = self._conv(outside + in_scale / 2, weight, None)
             magnitude = self._conv(x.abs(), weight, None if self.bias is None else self.bias.abs())
-            return spread * (1 + 1e-4) + 1e-4 * magnitude + 1e-6
+            return self._pooled(spread * (1 + 1e-4) + 1e-4 * magnitude + 1e-6)
 
     def fxreduce_macs(self, input_shapes, training: bool = False) -> dict:
         n, _, h, w = input_shapes[0]
         kh, kw = self.kernel_size
         out_h = out_size(h, 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1, self.stride[0])
         out_w = out_size(w, 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1, self.stride[1])
+        if self.pool > 1:  # the conv pixels of whole windows
+            out_h, out_w = out_h // self.pool * self.pool, out_w // self.pool * self.pool
         return {"int8 sparse conv": n * out_h * out_w * self.values.numel()}
 
     def storage(self) -> Storage:
@@ -302,7 +325,8 @@ class SparseInt8Conv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, relu={self.relu}, "
-                f"non-zeros={self.values.numel()} ({self.density:.1%}), activations=static")
+                f"non-zeros={self.values.numel()} ({self.density:.1%}), activations=static"
+                + (f", max_pool={self.pool}" if self.pool > 1 else ""))
 
 
 __all__ = ["SparseInt8Conv2d", "SparseInt8Linear", "from_csr", "linear_qparams",

@@ -5,7 +5,9 @@ model quantized that way) are lowered exactly: the int8 values times the scale r
 bit for bit. Other weights are rounded here, per output channel by default, and the report gives the
 weight error. Linear layers quantize their input per call; Conv2d layers use static activation scales
 from a calibration run, on the data the user gives or on random inputs shaped like the example inputs
-(the report says which). A ReLU that is a layer's only user is fused into the int8 kernel.
+(the report says which). A ReLU that is a layer's only user is fused into the int8 kernel, and so is a
+max_pool2d (window = stride, no padding) that follows a sparse int8 conv: the kernel pools its int32 sums, so
+the conv's full-size output is never written.
 
 Pruned layers (ADMM's) run on fxreduce's sparse int8 kernels (SparseInt8Linear / SparseInt8Conv2d: only the
 stored non-zeros multiplied, the int32 sums equal to the dense kernel's) where their density is at most
@@ -30,7 +32,7 @@ from ..cost_models.latency import Profile, example_shape, module_seconds
 from ..graph import Layer, find_layers, only_user, replace_layer
 from .. import native
 from ..modules.int8 import MAX_WEIGHT_LEVEL, Int8Conv2d, Int8Linear
-from ..modules.sparse_int8 import SparseInt8Conv2d, SparseInt8Linear
+from ..modules.sparse_int8 import MAX_POOL, SparseInt8Conv2d, SparseInt8Linear
 from ..testing.kit import capture_calls
 from .base import Contract, LatencyObjective, LayerSelection, Pass, PassOutcome, Rewrite, Skipped, option, register
 
@@ -44,6 +46,8 @@ SHORT_REDUCTION = 512
 SHORT_REDUCTION_FACTOR = 4
 SPARSE_MIN_OUTPUTS = 16
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+_MAX_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, torch.ops.aten.max_pool2d.default}
+_MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
 def find_grid(values: Tensor) -> float | None:
@@ -113,6 +117,8 @@ class LowerInt8Options(LatencyObjective, LayerSelection):
     calibration_batches: int = option(4, "random calibration batches when no calibration data is given",
                                       check=("1..64", lambda value: 1 <= value <= 64))
     fuse_relu: bool = option(True, "fuse a ReLU that is the layer's only user into the int8 kernel")
+    fuse_pool: bool = option(True, f"fuse a max_pool2d (square window 2..{MAX_POOL} = stride, no padding, floor "
+                                   "mode) that is a sparse int8 conv's only user into its kernel")
     sparse_density: float = option(SPARSE_DENSITY, "layers with at most this fraction of non-zero weights run on "
                                                    "the sparse int8 kernel (0: never)",
                                    check=("a fraction in [0, 1]", lambda value: 0 <= value <= 1))
@@ -156,21 +162,49 @@ def _float_module(layer: Layer) -> torch.nn.Module:
     return conv
 
 
-def _int8_predicted_slower(gm: fx.GraphModule, layer: Layer, int8: torch.nn.Module, relu: bool,
+def _int8_predicted_slower(gm: fx.GraphModule, layer: Layer, int8: torch.nn.Module, fused: list[torch.nn.Module],
                            profile: Profile) -> str | None:
-    """Why ``layer`` stays in float32 under objective='latency' (int8 predicted no faster), or None."""
+    """Why ``layer`` stays in float32 under objective='latency' (int8 predicted no faster), or None. ``fused``:
+    the float modules the int8 kernel also runs (a ReLU, a max pool)."""
     shape = example_shape(gm, layer.input)
     if shape is None:
         return None
     float_layer = _float_module(layer)
     with torch.no_grad():
-        fast = module_seconds(profile, torch.nn.Sequential(float_layer, torch.nn.ReLU()) if relu else float_layer,
-                              shape)
+        fast = module_seconds(profile, torch.nn.Sequential(float_layer, *fused) if fused else float_layer, shape)
         quantized = module_seconds(profile, int8, shape)
     if quantized < fast:
         return None
     return (f"int8 predicted no faster on this machine: {quantized * 1e6:.3g} us against {fast * 1e6:.3g} us in "
             f"float32 on input {'x'.join(map(str, shape))} (latency profile; objective='latency' keeps it in float)")
+
+
+def _max_pool_user(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int] | None:
+    """The max_pool2d that is ``node``'s only user and its window side, where the sparse conv kernel runs it: a
+    square window of 2..MAX_POOL, stride = window (or left default), no padding, dilation 1, floor mode, no
+    indices."""
+    user = only_user(node)
+    if user is None or user.args[:1] != (node,):
+        return None
+    if user.op == "call_module" and isinstance(gm.get_submodule(user.target), torch.nn.MaxPool2d):
+        pool = gm.get_submodule(user.target)
+        params = {name: getattr(pool, name) for name in _MAX_POOL_PARAMETERS}
+    elif user.op == "call_function" and user.target in _MAX_POOL_FUNCTIONS:
+        params = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
+                  **dict(zip(_MAX_POOL_PARAMETERS, user.args[1:])), **user.kwargs}
+    else:
+        return None
+
+    def pair(value: Any) -> tuple:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+    window = pair(params["kernel_size"])
+    stride = window if params["stride"] is None or pair(params["stride"]) == () else pair(params["stride"])
+    if (window[0] != window[1] or not isinstance(window[0], int) or not 2 <= window[0] <= MAX_POOL
+            or stride != window or pair(params["padding"]) != (0, 0) or pair(params["dilation"]) != (1, 1)
+            or params["ceil_mode"] or params["return_indices"]):
+        return None
+    return user, window[0]
 
 
 def _relu_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -216,6 +250,9 @@ class LowerInt8(Pass):
             weights = to_int8(layer.weight, self.options.per_channel)
             bias = layer.bias.detach().float() if layer.bias is not None else None
             sparse, kernel_text = self._sparse(layer, weights.values)
+            pool = None
+            if sparse and layer.kind == "conv2d" and self.options.fuse_pool:
+                pool = _max_pool_user(gm, relu if relu is not None else layer.result)
             if layer.kind == "linear":
                 kind = SparseInt8Linear if sparse else Int8Linear
                 module = kind.from_int8(weights.values, weights.scales, bias, relu=relu is not None)
@@ -225,27 +262,31 @@ class LowerInt8(Pass):
                 a = layer.attrs
                 geometry = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                                 input_range=(low_in, high_in), relu=relu is not None)
-                module = (SparseInt8Conv2d.from_int8(weights.values, weights.scales, bias, **geometry) if sparse else
+                module = (SparseInt8Conv2d.from_int8(weights.values, weights.scales, bias, **geometry,
+                                                     pool=pool[1] if pool else 1) if sparse else
                           Int8Conv2d.from_int8(weights.values, weights.scales, bias,
                                                output_range=(low_out, high_out), **geometry))
                 activations = f"static activation scales calibrated on {source}"
-            slower = _int8_predicted_slower(gm, layer, module, relu is not None, profile) if profile else None
+            fused = ([torch.nn.ReLU()] if relu is not None else []) + ([torch.nn.MaxPool2d(pool[1])] if pool else [])
+            slower = _int8_predicted_slower(gm, layer, module, fused, profile) if profile else None
             if slower:
                 outcome.skipped.append(Skipped(layer.name, slower))
                 continue
-            replaced = [layer.node.name] + ([relu.name] if relu is not None else [])
+            fused_nodes = [node for node in (relu, pool[0] if pool else None) if node is not None]
+            replaced = [layer.node.name] + [node.name for node in fused_nodes]
             new = replace_layer(gm, layer, module, pass_name=self.name)
             meta.add_details(new, weight_error=weights.error)
-            if relu is not None:
-                _remove_relu(gm, relu, new)
+            for node in fused_nodes:
+                _remove_fused(gm, node, new)
             if weights.exact:
                 weight_text = f"weights exact on {weights.grid}"
             else:
                 peak = float(layer.weight.detach().abs().max())
                 weight_text = (f"weights {weights.grid}: max |dW| {weights.error:.3g} "
                                f"({100 * weights.error / peak if peak else 0:.2g}% of max |W|)")
-            fused = ", ReLU fused" if relu is not None else ""
-            outcome.rewrites.append(Rewrite(replaced, [new.name], f"int8 {type(module).__name__}{fused}; "
+            fused_text = "".join([", ReLU fused" if relu is not None else "",
+                                  f", max_pool2d({pool[1]}) fused (pooled on the int32 sums)" if pool else ""])
+            outcome.rewrites.append(Rewrite(replaced, [new.name], f"int8 {type(module).__name__}{fused_text}; "
                                                                   f"{kernel_text}; {weight_text}; {activations}",
                                             self.contract))
 
@@ -327,8 +368,9 @@ class LowerInt8(Pass):
         return None
 
 
-def _remove_relu(gm: fx.GraphModule, relu: fx.Node, fused: fx.Node) -> None:
-    relu.replace_all_uses_with(fused)
-    gm.graph.erase_node(relu)
-    if relu.op == "call_module" and not any(n.op == "call_module" and n.target == relu.target for n in gm.graph.nodes):
-        gm.delete_submodule(relu.target)
+def _remove_fused(gm: fx.GraphModule, node: fx.Node, fused: fx.Node) -> None:
+    """Erase ``node`` (a ReLU or max pool the int8 module now runs), its users reading ``fused`` instead."""
+    node.replace_all_uses_with(fused)
+    gm.graph.erase_node(node)
+    if node.op == "call_module" and not any(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+        gm.delete_submodule(node.target)

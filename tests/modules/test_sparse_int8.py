@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -131,6 +132,34 @@ def test_sparse_conv_matches_the_dense_int8_conv_and_its_bound(isa, seed, batch,
     assert float((dense(inside) - y).abs().max()) <= step / 2 * (1 + 1e-3) + 1e-5
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 40), channels=st.integers(1, 4), out=st.integers(1, 20),
+       size=st.tuples(st.integers(4, 14), st.integers(4, 14)), kernel=st.integers(1, 3), stride=st.integers(1, 2),
+       padding=st.integers(0, 1), pool=st.integers(1, 4), zero=st.integers(0, 255), density=densities,
+       relu=st.booleans())
+def test_fused_max_pool_equals_pooling_the_unpooled_output_bit_for_bit(isa, seed, batch, channels, out, size, kernel,
+                                                                        stride, padding, pool, zero, density, relu):
+    outputs = [(size[d] + 2 * padding - kernel) // stride + 1 for d in range(2)]
+    if min(outputs) < pool:
+        size = tuple(size[d] + (pool - outputs[d]) * stride for d in range(2))
+    g = torch.Generator().manual_seed(seed)
+    weight = sparse_weight(seed, (out, channels, kernel, kernel), density, False, False)
+    csr, geometry = to_csr(weight), ([channels, kernel, kernel], [stride] * 2, [padding] * 2, [1, 1])
+    xq = torch.randint(0, 256, (batch, channels, *size), generator=g, dtype=torch.uint8)
+    x = torch.randn(batch, channels, *size, generator=g)
+    scale, bias = torch.rand(out, generator=g) * 0.01, torch.randn(out, generator=g)
+    qparams = torch.tensor([0.02, zero])
+    with native.forced_isa(isa):
+        pooled_sums = ops.sparse_int8_conv2d_int32(xq, *csr, *geometry, zero, pool)
+        sums = ops.sparse_int8_conv2d_int32(xq, *csr, *geometry, zero)
+        args = (*csr, geometry[0], scale, bias, *geometry[1:], qparams, relu)
+        pooled, unpooled = ops.sparse_int8_conv2d(x, *args, pool), ops.sparse_int8_conv2d(x, *args)
+    assert torch.equal(pooled_sums.double(), F.max_pool2d(sums.double(), pool))
+    assert torch.equal(pooled, F.max_pool2d(unpooled, pool))
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(sparse_int8_conv2d_reference(x, *args, pool), pooled, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_indices_and_shapes_raise_clear_errors():
     weight = sparse_weight(0, (5, 7), 0.5, False, False)
     values, columns, row_ptr = to_csr(weight)
@@ -170,6 +199,15 @@ def test_bad_indices_and_shapes_raise_clear_errors():
     with pytest.raises(RuntimeError, match="stride must be"):
         ops.sparse_int8_conv2d(torch.randn(1, 2, 5, 5), *csr, [2, 3, 3], torch.ones(4), None, [0, 1], [0, 0], [1, 1],
                                qparams, False)
+    for pool, message in ((0, "pool must be"), (5, "pool must be"), (4, "smaller than the pooling window")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.sparse_int8_conv2d(torch.randn(1, 2, 5, 5), *csr, [2, 3, 3], torch.ones(4), None, [1, 1], [0, 0],
+                                   [1, 1], qparams, False, pool)
+    with pytest.raises(RuntimeError, match="non-negative weight scales"):
+        ops.sparse_int8_conv2d(torch.randn(1, 2, 5, 5), *csr, [2, 3, 3], -torch.ones(4), None, [1, 1], [0, 0], [1, 1],
+                               qparams, False, 2)
+    with pytest.raises(FxReduceError, match="pool must be"):
+        SparseInt8Conv2d(2, 4, (3, 3), pool=5)
     with pytest.raises(RuntimeError, match="zero point"):
         ops.sparse_int8_conv2d(torch.randn(1, 2, 5, 5), *csr, [2, 3, 3], torch.ones(4), None, [1, 1], [0, 0], [1, 1],
                                torch.tensor([0.1, 300.0]), False)
@@ -192,6 +230,12 @@ def test_flop_formulas_count_the_stored_nonzeros():
         conv(torch.randn(2, 3, 5, 5))
     assert counter.get_total_flops() == 2 * 6 * linear.values.numel() + 2 * 2 * 25 * conv.values.numel()
     assert linear.fxreduce_macs([(6, 50)]) == {"int8 sparse GEMM": 6 * linear.values.numel()}
+    pooled = SparseInt8Conv2d.from_int8(sparse_weight(4, (8, 3, 3, 3), 0.2, False, False), torch.ones(8), None,
+                                        stride=(1, 1), padding=(1, 1), dilation=(1, 1), input_range=(-1, 1), pool=2)
+    with FlopCounterMode(display=False) as counter:
+        pooled(torch.randn(2, 3, 5, 5))  # 5x5 conv pixels, pooled to 2x2: the 4x4 of whole windows are computed
+    assert counter.get_total_flops() == 2 * 2 * 16 * pooled.values.numel()
+    assert pooled.fxreduce_macs([(2, 3, 5, 5)]) == {"int8 sparse conv": 2 * 16 * pooled.values.numel()}
 
 
 class Pruned(nn.Module):
@@ -236,3 +280,57 @@ def test_lower_int8_runs_pruned_layers_sparse_and_certifies_the_flop_cut():
         assert float((lowered(x) - gm(x)).abs().max()) < 0.5
     everything_dense = fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=x, sparse_density=0.0)]))
     assert not any("Sparse" in type(m).__name__ for m in everything_dense.graph_module.modules())
+
+
+class PrunedLeNet(nn.Module):
+    """LeNet's pattern: conv -> max pool, conv -> ReLU -> pool module, and a pool the kernel cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5)
+        self.conv2 = nn.Conv2d(16, 16, 3)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv1(x), 2)
+        x = self.pool(torch.relu(self.conv2(x)))
+        return F.max_pool2d(self.conv3(x), 3, stride=1)  # overlapping windows: left to torch
+
+
+def pruned_lenet() -> tuple[fx.GraphModule, torch.Tensor]:
+    """PrunedLeNet at 10% density, traced, and an input."""
+    torch.manual_seed(0)
+    model = PrunedLeNet().eval()
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2, model.conv3):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
+    x = torch.randn(3, 1, 20, 20)
+    return fr.trace(model, (x,), {"N": (0, 0)}), x
+
+
+def test_lower_int8_fuses_a_following_max_pool_into_the_sparse_conv():
+    gm, x = pruned_lenet()
+    lower = fr.get_pass("lower_int8")(calibration=x)
+    result = fr.apply(gm, fr.Pipeline([lower]))
+    lowered = result.graph_module
+    assert lower.check(gm, lowered, (x,)) is None and lower.check(gm, lowered, (3 * x,)) is None
+    pools = {name: module.pool for name, module in lowered.named_modules() if isinstance(module, SparseInt8Conv2d)}
+    assert sorted(pools.values()) == [1, 2, 2]
+    remaining = [node for node in lowered.graph.nodes if "pool" in node.name]
+    assert len(remaining) == 1  # the overlapping pool
+    text = "\n".join(result.report.lines())
+    assert text.count("max_pool2d(2) fused") == 2 and "ReLU fused, max_pool2d(2) fused" in text
+    with torch.no_grad():
+        unfused = fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=x, fuse_pool=False)])).graph_module
+        assert torch.equal(lowered(x), unfused(x))
+    assert int(fr.cost(lowered).at(N=1).macs) == int(fr.cost(unfused).at(N=1).macs)
+
+
+def test_the_cost_model_counts_the_fused_relu_and_pool_as_other_ops():
+    gm, x = pruned_lenet()
+    fused, unfused = (fr.apply(gm, fr.Pipeline([fr.get_pass("lower_int8")(calibration=x, fuse_pool=pool)])).graph_module
+                      for pool in (True, False))
+    # conv1's 16x16 output and conv2's 6x6 pool into whole windows, so the fused kernels read every element the
+    # pools read; conv2's fused ReLU runs on its 16x3x3 pooled outputs, not on the 16x6x6 the pool reads.
+    assert int(fr.cost(fused).at(N=1).other) == int(fr.cost(unfused).at(N=1).other) - 16 * 6 * 6 + 16 * 3 * 3
