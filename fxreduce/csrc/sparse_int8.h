@@ -31,7 +31,8 @@ struct SparseQuantize {
 struct SparseInt8Rows {
   const int8_t* values;         // per non-zero
   const int32_t* columns;       // per non-zero: its (c, kh, kw) index, checked in range by the caller
-  const int64_t* column_offsets;  // per (c, kh, kw): the byte offset of its input element in a block
+  const int64_t* column_offsets;  // per (c, kh, kw): the byte offset of its input element in a block; nullptr for
+                                  // a Linear (one pixel, column c at c * width)
   const int64_t* row_ptr;       // (rows + 1)
   int64_t pixels;               // conv output pixels computed: whole pooling windows, window after window
   const int64_t* pixel_offsets; // per conv output pixel: the byte offset of its receptive field in a block

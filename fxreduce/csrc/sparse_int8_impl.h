@@ -137,8 +137,9 @@ void quantize(const SparseQuantize& a, int64_t block) {
     }
 }
 
-// PTt output pixels of one row: the non-zeros outer (each weight broadcast once), pixels and lanes inner.
-template <int PTt>
+// PTt output pixels of one row: the non-zeros outer (each weight broadcast once), pixels and lanes inner. Dense
+// columns (a Linear's): column c is at byte c * WIDTH of a block, no table lookup.
+template <int PTt, bool DenseColumns>
 __attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, const uint8_t* block, int64_t i0,
                                                       int64_t i1, const int64_t* poff,
                        int32_t* acc_out) {
@@ -147,7 +148,7 @@ __attribute__((always_inline)) inline void pixel_tile(const SparseInt8Rows& a, c
     for (int v = 0; v < NV; ++v) acc[p][v] = VI();
   for (int64_t i = i0; i < i1; ++i) {
     const VI w = VI() + static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(a.values[i])));
-    const uint8_t* base = block + a.column_offsets[a.columns[i]];
+    const uint8_t* base = block + (DenseColumns ? a.columns[i] * int64_t{WIDTH} : a.column_offsets[a.columns[i]]);
     for (int p = 0; p < PTt; ++p)
       for (int v = 0; v < NV; ++v) acc[p][v] += small_product(widen(base + poff[p] + v * L), w);
   }
@@ -160,7 +161,7 @@ __attribute__((always_inline)) inline void pixel_tile_of(int pixels, const Spars
                                                          int64_t i0, int64_t i1,
                           const int64_t* poff, int32_t* acc_out) {
   if constexpr (PTt > 0) {
-    if (pixels == PTt) return pixel_tile<PTt>(a, block, i0, i1, poff, acc_out);
+    if (pixels == PTt) return pixel_tile<PTt, false>(a, block, i0, i1, poff, acc_out);
     pixel_tile_of<PTt - 1>(pixels, a, block, i0, i1, poff, acc_out);
   }
 }
@@ -203,7 +204,10 @@ void rows(const SparseInt8Rows& a, const uint8_t* blocks, int64_t block, int64_t
         int32_t* acc = scratch + (n - n0) * S * WIDTH;
         for (int64_t p = p0; p < p1; p += PT) {
           const int tile = static_cast<int>(p1 - p < PT ? p1 - p : PT);
-          pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
+          if (a.column_offsets)
+            pixel_tile_of<PT>(tile, a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
+          else
+            pixel_tile<1, true>(a, x, a.row_ptr[n], a.row_ptr[n + 1], a.pixel_offsets + p, acc + (p - p0) * WIDTH);
         }
         if (window > 1) pool_windows(acc, outputs, window);
         if (a.out_int) continue;

@@ -67,6 +67,8 @@ struct Geometry {
   int64_t images, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
   int64_t Hp() const { return H + 2 * ph; }
   int64_t Wp() const { return W + 2 * pw; }
+  // A Linear as a conv (linear_geometry): one pixel, column c at input element c.
+  bool is_linear() const { return C == 1 && H == 1 && KH == 1 && KW == W && OH == 1 && OW == 1 && pw == 0; }
 };
 
 std::vector<int64_t> pair_of(const char* op, c10::IntArrayRef values, const char* name, int64_t low) {
@@ -157,7 +159,7 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
-  SparseInt8Rows a{values, columns, column_offsets.data(), row_ptr, pixels, pixel_offsets.data(),
+  SparseInt8Rows a{values, columns, g.is_linear() ? nullptr : column_offsets.data(), row_ptr, pixels, pixel_offsets.data(),
                    static_cast<int>(pool), elements, g.images, row_sums.data(), zero, multipliers, bias, relu, out,
                    out_int, csr.rows * PH * PW, 1, csr.rows};
   // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
