@@ -161,7 +161,10 @@ def report() -> list[str]:
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU, torch reference otherwise"
               for name in ("sparse_int8_linear", "sparse_int8_conv2d")]
     lines += ["  torch.ops.fxreduce.lowrank_linear: LowRankLinear's forward in CPU float32/float64 inference from "
-              "lowrank_kernel.MIN_ROWS rows, torch reference otherwise"]
+              "lowrank_kernel.MIN_ROWS rows, torch reference otherwise",
+              "  torch.ops.fxreduce.grouped_lowrank_linear: the grouped forms' forward (GroupLinear, "
+              "SparseLowRankLinear) in CPU float32/float64 inference from lowrank_kernel.GROUPED_MIN_ROWS rows, "
+              "their batched GEMMs otherwise"]
     return lines
 
 

@@ -43,6 +43,13 @@ struct LowRankTable {
                    int64_t panel, const float* ut_panel);
   void (*output_d)(const LowRankProduct<double>&, const double* t, int64_t ldt, int64_t m_begin, int64_t m_end,
                    int64_t panel, const double* ut_panel);
+  // One packed panel over `rows` rows of any operand, for the block-diagonal factors' products:
+  // out[r*ldo + c] = init[c] (0 without) + sum_{k < K} a[r*lda + k] * B(k, c) for c < width <= W, B packed at b
+  // with its row stride `width` rounded up to whole vectors (pack's layout); init has whole vectors.
+  void (*panel_f)(const float* a, int64_t lda, int64_t rows, int64_t K, const float* b, const float* init, float* out,
+                  int64_t ldo, int64_t width);
+  void (*panel_d)(const double* a, int64_t lda, int64_t rows, int64_t K, const double* b, const double* init,
+                  double* out, int64_t ldo, int64_t width);
 };
 
 extern const LowRankTable lowrank_avx512_table;

@@ -136,6 +136,25 @@ void output(const LowRankProduct<T>& p, const T* t, int64_t ldt, int64_t m_begin
   }
 }
 
+template <typename T>
+void panel(const T* a, int64_t lda, int64_t rows, int64_t K, const T* b, const T* init, T* out, int64_t ldo,
+           int64_t width) {
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t W = Vec<T>::panel;
+  T local[FXR_LR_MR * W];
+  const int vectors = static_cast<int>((width + L - 1) / L);
+  const bool partial = width < vectors * L;
+  for (int64_t m = 0; m < rows; m += FXR_LR_MR) {
+    const int tile_rows = static_cast<int>(smaller(FXR_LR_MR, rows - m));
+    T* c_rows[FXR_LR_MR];
+    for (int r = 0; r < tile_rows; ++r) c_rows[r] = partial ? local + r * W : out + (m + r) * ldo;
+    tile_of<T, FXR_LR_NV>(vectors, tile_rows, K, a + m * lda, lda, b, init, c_rows);
+    if (partial)
+      for (int r = 0; r < tile_rows; ++r)
+        for (int64_t e = 0; e < width; ++e) out[(m + r) * ldo + e] = local[r * W + e];
+  }
+}
+
 }  // namespace FXR_LR_ISA
 
 extern const LowRankTable FXR_LR_TABLE = {
@@ -147,6 +166,8 @@ extern const LowRankTable FXR_LR_TABLE = {
     &FXR_LR_ISA::intermediate<double>,
     &FXR_LR_ISA::output<float>,
     &FXR_LR_ISA::output<double>,
+    &FXR_LR_ISA::panel<float>,
+    &FXR_LR_ISA::panel<double>,
 };
 
 }  // namespace native

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..errors import OptionError
-from .lowrank_kernel import lowrank_linear
+from .lowrank_kernel import grouped_serves, lowrank_linear
 from .truncation import DEFAULT_DAMPING, Truncation, damping_for
 
 FORMS = ("lr", "group", "sparse_lr", "lr_sparse", "grouped_shuffle")
@@ -294,6 +294,8 @@ class GroupLinear(nn.Module):
             bias = bias.view(-1, self.groups).t().reshape(-1)  # output k * groups + i is block i's output k
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, self.weight, bias)):
             y = _BlockDiagonalLinear.apply(rows, self.weight, bias, self.transposed_output)
+        elif not self.shuffle and grouped_serves(rows, None, self.weight, bias):
+            y = torch.ops.fxreduce.grouped_lowrank_linear(rows, None, self.weight, bias, False)
         else:
             y = _block_diagonal(rows, self.weight, bias, self.transposed_output)  # inference: no autograd node
         if self.shuffle:
@@ -417,8 +419,17 @@ class SparseLowRankLinear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
+        """Both factors in one fused native op for CPU inference (``lowrank_kernel.GROUPED_MIN_ROWS`` rows and
+        more), each factor's own module elsewhere (training keeps their batched GEMMs and backward)."""
         rows = x.reshape(-1, self.in_features)
-        return self.second(self.first(rows)).view(*x.shape[:-1], self.out_features)
+        first, second = (part.weight if isinstance(part, GroupLinear) else part.weight.unsqueeze(0)
+                         for part in (self.first, self.second))
+        if grouped_serves(rows, first, second, self.bias):
+            shuffle = self.form == "grouped_shuffle"
+            y = torch.ops.fxreduce.grouped_lowrank_linear(rows, first, second, self.bias, shuffle)
+        else:
+            y = self.second(self.first(rows))
+        return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def bias(self) -> Tensor | None:

@@ -13,6 +13,15 @@ than the two GEMMs. With fewer rows the per-call packing of U^T
 costs about what the fusion saves, and a training step was measured slower with the fused forward, its
 backward recomputing the intermediate (docs/benchmarks.md, "Fused low-rank product"). Everything else
 (training, CUDA, float16/bfloat16, no extension) runs the torch reference, :func:`lowrank_linear_reference`.
+
+AntMan's grouped forms (GroupLinear, and SparseLowRankLinear's sparse_lr, lr_sparse and grouped_shuffle) run
+``torch.ops.fxreduce.grouped_lowrank_linear`` the same way, in inference from :data:`GROUPED_MIN_ROWS` rows: their
+block-diagonal factors in GroupLinear's (groups, out / groups, in / groups) layout, every panel packed once per
+call, the intermediate of each block of rows (its columns interleaved for grouped_shuffle) kept in cache and
+consumed at once by the second factor's panels, whose accumulators start from the bias. Stock kernels run
+each form as a batched GEMM per factor plus a shuffle copy; at ViT-B's MLP shape the fused op was faster from 8
+rows on. Its reference is :func:`grouped_lowrank_linear_reference`; it has no backward (training keeps the
+modules' own batched GEMMs).
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from ..errors import InputError
 # it was faster than two MKL GEMMs from there (benchmarks/bench_lowrank_kernel.py, docs/benchmarks.md "Fused
 # low-rank product"); with 1 thread it is at parity from 64 to 96 rows and faster above.
 MIN_ROWS = 64
+# Rows from which the grouped forms take the fused op (benchmarks/bench_sparse_lowrank.py measured it faster than
+# the batched GEMMs from 8 rows at ViT-B's MLP shape with 2 threads).
+GROUPED_MIN_ROWS = 8
 
 
 def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> Tensor:
@@ -38,16 +50,31 @@ def lowrank_linear_reference(x: Tensor, first: Tensor, second: Tensor, bias: Ten
     return F.linear(F.linear(x, first), second, bias)
 
 
-def _op_loaded() -> bool:
-    return native.available() and hasattr(torch.ops.fxreduce, "lowrank_linear")
+def grouped_lowrank_linear_reference(x: Tensor, first: Tensor | None, second: Tensor, bias: Tensor | None,
+                                     shuffle: bool) -> Tensor:
+    """The grouped op's definition: t = blockdiag(first) x (group j's output k at column k * g1 + j when
+    ``shuffle``), then blockdiag(second) t + bias; without ``first``, blockdiag(second) x + bias."""
+    rows = x.reshape(-1, x.shape[-1])
+    if first is not None:
+        t = torch.einsum("mgk,grk->mgr", rows.view(rows.shape[0], first.shape[0], -1), first)
+        rows = (t.transpose(1, 2) if shuffle else t).reshape(rows.shape[0], -1)
+    y = torch.einsum("mgk,gnk->mgn", rows.view(rows.shape[0], second.shape[0], -1), second).reshape(rows.shape[0], -1)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def fused_serves(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`lowrank_linear` runs the fused kernel on these operands (see the module docstring)."""
+def _op_loaded(name: str = "lowrank_linear") -> bool:
+    return native.available() and hasattr(torch.ops.fxreduce, name)
+
+
+def fused_serves(x: Tensor, first: Tensor | None, second: Tensor, bias: Tensor | None, *,
+                 op: str = "lowrank_linear", min_rows: int = MIN_ROWS) -> bool:
+    """Whether the fused kernel ``op`` runs on these operands (see the module docstring)."""
     operands = (x, first, second, bias)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
-    return (not training and _op_loaded() and native.serves_eagerly(*operands) and x.dim() >= 1
-            and math.prod(x.shape[:-1]) >= MIN_ROWS)
+    return (not training and _op_loaded(op) and native.serves_eagerly(*operands) and x.dim() >= 1
+            and math.prod(x.shape[:-1]) >= min_rows)
 
 
 def check_operands(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None) -> None:
@@ -75,6 +102,12 @@ def lowrank_linear(x: Tensor, first: Tensor, second: Tensor, bias: Tensor | None
     if fused_serves(x, first, second, bias):
         return torch.ops.fxreduce.lowrank_linear(x, first, second, bias)
     return lowrank_linear_reference(x, first, second, bias)
+
+
+def grouped_serves(x: Tensor, first: Tensor | None, second: Tensor, bias: Tensor | None) -> bool:
+    """Whether the grouped forms run ``torch.ops.fxreduce.grouped_lowrank_linear`` on these operands: CPU inference
+    from :data:`GROUPED_MIN_ROWS` rows (elsewhere GroupLinear's batched GEMMs run)."""
+    return fused_serves(x, first, second, bias, op="grouped_lowrank_linear", min_rows=GROUPED_MIN_ROWS)
 
 
 if _op_loaded():
@@ -109,5 +142,16 @@ if _op_loaded():
 
     torch.library.register_autograd("fxreduce::lowrank_linear", _backward, setup_context=_setup)
 
+if _op_loaded("grouped_lowrank_linear"):
+    @torch.library.register_fake("fxreduce::grouped_lowrank_linear")
+    def _grouped_fake(x, first, second, bias, shuffle):
+        return x.new_empty((*x.shape[:-1], second.shape[0] * second.shape[1]))
 
-__all__ = ["MIN_ROWS", "check_operands", "fused_serves", "lowrank_linear", "lowrank_linear_reference"]
+    @register_flop_formula(torch.ops.fxreduce.grouped_lowrank_linear)
+    def _grouped_flops(x_shape, first_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
+        blocks = math.prod(second_shape) + (math.prod(first_shape) if first_shape is not None else 0)
+        return 2 * math.prod(x_shape[:-1]) * blocks
+
+
+__all__ = ["GROUPED_MIN_ROWS", "MIN_ROWS", "check_operands", "fused_serves", "grouped_lowrank_linear_reference",
+           "grouped_serves", "lowrank_linear", "lowrank_linear_reference"]

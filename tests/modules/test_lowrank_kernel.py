@@ -1,11 +1,14 @@
-"""The fused low-rank product (torch.ops.fxreduce.lowrank_linear) against the two-GEMM torch reference.
+"""The fused low-rank products (torch.ops.fxreduce.lowrank_linear, grouped_lowrank_linear) against their torch
+references.
 
 Contracts: equal to ``F.linear(F.linear(x, V), U, b)`` (float64 within 1e-9, float32 within 1e-4 relative) on
 every ISA, rank 1, odd sizes, one row, row counts on both of the op's work splits and several row blocks,
 non-contiguous operands, with and without bias; its gradients equal the reference's; gradcheck;
 LowRankLinear runs it in inference only; the fake implementation and FLOP formula; bad input is an
 FxReduceError from Python and an error, never a crash, from the op; everything else (half precision, small
-row counts, no native) runs the reference.
+row counts, no native) runs the reference. The grouped op (AntMan's block-diagonal factors, shuffled or not)
+equals its reference on every ISA at random group counts, ranks, odd sizes and both work splits, and the grouped
+forms' fused inference equals their modules' own path.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxreduce import native
 from fxreduce.errors import FxReduceError
-from fxreduce.modules.factorized import LowRankLinear
-from fxreduce.modules.lowrank_kernel import (MIN_ROWS, fused_serves, lowrank_linear,
+from fxreduce.modules.factorized import LowRankLinear, factorize
+from fxreduce.modules.lowrank_kernel import (GROUPED_MIN_ROWS, MIN_ROWS, fused_serves,
+                                             grouped_lowrank_linear_reference, grouped_serves, lowrank_linear,
                                              lowrank_linear_reference)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.MISSING}")
@@ -149,6 +153,7 @@ def test_bad_operands_are_clear_errors():
 
 def test_doctor_lists_the_kernel():
     assert any("torch.ops.fxreduce.lowrank_linear" in line for line in native.report())
+    assert any("torch.ops.fxreduce.grouped_lowrank_linear" in line for line in native.report())
 
 
 def test_where_the_op_does_not_serve_the_reference_runs():
@@ -164,3 +169,78 @@ def test_where_the_op_does_not_serve_the_reference_runs():
     assert torch.equal(lowrank_linear(*half, None), F.linear(F.linear(half[0], half[1]), half[2]))
     empty = torch.ops.fxreduce.lowrank_linear(torch.randn(0, 8), first, second, None)
     assert empty.shape == (0, 5)
+
+
+@st.composite
+def grouped_problems(draw, dtype):
+    """Block-diagonal factors in GroupLinear's layout: (g1, r1, k1) and (g2, n2, r2) with g1 r1 = g2 r2, or no
+    first factor (GroupLinear alone, g2 r2 = in)."""
+    rows = draw(st.sampled_from([1, 7, 8, 47, 96, 97, draw(st.integers(1, 200))]))
+    g1, g2 = draw(st.sampled_from([1, 2, 3, 4])), draw(st.sampled_from([1, 2, 3, 4]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    layout = st.sampled_from(["contiguous", "transposed", "sliced"])
+    two = draw(st.booleans())
+    r2 = draw(st.integers(1, 40))
+    if two:
+        rank = g2 * r2 * g1  # divisible by both group counts
+        first = stored(torch.randn(g1, rank // g1, draw(st.integers(1, 30)), dtype=dtype, generator=generator),
+                       draw(layout))
+        second = torch.randn(g2, draw(st.integers(1, 150)), rank // g2, dtype=dtype, generator=generator)
+        in_features, shuffle = g1 * first.shape[2], draw(st.booleans())
+    else:
+        first, shuffle = None, False
+        second = torch.randn(g2, draw(st.integers(1, 150)), r2, dtype=dtype, generator=generator)
+        in_features = g2 * r2
+    x = stored(torch.randn(rows, in_features, dtype=dtype, generator=generator), draw(layout))
+    bias = torch.randn(second.shape[0] * second.shape[1], dtype=dtype, generator=generator) if draw(st.booleans()) \
+        else None
+    return x, first, stored(second, draw(layout)), bias, shuffle
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_the_grouped_op_equals_its_reference(isa, data, dtype):
+    x, first, second, bias, shuffle = data.draw(grouped_problems(dtype))
+    with native.forced_isa(isa):
+        out = torch.ops.fxreduce.grouped_lowrank_linear(x, first, second, bias, shuffle)
+    assert out.shape == (x.shape[0], second.shape[0] * second.shape[1]) and out.dtype == dtype
+    close(out, grouped_lowrank_linear_reference(x, first, second, bias, shuffle), dtype,
+          f"{isa} {x.shape} {None if first is None else first.shape} {second.shape} shuffle={shuffle}")
+
+
+@pytest.mark.parametrize("form", ["group", "sparse_lr", "lr_sparse", "grouped_shuffle"])
+def test_the_grouped_forms_run_the_op_in_inference_and_equal_their_modules(form):
+    """Each form's fused inference equals the same module run on its factors' own batched GEMMs (training)."""
+    torch.manual_seed(0)
+    module = factorize(torch.nn.Linear(96, 120), form, rank=None if form == "group" else 24, groups=4)
+    op = torch.ops.fxreduce.grouped_lowrank_linear
+    for rows in (GROUPED_MIN_ROWS, 150):  # both work splits
+        x = torch.randn(rows, 96)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fused = module(x)
+        assert op in counter.get_flop_counts()["Global"]
+        with FlopCounterMode(display=False) as counter:
+            unfused = module(x)  # the parameters need gradients: the modules' own path
+        assert op not in counter.get_flop_counts()["Global"]
+        close(fused, unfused, torch.float32, form)
+        with torch.no_grad():
+            close(module(x[: GROUPED_MIN_ROWS - 1]), unfused[: GROUPED_MIN_ROWS - 1], torch.float32, form)
+    assert not grouped_serves(x[: GROUPED_MIN_ROWS - 1], None, torch.randn(4, 30, 24), None)
+
+
+def test_the_grouped_ops_fake_implementation_flop_formula_and_errors():
+    first, second = torch.randn(2, 3, 6), torch.randn(3, 10, 2)
+    with FakeTensorMode():
+        assert torch.ops.fxreduce.grouped_lowrank_linear(torch.empty(9, 12), torch.empty(2, 3, 6),
+                                                         torch.empty(3, 10, 2), None, True).shape == (9, 30)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.fxreduce.grouped_lowrank_linear(torch.randn(9, 12), first, second, None, True)
+    assert counter.get_total_flops() == 2 * 9 * (2 * 3 * 6 + 3 * 10 * 2)
+    x = torch.randn(9, 12)
+    bad = [(torch.randn(9, 11), first, second, None, False), (x, first, torch.randn(2, 10, 2), None, False),
+           (x, first, second, torch.randn(29), False), (x, first.double(), second, None, False),
+           (x, None, second, None, False), (torch.randn(9, 6), None, second, None, True),
+           (x.int(), first, second, None, False), (x, first[0], second, None, False)]
+    for args in bad:
+        with pytest.raises(RuntimeError, match="fxreduce.grouped_lowrank_linear"):
+            torch.ops.fxreduce.grouped_lowrank_linear(*args)
