@@ -265,7 +265,9 @@ Per layer, each layer's real input from the test images, medians of warm interle
 {layer_table}
 
 Whole model: fp32 (the ADMM model, traced), `lower_int8(sparse_density=0)` (every layer on the dense int8
-kernel) and `lower_int8` (sparse or dense per layer by density), medians of interleaved calls:
+kernel) and `lower_int8` (sparse or dense per layer by density; each conv's following max_pool2d runs in the
+sparse conv's kernel, `fuse_pool`, so the conv's full-size output is never written: the per-layer rows above
+time the convs unpooled), medians of interleaved calls:
 
 {model_table}
 
