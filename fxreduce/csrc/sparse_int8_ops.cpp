@@ -130,16 +130,15 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
   const int32_t* columns = csr.columns.data_ptr<int32_t>();
   const int8_t* values = csr.values.data_ptr<int8_t>();
   const int64_t* row_ptr = csr.row_ptr.data_ptr<int64_t>();
-  int32_t low = 0, high = 0;
-  if (csr.nnz > 0) {
-    low = high = columns[0];
-    for (int64_t i = 0; i < csr.nnz; ++i) {
-      low = std::min(low, columns[i]);
-      high = std::max(high, columns[i]);
-    }
+  // A negative index is a large unsigned one: one compare per index, which the compiler vectorises.
+  const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(csr.kernel_elements, int64_t{1} << 31));
+  uint32_t outside = 0;
+  for (int64_t i = 0; i < csr.nnz; ++i) outside |= static_cast<uint32_t>(columns[i]) >= limit;
+  if (outside) {
+    const int64_t low = csr.columns.min().item<int64_t>(), high = csr.columns.max().item<int64_t>();
+    TORCH_CHECK(false, "fxreduce.", op, ": column indices must lie in [0, ", csr.kernel_elements, "), got [", low,
+                ", ", high, "]");
   }
-  TORCH_CHECK(low >= 0 && high < csr.kernel_elements, "fxreduce.", op, ": column indices must lie in [0, ",
-              csr.kernel_elements, "), got [", low, ", ", high, "]");
   std::vector<int32_t> row_sums(csr.rows);
   for (int64_t n = 0; n < csr.rows; ++n) {
     int32_t sum = 0;
