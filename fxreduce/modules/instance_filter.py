@@ -104,6 +104,10 @@ class InstanceFilter(nn.Module):
             raise InputError("selection='unbiased' with uncertainty=0 never keeps a predicted-Low instance, so its "
                              "loss cannot be stood for", where="InstanceFilter", fix="give uncertainty > 0")
         self.selection = selection
+        # The unbiased sample draws from its own generator (seeded from torch's global one), so adding the
+        # filter leaves the model's own random ops (dropout) on the stream they would have had.
+        self.sampler = (torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+                        if selection == "unbiased" else None)
         self.net = net
         self.batched = tuple(bool(b) for b in batched)
         self.instance_shape = tuple(int(s) for s in instance_shape)
@@ -135,7 +139,8 @@ class InstanceFilter(nn.Module):
         Kept: the predicted-High instances and ceil(uncertainty x N) of the predicted-Low ones: with
         ``selection="uncertainty"`` those of highest prediction entropy, and, if that is fewer than
         ``min_keep``, the most likely High ones; with ``"unbiased"`` the first of ``order`` (a permutation
-        of the predicted-Low instances; default a random one), as many as ``min_keep`` asks at least.
+        of the predicted-Low instances; default a random one from ``sampler``), at least as many as
+        ``min_keep`` asks.
         """
         log_probs = logits.float().log_softmax(dim=1)
         high = log_probs[:, 1] >= math.log(0.5)
@@ -144,8 +149,8 @@ class InstanceFilter(nn.Module):
         share = math.ceil(self.uncertainty * logits.shape[0] - 1e-9)
         if self.selection == "unbiased":
             sampled = min(low.numel(), max(share, self.min_keep - int(high.sum())))
-            order = torch.randperm(low.numel(), device=low.device) if order is None else order.to(low.device)
-            chosen[low[order[:sampled]]] = True
+            order = torch.randperm(low.numel(), generator=self.sampler) if order is None else order
+            chosen[low[order[:sampled].to(low.device)]] = True
             return chosen.nonzero().squeeze(1), high
         sampled = min(low.numel(), share)
         if sampled:
