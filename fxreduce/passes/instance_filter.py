@@ -36,7 +36,8 @@ class InstanceFilterOptions:
     target_high_ratio: float = option(0.1, "R_set: the share of instances the adaptive loss threshold labels High",
                                       check=("0 < ratio < 1", lambda value: 0 < value < 1))
     uncertainty: float = option(0.2, "uncertainty sampling: also keep this share of the batch from the predicted-Low "
-                                     "instances with the highest prediction entropy (0: none)",
+                                     "instances with the highest prediction entropy (0: none; with "
+                                     "selection='unbiased', a uniform random sample of this share)",
                                 check=("0 <= value <= 1", lambda value: 0 <= value <= 1))
     budget: float = option(0.2, "the default filter's forward multiply-adds per instance, as a fraction of the main "
                                 "model's", check=("budget > 0", lambda value: value > 0))
