@@ -23,6 +23,7 @@ its saving. Results go to docs/on-device-training.md.
     python examples/on_device_mnist.py --flop-budget 1 0.4   # full run, writes docs/on-device-training.md
     python examples/on_device_mnist.py --quick         # smoke run on a small subset, writes nothing
     python examples/on_device_mnist.py --models LeNet-5 --seeds 1 --no-write   # one model, one seed, print only
+    python examples/on_device_mnist.py --variants EIF 'EIF unbiased 0.1' --no-write   # these variants and plain
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ estimated by Monte Carlo."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import sys
 
 import pytest
 import sympy
@@ -26,7 +28,7 @@ from fxreduce.testing.model_blocks import FunctionalDropout
 from fxreduce.testing.strategies import cnn_models
 from fxreduce.training.on_device import KEPT_RATIO, OnDeviceTrainer, training_step_flops
 
-from test_instance_filter import MeanSign  # tests/passes is on sys.path (pytest's prepend mode)
+from test_instance_filter import EXAMPLE, MeanSign  # tests/passes is on sys.path (pytest's prepend mode)
 
 
 def _expected_batch_loss(branch: InstanceFilter, logits: torch.Tensor, losses: torch.Tensor) -> float:
@@ -133,3 +135,16 @@ def test_trainer_steps_on_the_weighted_loss_and_counts_the_same_flops():
     n = fr.cost_models.symbol("N")
     assert result.flops == int(round(float(formula.subs({KEPT_RATIO: sympy.Rational(7, 16), n: 16}))))
 
+
+
+def test_example_trains_only_the_variants_asked_for_besides_plain(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("on_device_mnist", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    runs = example.main(["--quick", "--no-progress", "--models", "LeNet-5", "--variants", "EIF unbiased 0.1"])
+    assert [run.variant for run in runs] == ["plain", "EIF unbiased 0.1"]
+    assert runs[1].kept_share < 1  # one quick epoch: the untrained filter still predicts most instances High
+    with pytest.raises(SystemExit):
+        example.main(["--quick", "--variants", "EIF biased"])
+    assert "unknown variants ['EIF biased']" in capsys.readouterr().err
