@@ -6,6 +6,9 @@ other 1,000 are the test set), each variant from the same initial weights, over 
     plain   the traced model, trained as is
     EMP k   error_map_pruning(keep=k): the backward keeps the error maps of a fraction k of each conv's channels
     EIF     instance_filter: a small filter net drops instances predicted to have a low loss
+    EIF unbiased u  instance_filter(selection='unbiased', uncertainty=u): the predicted-High instances and a
+            random u of the batch from the rest, each loss weighted by the inverse of its keep probability
+            (an unbiased estimate of the batch's mean loss)
     both k  EMP at keep k and EIF
     random  the control: a uniformly random quarter of each batch trains (a filter that cannot tell)
 
@@ -20,6 +23,7 @@ its saving. Results go to docs/on-device-training.md.
     python examples/on_device_mnist.py --flop-budget 1 0.4   # full run, writes docs/on-device-training.md
     python examples/on_device_mnist.py --quick         # smoke run on a small subset, writes nothing
     python examples/on_device_mnist.py --models LeNet-5 --seeds 1 --no-write   # one model, one seed, print only
+    python examples/on_device_mnist.py --variants EIF 'EIF unbiased 0.1' --no-write   # these variants and plain
 """
 
 from __future__ import annotations
@@ -115,14 +119,17 @@ class BlindFilter(nn.Module):
 
 
 RANDOM_SHARE = 0.25
+UNBIASED_SHARES = (0.2, 0.1)  # EIF unbiased: the share of the batch sampled from the predicted-Low instances
 
 
 def variants(keeps: list[float]) -> dict[str, object]:
-    """Variant name -> pipeline (spec or passes): plain, EMP at each keep, EIF, both at each keep, and the
-    random-share control."""
+    """Variant name -> pipeline (spec or passes): plain, EMP at each keep, EIF (as the paper selects and
+    unbiased), both at each keep, and the random-share control."""
     specs: dict[str, object] = {"plain": None}
     specs.update({f"EMP {keep:g}": f"error_map_pruning(keep={keep})" for keep in keeps})
     specs["EIF"] = "instance_filter"
+    specs.update({f"EIF unbiased {share:g}": f"instance_filter(selection='unbiased', uncertainty={share})"
+                  for share in UNBIASED_SHARES})
     specs.update({f"both {keep:g}": f"error_map_pruning(keep={keep}),instance_filter" for keep in keeps})
     specs[f"random {RANDOM_SHARE:g}"] = [fr.get_pass("instance_filter")(filter=BlindFilter(), uncertainty=RANDOM_SHARE)]
     return specs
@@ -158,7 +165,8 @@ def train_model(name: str, factory, epochs: int, args, train, test, seed: int,
     per_epoch = -(-len(train[1]) // args.batch_size)
     trainers, schedules = {}, {}
     for variant, spec in variants(args.keep).items():
-        if flops is not None and variant not in flops:
+        if (flops is not None and variant not in flops) or (
+                args.variants and variant != "plain" and variant not in args.variants):
             continue
         torch.manual_seed(seed + 1)  # the same filter initialisation for EIF and both
         gm = fr.apply(traced, spec or "eliminate_dead_code").graph_module  # a copy: the traced model stays untrained
@@ -246,9 +254,14 @@ def main(argv=None) -> list[Run]:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to train")
     parser.add_argument("--no-write", action="store_true", help="print the table only, leave the docs alone")
     parser.add_argument("--seeds", type=int, default=3, help="initial weights per model (mean ± std reported)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="train only these variants besides plain (default: all), e.g. EIF 'EIF unbiased 0.2'")
     parser.add_argument("--flop-budget", type=float, nargs="*", default=[], metavar="S",
                         help="also train every variant until it spends S x plain's training FLOPs (1: equal FLOPs)")
     args = parser.parse_args(argv)
+    unknown = set(args.variants or []) - set(variants(args.keep))
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(variants(args.keep))}")
     torch.set_num_threads(args.threads)
     train, test = load_mnist(args.quick)
     runs, load_before, started = [], os.getloadavg()[0], time.perf_counter()
@@ -265,7 +278,7 @@ def main(argv=None) -> list[Run]:
                 f"{share:g} x FLOPs")]
             for run in same + budgeted:
                 runs.append(run)
-                print(f"{name:8s} seed {seed} {run.budget:12s} {run.variant:8s} {run.epochs:5.1f} epochs  accuracy "
+                print(f"{name:8s} seed {seed} {run.budget:12s} {run.variant:12s} {run.epochs:5.1f} epochs  accuracy "
                       f"{100 * run.accuracy:6.2f}%  FLOPs {run.flops / 1e9:.1f} G  {run.seconds:6.1f} s  kept "
                       f"{100 * run.kept_share:5.1f}%", flush=True)
     print(table(runs))

@@ -11,6 +11,16 @@ After a training forward: ``kept`` holds the batch indices that went on, ``predi
 mask of instances predicted High, ``logits`` the filter's (N, 2) logits (Low, High) with their
 autograd graph, ``forced`` whether the filter predicted every
 instance Low (then only uncertainty sampling, or at least the ``min_keep`` most likely High, went on).
+
+Two ways to choose the predicted-Low instances that also go on (``selection``):
+
+* ``"uncertainty"`` (the paper's): those with the highest prediction entropy. The main model then trains
+  on a set rich in high-loss instances, a biased sample of the batch (hard-example mining).
+* ``"unbiased"``: a uniformly random sample of them, each kept instance's loss weighted by the inverse of
+  its keep probability (1 for predicted High, #Low / #sampled for the rest), and the weighted sum divided
+  by the whole batch's size (:meth:`InstanceFilter.batch_loss`). Over the sampling, its expectation is
+  the whole batch's mean loss, so the expected gradient is the full batch's: the importance-sampling
+  estimator of Katharopoulos & Fleuret (2018), with the filter's High prediction as a stratum kept whole.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import InputError, UnsupportedError
 
 _WIDTHS = (4, 8, 16, 32)
+SELECTIONS = ("uncertainty", "unbiased")
 
 
 def _conv_filter(channels: int, width: int) -> nn.Sequential:
@@ -72,17 +83,31 @@ class InstanceFilter(nn.Module):
     P(High) >= 0.5; uncertainty sampling adds the ceil(``uncertainty`` x N) predicted-Low instances
     whose prediction entropy is highest, so the filter keeps learning their labels. ``target_high_ratio``
     (R_set) is the share of High instances the training helper's adaptive threshold aims at; it is kept
-    here so the rewritten model carries its configuration.
+    here so the rewritten model carries its configuration. ``selection`` says how the predicted-Low
+    instances are picked (module docstring); ``"unbiased"`` needs ``uncertainty`` > 0, since a
+    predicted-Low instance that can never be kept cannot be stood for.
     ``instance_shape`` is the shape of one instance of input 0 (for the cost declaration).
     """
 
     def __init__(self, net: nn.Module, batched: Sequence[bool], instance_shape: Sequence[int], *,
-                 target_high_ratio: float = 0.1, uncertainty: float = 0.2, min_keep: int = 1):
+                 target_high_ratio: float = 0.1, uncertainty: float = 0.2, min_keep: int = 1,
+                 selection: str = "uncertainty"):
         super().__init__()
         if not 0 < target_high_ratio < 1:
             raise InputError(f"target_high_ratio={target_high_ratio!r} must be in (0, 1)", where="InstanceFilter")
         if not 0 <= uncertainty <= 1:
             raise InputError(f"uncertainty={uncertainty!r} must be in [0, 1]", where="InstanceFilter")
+        if selection not in SELECTIONS:
+            raise InputError(f"selection={selection!r} is not one of {', '.join(map(repr, SELECTIONS))}",
+                             where="InstanceFilter")
+        if selection == "unbiased" and uncertainty == 0:
+            raise InputError("selection='unbiased' with uncertainty=0 never keeps a predicted-Low instance, so its "
+                             "loss cannot be stood for", where="InstanceFilter", fix="give uncertainty > 0")
+        self.selection = selection
+        # The unbiased sample draws from its own generator (seeded from torch's global one), so adding the
+        # filter leaves the model's own random ops (dropout) on the stream they would have had.
+        self.sampler = (torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+                        if selection == "unbiased" else None)
         self.net = net
         self.batched = tuple(bool(b) for b in batched)
         self.instance_shape = tuple(int(s) for s in instance_shape)
@@ -108,17 +133,26 @@ class InstanceFilter(nn.Module):
         self.logits = logits
         return tuple(x.index_select(0, self.kept) if flag else x for x, flag in zip(inputs, self.batched))
 
-    def choose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def choose(self, logits: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(sorted kept indices, the (N,) mask of instances predicted High).
 
-        Kept: the predicted-High instances, the ceil(uncertainty x N) predicted-Low ones with the highest
-        prediction entropy, and, if that is fewer than ``min_keep``, the most likely High ones.
+        Kept: the predicted-High instances and ceil(uncertainty x N) of the predicted-Low ones: with
+        ``selection="uncertainty"`` those of highest prediction entropy, and, if that is fewer than
+        ``min_keep``, the most likely High ones; with ``"unbiased"`` the first of ``order`` (a permutation
+        of the predicted-Low instances; default a random one from ``sampler``), at least as many as
+        ``min_keep`` asks.
         """
         log_probs = logits.float().log_softmax(dim=1)
         high = log_probs[:, 1] >= math.log(0.5)
         chosen = high.clone()
         low = (~high).nonzero().squeeze(1)
-        sampled = min(low.numel(), math.ceil(self.uncertainty * logits.shape[0] - 1e-9))
+        share = math.ceil(self.uncertainty * logits.shape[0] - 1e-9)
+        if self.selection == "unbiased":
+            sampled = min(low.numel(), max(share, self.min_keep - int(high.sum())))
+            order = torch.randperm(low.numel(), generator=self.sampler) if order is None else order
+            chosen[low[order[:sampled].to(low.device)]] = True
+            return chosen.nonzero().squeeze(1), high
+        sampled = min(low.numel(), share)
         if sampled:
             entropy = -(log_probs[low].exp() * log_probs[low]).sum(dim=1)
             chosen[low[entropy.topk(sampled).indices]] = True
@@ -127,6 +161,36 @@ class InstanceFilter(nn.Module):
             likely = log_probs[:, 1].masked_fill(chosen, -math.inf).topk(missing).indices
             chosen[likely] = True
         return chosen.nonzero().squeeze(1), high
+
+    def importance(self, kept: Tensor | None = None, predicted_high: Tensor | None = None) -> Tensor | None:
+        """The inverse keep probability of each kept instance under ``selection="unbiased"`` (None otherwise).
+
+        Predicted High are always kept (1); the predicted-Low ones kept are a uniform sample of the
+        batch's #Low, each kept with probability #sampled / #Low. Defaults: the last training forward's.
+        """
+        if self.selection != "unbiased":
+            return None
+        kept = self.kept if kept is None else kept
+        predicted_high = self.predicted_high if predicted_high is None else predicted_high
+        kept_high = predicted_high.index_select(0, kept)
+        sampled = int((~kept_high).sum())
+        low = int((~predicted_high).sum())
+        weights = torch.ones(kept.numel(), dtype=torch.float64, device=kept.device)
+        return weights.masked_fill(~kept_high, low / sampled) if sampled else weights
+
+    def batch_loss(self, losses: Tensor, kept: Tensor | None = None,
+                   predicted_high: Tensor | None = None) -> Tensor:
+        """The step's main loss from the per-instance losses of the kept instances.
+
+        ``"uncertainty"``: their mean. ``"unbiased"``: the importance-weighted sum over the whole batch's
+        size, whose expectation over the sampling is the whole batch's mean loss. Defaults: the last
+        training forward's kept instances and predictions.
+        """
+        weights = self.importance(kept, predicted_high)
+        if weights is None:
+            return losses.mean()
+        batch = (self.predicted_high if predicted_high is None else predicted_high).numel()
+        return (losses * weights.to(losses.dtype)).sum() / batch
 
     def per_instance_macs(self) -> tuple[int, int]:
         """(forward, backward) multiply-adds of the filter net per instance, counted once by torch's counter.
@@ -172,7 +236,7 @@ class InstanceFilter(nn.Module):
     def extra_repr(self) -> str:
         return (f"instance_shape={self.instance_shape}, batched={self.batched}, "
                 f"target_high_ratio={self.target_high_ratio:g}, "
-                f"uncertainty={self.uncertainty:g}, min_keep={self.min_keep}")
+                f"uncertainty={self.uncertainty:g}, min_keep={self.min_keep}, selection={self.selection!r}")
 
 
-__all__ = ["InstanceFilter", "default_filter"]
+__all__ = ["SELECTIONS", "InstanceFilter", "default_filter"]

@@ -20,7 +20,7 @@ from .. import meta
 from ..cost_models import graph_cost, graph_info
 from ..errors import InputError, OptionError
 from ..graph import find_layers, unique_name
-from ..modules.instance_filter import InstanceFilter, default_filter
+from ..modules.instance_filter import SELECTIONS, InstanceFilter, default_filter
 from ..testing.kit import compare_outputs, run_eval, seeded_forward
 from ..text import error_summary
 from .base import Contract, Pass, PassOutcome, Rewrite, Skipped, option, register
@@ -36,7 +36,8 @@ class InstanceFilterOptions:
     target_high_ratio: float = option(0.1, "R_set: the share of instances the adaptive loss threshold labels High",
                                       check=("0 < ratio < 1", lambda value: 0 < value < 1))
     uncertainty: float = option(0.2, "uncertainty sampling: also keep this share of the batch from the predicted-Low "
-                                     "instances with the highest prediction entropy (0: none)",
+                                     "instances with the highest prediction entropy (0: none; with "
+                                     "selection='unbiased', a uniform random sample of this share)",
                                 check=("0 <= value <= 1", lambda value: 0 <= value <= 1))
     budget: float = option(0.2, "the default filter's forward multiply-adds per instance, as a fraction of the main "
                                 "model's", check=("budget > 0", lambda value: value > 0))
@@ -45,6 +46,18 @@ class InstanceFilterOptions:
                                                                                             lambda value: value >= 1))
     input: int = option(0, "which graph input (placeholder index) the filter reads",
                         check=("an index >= 0", lambda value: value >= 0))
+    selection: str = option("uncertainty", "which predicted-Low instances also train: 'uncertainty' (the paper's: "
+                                           "the highest prediction entropy; a sample biased towards hard instances) "
+                                           "or 'unbiased' (a uniform random sample, each loss weighted by the "
+                                           "inverse of its keep probability, so the expected loss is the whole "
+                                           "batch's mean)",
+                            check=(f"one of {', '.join(map(repr, SELECTIONS))}", lambda value: value in SELECTIONS))
+
+    def __post_init__(self) -> None:
+        if self.selection == "unbiased" and self.uncertainty == 0:
+            raise OptionError("selection='unbiased' needs uncertainty > 0: with 0 a predicted-Low instance is never "
+                              "kept, so its loss cannot be stood for", where="instance_filter(uncertainty=0)",
+                              fix="give uncertainty > 0 (the share of the batch sampled from the predicted Low)")
 
 
 def _main_macs_per_instance(gm: fx.GraphModule, batch: int) -> float:
@@ -90,7 +103,8 @@ class InstanceFilterPass(Pass):
         has_batchnorm = any(layer.attrs["training"] for layer in find_layers(gm, ["batchnorm"]))
         min_keep = max(o.min_keep, 2) if has_batchnorm and first.shape[0] >= 2 else o.min_keep
         module = InstanceFilter(net, batched, instance_shape, target_high_ratio=o.target_high_ratio,
-                                uncertainty=o.uncertainty, min_keep=min_keep).train(gm.training)
+                                uncertainty=o.uncertainty, min_keep=min_keep,
+                                selection=o.selection).train(gm.training)
         target = unique_name(gm, "instance_filter")
         gm.add_submodule(target, module)
         with gm.graph.inserting_after(placeholders[-1]):
@@ -107,7 +121,8 @@ class InstanceFilterPass(Pass):
             previous = item
         kind = "user's" if o.filter is not None else f"default ({sum(p.numel() for p in net.parameters())} parameters)"
         note = f"; keeps at least {min_keep} (training-mode BatchNorm)" if min_keep > o.min_keep else ""
-        what = f"{kind} filter net before the main forward; in training only predicted-High and uncertain go on"
+        rest = "uncertain" if o.selection == "uncertainty" else "a weighted random sample of the rest"
+        what = f"{kind} filter net before the main forward; in training only predicted-High and {rest} go on"
         outcome.rewrites.append(Rewrite([], added, what + note, self.contract))
 
     def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple) -> str | None:

@@ -1,12 +1,13 @@
 """Training with the on-device rewrites: the instance filter's self-supervised training, and counted FLOPs.
 
 A model rewritten by ``instance_filter`` (and/or ``error_map_pruning``) trains through
-:class:`OnDeviceTrainer`. Each step: the filter branch keeps the predicted-High and uncertain instances;
-the main model trains on those; their losses label them High (loss >= T_l) or Low; the filter trains on
-those labels with a weighted cross-entropy (w_High = 1/R_set, w_Low = 1/(1 - R_set)), from the same
-forward that chose them. The threshold adapts: over the last ``window`` batches, if the share of
-High labels is >= R_set, T_l *= a1 (> 1), else T_l *= a2 (< 1). The first T_l is the (1 - R_set)
-quantile of the first batch's losses.
+:class:`OnDeviceTrainer`. Each step: the filter branch keeps the predicted-High and uncertain (or, with
+``selection="unbiased"``, randomly sampled) instances; the main model trains on those (the mean of their
+losses, or the importance-weighted estimate of the whole batch's mean: ``InstanceFilter.batch_loss``);
+their losses label them High (loss >= T_l) or Low; the filter trains on those labels with a weighted
+cross-entropy (w_High = 1/R_set, w_Low = 1/(1 - R_set)), from the same forward that chose them. The
+threshold adapts: over the last ``window`` batches, if the share of High labels is >= R_set,
+T_l *= a1 (> 1), else T_l *= a2 (< 1). The first T_l is the (1 - R_set) quantile of the first batch's losses.
 
 FLOPs are counted as the paper counts savings: the main model's forward and backward on the kept
 instances (error-map-pruned backward where the model has it), plus the filter's inference on the whole
@@ -170,7 +171,7 @@ class OnDeviceTrainer:
             raise InputError(f"the loss returned shape {tuple(losses.shape)}, not one loss per kept instance "
                              f"({kept.numel()},)", where="OnDeviceTrainer(loss=...)",
                              fix="use reduction='none', e.g. F.cross_entropy(output, target, reduction='none')")
-        main_loss = losses.mean()
+        main_loss = self.filter.batch_loss(losses) if self.filter is not None else losses.mean()
         result = StepResult(main_loss.item(), kept, batch, 0)
         total = main_loss
         if self.filter is not None:

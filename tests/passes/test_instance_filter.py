@@ -261,9 +261,10 @@ def test_example_quick_run_saves_counted_flops(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
     spec.loader.exec_module(example)
     runs = {(run.model, run.variant): run for run in example.main(["--quick", "--no-progress", "--keep", "0.3"])}
-    assert len(runs) == 10
+    assert len(runs) == 14
     for model in ("LeNet-5", "ResNet-8"):
         plain = runs[model, "plain"].flops
         assert runs[model, "EMP 0.3"].flops < plain and runs[model, "both 0.3"].flops < runs[model, "EIF"].flops
         assert runs[model, "EIF"].kept_share < 1
         assert runs[model, "random 0.25"].kept_share == pytest.approx(0.25, abs=0.02)
+        assert runs[model, "EIF unbiased 0.1"].kept_share < runs[model, "EIF unbiased 0.2"].kept_share < 1
