@@ -183,6 +183,15 @@ void run_grouped(const Tensor& x, const std::optional<Tensor>& first, const Tens
   });
 }
 
+// x on the CPU, float32 or float64, at least 1-D: its dtype, which every other operand must share.
+at::ScalarType checked_x(const char* op, const Tensor& x) {
+  FXR_CHECK(x.device().is_cpu(), "x is on ", x.device(), "; the native kernel runs on CPU tensors");
+  const at::ScalarType dtype = x.scalar_type();
+  FXR_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64, got ", dtype);
+  FXR_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
+  return dtype;
+}
+
 void check_operand(const char* op, const Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
   FXR_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; the native kernel runs on CPU tensors");
   FXR_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype,
@@ -194,10 +203,7 @@ void check_operand(const char* op, const Tensor& t, const char* name, at::Scalar
 Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& second,
                       const std::optional<Tensor>& bias) {
   const char* op = "lowrank_linear";
-  FXR_CHECK(x_in.device().is_cpu(), "x is on ", x_in.device(), "; the native kernel runs on CPU tensors");
-  const at::ScalarType dtype = x_in.scalar_type();
-  FXR_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64, got ", dtype);
-  FXR_CHECK(x_in.dim() >= 1, "x must have at least one dimension, got a scalar");
+  const at::ScalarType dtype = checked_x(op, x_in);
   check_operand(op, first, "first", dtype, 2);
   check_operand(op, second, "second", dtype, 2);
   const int64_t K = first.size(1), R = first.size(0), N = second.size(0);
@@ -231,10 +237,7 @@ Tensor lowrank_linear(const Tensor& x_in, const Tensor& first, const Tensor& sec
 Tensor grouped_lowrank_linear(const Tensor& x_in, const std::optional<Tensor>& first, const Tensor& second,
                               const std::optional<Tensor>& bias, bool shuffle) {
   const char* op = "grouped_lowrank_linear";
-  FXR_CHECK(x_in.device().is_cpu(), "x is on ", x_in.device(), "; the native kernel runs on CPU tensors");
-  const at::ScalarType dtype = x_in.scalar_type();
-  FXR_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64, got ", dtype);
-  FXR_CHECK(x_in.dim() >= 1, "x must have at least one dimension, got a scalar");
+  const at::ScalarType dtype = checked_x(op, x_in);
   check_operand(op, second, "second", dtype, 3);
   const int64_t K = x_in.size(-1), g2 = second.size(0), n2 = second.size(1), r2 = second.size(2);
   FXR_CHECK(g2 > 0 && n2 > 0 && r2 > 0, "second must be (groups, out / groups, in / groups) > 0, got ",

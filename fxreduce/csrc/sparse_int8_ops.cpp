@@ -120,13 +120,16 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
   const int64_t PH = g.OH / pool, PW = g.OW / pool, window = pool * pool;
   const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = PH * PW * window;
-  // Per call, only what is per kernel element or per row: the input offset of each (c, kh, kw), the range check
-  // of the column indices (a min and max the compiler vectorises) and each row's sum of values (the zero
-  // point's correction). The non-zeros themselves are read as stored by the kernel.
-  std::vector<int64_t> column_offsets(csr.kernel_elements), pixel_offsets(pixels);
-  for (int64_t c = 0, k = 0; c < g.C; ++c)
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw) column_offsets[k++] = ((c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw) * width;
+  // Per call, only what is per kernel element or per row: the input offset of each (c, kh, kw) (a conv's; a
+  // Linear's column c is at c * width), the range check of the column indices and each row's sum of values (the
+  // zero point's correction). The non-zeros themselves are read as stored by the kernel.
+  const bool linear = g.is_linear();
+  std::vector<int64_t> column_offsets(linear ? 0 : csr.kernel_elements), pixel_offsets(pixels);
+  if (!linear)
+    for (int64_t c = 0, k = 0; c < g.C; ++c)
+      for (int64_t kh = 0; kh < g.KH; ++kh)
+        for (int64_t kw = 0; kw < g.KW; ++kw)
+          column_offsets[k++] = ((c * g.Hp() + kh * g.dh) * g.Wp() + kw * g.dw) * width;
   const int32_t* columns = csr.columns.data_ptr<int32_t>();
   const int8_t* values = csr.values.data_ptr<int8_t>();
   const int64_t* row_ptr = csr.row_ptr.data_ptr<int64_t>();
@@ -158,8 +161,8 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
-  SparseInt8Rows a{values, columns, g.is_linear() ? nullptr : column_offsets.data(), row_ptr, pixels, pixel_offsets.data(),
-                   static_cast<int>(pool), elements, g.images, row_sums.data(), zero, multipliers, bias, relu, out,
+  SparseInt8Rows a{values, columns, linear ? nullptr : column_offsets.data(), row_ptr, pixels,
+                   pixel_offsets.data(), static_cast<int>(pool), elements, g.images, row_sums.data(), zero, multipliers, bias, relu, out,
                    out_int, csr.rows * PH * PW, 1, csr.rows};
   // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
   const int64_t chunks = (csr.rows + kRowChunk - 1) / kRowChunk;
