@@ -138,18 +138,27 @@ def variants(keeps: list[float]) -> dict[str, object]:
 class _Schedule:
     """Adam's learning rate on a cosine from its initial value to 0 over the run's budget: the steps of
     ``epochs`` epochs, or, given ``flops``, the training FLOPs counted so far against that budget (so a
-    variant whose steps are cheaper takes more of them)."""
+    variant whose steps are cheaper takes more of them). A FLOP budget is never crossed: the run ends
+    before a step that could take it past the budget, judged by the dearest step so far."""
 
     def __init__(self, trainer: OnDeviceTrainer, steps: int, flops: float | None):
         self.trainer, self.steps, self.flops, self.taken = trainer, steps, flops, 0
         self.initial = [group["lr"] for group in trainer.optimizer.param_groups]
+        self.dearest_step = 0
 
     @property
     def progress(self) -> float:
         return self.trainer.total_flops / self.flops if self.flops else self.taken / self.steps
 
-    def step(self) -> None:
+    @property
+    def done(self) -> bool:
+        if self.flops:
+            return self.trainer.total_flops + self.dearest_step > self.flops
+        return self.taken >= self.steps
+
+    def step(self, flops: int) -> None:
         self.taken += 1
+        self.dearest_step = max(self.dearest_step, flops)
         factor = 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress)))
         for group, initial in zip(self.trainer.optimizer.param_groups, self.initial):
             group["lr"] = initial * factor
@@ -175,17 +184,17 @@ def train_model(name: str, factory, epochs: int, args, train, test, seed: int,
     names = list(trainers)
     seconds, kept, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     epoch = 0
-    while active := [variant for variant in names if schedules[variant].progress < 1]:
+    while active := [variant for variant in names if not schedules[variant].done]:
         bar = tqdm(batches(train, args.batch_size, epoch), desc=f"{name} seed {seed} epoch {epoch + 1}",
                    disable=args.no_progress, leave=False)
         for step, (x, y) in enumerate(bar):
             for variant in active[step % len(active):] + active[:step % len(active)]:
-                if schedules[variant].progress >= 1:
+                if schedules[variant].done:
                     continue
                 started = time.perf_counter()
                 result = trainers[variant].step(x, y)
                 seconds[variant] += time.perf_counter() - started
-                schedules[variant].step()
+                schedules[variant].step(result.flops)
                 kept[variant] += result.kept.numel()
                 seen[variant] += len(y)
         epoch += 1

@@ -255,11 +255,16 @@ def test_a_filter_reading_another_input_restricts_every_batched_input():
     assert after.get_submodule("instance_filter").kept.tolist() == [0, 3, 5]
 
 
-def test_example_quick_run_saves_counted_flops(monkeypatch):
+def _load_example(monkeypatch):
     spec = importlib.util.spec_from_file_location("on_device_mnist", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_quick_run_saves_counted_flops(monkeypatch):
+    example = _load_example(monkeypatch)
     runs = {(run.model, run.variant): run for run in example.main(["--quick", "--no-progress", "--keep", "0.3"])}
     assert len(runs) == 14
     for model in ("LeNet-5", "ResNet-8"):
@@ -268,3 +273,12 @@ def test_example_quick_run_saves_counted_flops(monkeypatch):
         assert runs[model, "EIF"].kept_share < 1
         assert runs[model, "random 0.25"].kept_share == pytest.approx(0.25, abs=0.02)
         assert runs[model, "EIF unbiased 0.1"].kept_share < runs[model, "EIF unbiased 0.2"].kept_share < 1
+
+
+def test_example_flop_budget_is_never_crossed(monkeypatch):
+    example = _load_example(monkeypatch)
+    runs = example.main(["--quick", "--no-progress", "--models", "LeNet-5", "--variants", "EIF unbiased 0.2",
+                         "--flop-budget", "0.4"])
+    plain = next(run for run in runs if run.variant == "plain" and run.budget == "epochs")
+    budgeted = next(run for run in runs if run.budget == "0.4 x FLOPs")
+    assert 0 < budgeted.flops <= 0.4 * plain.flops
