@@ -9,6 +9,10 @@ The ops (``torch.ops.fxreduce.*``, C++ under fxreduce/csrc/):
 - ``lstm_layer`` / ``lstm_layer_backward``: one LSTM layer and direction over the whole sequence, the
   per-step recurrent GEMM on the transposed weight (optionally over a keep set of the state) and the
   fused cell, forward and backward, in one call each.
+- ``transposed(x)``: ``x.t().contiguous()`` in register tiles (differentiable): the W^T the indirect-K GEMMs
+  read, and its gradient back in W's layout, where ATen's strided copy is an order of magnitude slower.
+- ``smallest_k(keys, k)``: per row, the positions of its k smallest keys in increasing order: a uniform
+  k-subset per row from i.i.d. keys (structured dropout's per-step keep sets), without a full sort.
 
 Each has a fake implementation (tracing, torch.export, the fake-tensor cost model), an autograd formula
 and a FLOP formula (the cost model counts them). The torch implementations here are the reference the
@@ -34,7 +38,8 @@ from .errors import OptionError, UnsupportedError
 
 ISA_VARIABLE = "FXREDUCE_ISA"
 REQUIRE_VARIABLE = "FXREDUCE_REQUIRE_NATIVE"
-OPS = ("gather_matmul", "gather_matmul_input_grad", "gather_matmul_weight_grad", "lstm_layer", "lstm_layer_backward")
+OPS = ("gather_matmul", "gather_matmul_input_grad", "gather_matmul_weight_grad", "lstm_layer", "lstm_layer_backward",
+       "transposed", "smallest_k")
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -249,6 +254,14 @@ def lstm_layer_backward_reference(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, i
     return dgates, dh, dc, dwt
 
 
+def transposed_reference(x: Tensor) -> Tensor:
+    return x.t().contiguous()
+
+
+def smallest_k_reference(keys: Tensor, k: int) -> Tensor:
+    return keys.argsort(dim=1, stable=True)[:, :k].sort(1).values
+
+
 def channel_sums_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     dims = [d for d in range(x.dim()) if d != 1]
     return x.abs().sum(dim=dims), x.sum(dim=dims)
@@ -261,6 +274,8 @@ REFERENCES = {
     "gather_matmul_weight_grad": gather_matmul_weight_grad_reference,
     "lstm_layer": lstm_layer_reference,
     "lstm_layer_backward": lstm_layer_backward_reference,
+    "transposed": transposed_reference,
+    "smallest_k": smallest_k_reference,
 }
 
 
@@ -276,6 +291,17 @@ def channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     channel scores and bias gradient (torch's ``abs().sum((0, 2, 3))`` writes an |x| temporary and reduces
     across strided planes)."""
     return call("channel_sums", x)
+
+
+def transposed(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` for a 2-d x (differentiable; the gradient comes back contiguous in x's layout)."""
+    return call("transposed", x)
+
+
+def smallest_k(keys: Tensor, k: int) -> Tensor:
+    """Per row of ``keys`` (G, width), the positions of its k smallest entries in increasing order (ties to
+    the lower position): ``keys.argsort(1, stable=True)[:, :k].sort(1).values`` without the full sort."""
+    return call("smallest_k", keys, k)
 
 
 def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None) -> Tensor:
@@ -321,6 +347,19 @@ if _C is not None:
     @torch.library.register_fake("fxreduce::lstm_layer_backward")
     def _lstm_backward_fake(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, index, scale, reverse):
         return acts.new_empty(acts.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), wt.new_empty(wt.shape)
+
+    @torch.library.register_fake("fxreduce::transposed")
+    def _transposed_fake(x):
+        return x.new_empty(x.shape[1], x.shape[0])
+
+    @torch.library.register_fake("fxreduce::smallest_k")
+    def _smallest_k_fake(keys, k):
+        return keys.new_empty(keys.shape[0], k, dtype=torch.long)
+
+    def _transposed_backward(ctx, grad):
+        return transposed(grad)
+
+    torch.library.register_autograd("fxreduce::transposed", _transposed_backward)
 
     def _gather_setup(ctx, inputs, output):
         x, wt, index = inputs

@@ -102,6 +102,44 @@ def test_channel_sums_equal_the_reference(shape, dtype, isa, threads, contiguous
         torch.set_num_threads(previous)
 
 
+@given(rows=st.integers(0, 41), cols=st.integers(0, 41), dtype=st.sampled_from([torch.float64, torch.float32]),
+       isa=st.sampled_from(ISAS), threads=st.sampled_from([1, 2]),
+       layout=st.sampled_from(["rows", "columns", "sliced"]), seed=st.integers(0, 1000))
+def test_transposed_and_its_gradient_equal_the_reference(rows, cols, dtype, isa, threads, layout, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "sliced":  # neither dim contiguous
+        x = torch.randn(rows, 2 * cols + 1, dtype=dtype, generator=generator)[:, 1::2]
+    else:
+        x = strided(torch.randn(rows, cols, dtype=dtype, generator=generator), layout == "rows")
+    grad = torch.randn(cols, rows, dtype=dtype, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with native.forced_isa(isa):
+            got = ops.transposed(x)
+            assert got.is_contiguous() and torch.equal(got, native.transposed_reference(x))
+            leaf = x.detach().requires_grad_()
+            (gradient,) = torch.autograd.grad(native.transposed(leaf), leaf, grad)
+            assert gradient.is_contiguous() and torch.equal(gradient, grad.t())  # a weight's grad needs no copy
+    finally:
+        torch.set_num_threads(previous)
+
+
+@given(groups=st.integers(0, 6), width=st.integers(0, 50), data=st.data(), ties=st.booleans(),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
+def test_smallest_k_equals_the_reference(groups, width, data, ties, threads, seed):
+    k = data.draw(st.integers(0, width))
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, 4, (groups, width), generator=generator).float() if ties else \
+        torch.rand(groups, width, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(ops.smallest_k(keys, k), native.smallest_k_reference(keys, k))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), isa=st.sampled_from(ISAS),
        reverse=st.booleans(), threads=st.sampled_from([1, 2]), contiguous=st.booleans())
 def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, reverse, threads, contiguous):
@@ -184,6 +222,8 @@ def test_fake_implementations_give_the_real_shapes():
     index = torch.tensor([[0, 3, 5], [1, 2, 4]])
     args = {
         "channel_sums": (torch.randn(2, 5, 3, 4),),
+        "transposed": (torch.randn(5, 3),),
+        "smallest_k": (torch.rand(4, 9), 3),
         "gather_matmul": (torch.randn(2, 3, 3), torch.randn(7, 11), index),
         "gather_matmul_input_grad": (torch.randn(2, 3, 11), torch.randn(7, 11), index, 3),
         "gather_matmul_weight_grad": (torch.randn(2, 3, 3), torch.randn(2, 3, 11), index, 7),
@@ -256,6 +296,14 @@ def test_bad_input_is_a_clear_error_never_a_crash():
         ops.channel_sums(torch.randn(5))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.channel_sums(torch.randn(2, 3, 4).half())
+    with pytest.raises(RuntimeError, match="must be 2-d"):
+        ops.transposed(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="keys contain NaN"):
+        ops.smallest_k(torch.tensor([[0.5, float("nan"), 0.1]]), 2)
+    with pytest.raises(RuntimeError, match=r"k must lie in \[0, 3\]"):
+        ops.smallest_k(torch.rand(2, 3), 4)
+    with pytest.raises(RuntimeError, match="keys must be"):
+        ops.smallest_k(torch.rand(6), 2)
     with pytest.raises(OptionError, match="not available"):
         with native.forced_isa("sparc"):
             pass

@@ -33,6 +33,10 @@ struct RowsGemm {
   // Non-zero: B comes packed by pack_panels (b_panel_rows rows per panel; ldb unused), and a column range
   // starts on a panel boundary and ends on one or at the last column.
   int64_t b_panel_rows = 0;
+  // With accumulate and c_index: c_first[g*c_index_group + m] = 1 where group g is the first to write C row
+  // c_index[g][m]; that group stores instead of adding, so C need not be zeroed first (rows no group writes
+  // are the caller's to zero).
+  const uint8_t* c_first = nullptr;
 };
 
 // A weight read at every step of a recurrence is packed once per call into column panels of the register
@@ -92,6 +96,14 @@ struct KernelTable {
   void (*plane_sums_f)(const float* x, int64_t plane, int64_t begin, int64_t end, float* abs_out, float* sum_out);
   void (*plane_sums_d)(const double* x, int64_t plane, int64_t begin, int64_t end, double* abs_out,
                        double* sum_out);
+  // out (cols, rows) = src (rows, cols; row stride ld, columns contiguous) transposed, for the bands of
+  // `lanes` source rows [band_begin, band_end): the transposed copy of a weight that ATen's strided copy
+  // makes an order of magnitude slower.
+  void (*transpose_f)(const float* src, int64_t rows, int64_t cols, int64_t ld, float* out, int64_t band_begin,
+                      int64_t band_end);
+  void (*transpose_d)(const double* src, int64_t rows, int64_t cols, int64_t ld, double* out, int64_t band_begin,
+                      int64_t band_end);
+  int float_lanes, double_lanes;  // source rows per band of transpose_f / transpose_d
 };
 
 extern const KernelTable avx512_table;

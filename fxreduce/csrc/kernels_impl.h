@@ -100,7 +100,9 @@ inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b
       const int64_t row = m + r;
       const int64_t c_row = a.c_index ? a.c_index[g * a.c_index_group + row] : row;
       out_rows[r] = a.C + g * a.c_group + c_row * a.ldc + c;
-      add_rows[r] = a.accumulate ? out_rows[r] : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
+      const bool stores = a.c_first && a.c_first[g * a.c_index_group + row];
+      add_rows[r] = a.accumulate ? (stores ? nullptr : out_rows[r])
+                                 : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
       c_rows[r] = partial ? local + r * full : out_rows[r];
       d_rows[r] = partial ? nullptr : add_rows[r];
     }
@@ -383,6 +385,29 @@ void plane_sums(const T* x, int64_t plane, int64_t begin, int64_t end, T* abs_ou
   }
 }
 
+// Bands of L source rows: L x L tiles loaded as L row vectors, transposed in registers, stored as L rows of
+// the output; the band's last columns and a last band of fewer rows element by element.
+template <typename T>
+void transpose_bands(const T* src, int64_t rows, int64_t cols, int64_t ld, T* out, int64_t band_begin,
+                     int64_t band_end) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t band = band_begin; band < band_end; ++band) {
+    const int64_t r0 = band * L, height = smaller(L, rows - r0);
+    int64_t c = 0;
+    if (height == L) {
+      for (; c + L <= cols; c += L) {
+        V m[L];
+        for (int i = 0; i < L; ++i) m[i] = load<V>(src + (r0 + i) * ld + c);
+        transpose<L / 2, L>(m);
+        for (int j = 0; j < L; ++j) store(out + (c + j) * rows + r0, m[j]);
+      }
+    }
+    for (; c < cols; ++c)
+      for (int64_t i = 0; i < height; ++i) out[c * rows + r0 + i] = src[(r0 + i) * ld + c];
+  }
+}
+
 }  // namespace FXR_ISA
 
 extern const KernelTable FXR_TABLE = {
@@ -400,6 +425,10 @@ extern const KernelTable FXR_TABLE = {
     &FXR_ISA::cell_backward<double>,
     &FXR_ISA::plane_sums<float>,
     &FXR_ISA::plane_sums<double>,
+    &FXR_ISA::transpose_bands<float>,
+    &FXR_ISA::transpose_bands<double>,
+    FXR_ISA::Vec<float>::lanes,
+    FXR_ISA::Vec<double>::lanes,
 };
 
 }  // namespace native

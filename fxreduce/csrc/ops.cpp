@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,22 @@ int64_t index_group_stride(const std::optional<Tensor>& index) {
 
 const int64_t* index_data(const std::optional<Tensor>& index) {
   return index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+}
+
+// A C of `rows` rows that groups scatter-accumulate into through index ((k,) shared, or (groups, k)), made
+// without zeroing it all first: returns the RowsGemm::c_first flags (the first group writing a row stores
+// into it) and zeroes the rows no group writes.
+std::vector<uint8_t> first_writes(const std::optional<Tensor>& index, int64_t groups, const Tensor& c) {
+  const int64_t k = index->size(-1), rows = c.size(0), sets = index->dim() == 2 ? groups : 1;
+  const int64_t* kept = index->data_ptr<int64_t>();
+  std::vector<uint8_t> first(sets * k), written(rows);
+  for (int64_t i = 0; i < sets * k; ++i) {
+    first[i] = !written[kept[i]];
+    written[kept[i]] = 1;
+  }
+  for (int64_t row = 0; row < rows; ++row)
+    if (!written[row]) c[row].zero_();
+  return first;
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -156,6 +173,72 @@ void run_row_dots(const RowDots<T>& args) {
 }
 
 // ------------------------------------------------------------------------------------------------------
+// transposed(x (rows, cols)) -> (cols, rows) contiguous: x.t().contiguous() in register tiles.
+Tensor transposed(const Tensor& x) {
+  const char* op = "transposed";
+  check_dtype(x, op);
+  check_float(x, op, "x", x.scalar_type());
+  check_shape(x.dim() == 2, op, "x must be 2-d, got shape " + c10::str(x.sizes()));
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (x.stride(0) == 1 && cols > 1) return x.t().clone(at::MemoryFormat::Contiguous);  // x.t()'s rows are contiguous
+  const Tensor src = x.stride(1) == 1 ? x : x.contiguous();
+  Tensor out = at::empty({cols, rows}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
+    using Fn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, scalar_t*, int64_t, int64_t);
+    const KernelTable& k = kernels();
+    const bool single = std::is_same<scalar_t, float>::value;
+    const Fn fn = single ? reinterpret_cast<Fn>(k.transpose_f) : reinterpret_cast<Fn>(k.transpose_d);
+    const int64_t lanes = single ? k.float_lanes : k.double_lanes, bands = (rows + lanes - 1) / lanes;
+    const scalar_t* data = src.data_ptr<scalar_t>();
+    scalar_t* result = out.data_ptr<scalar_t>();
+    const int64_t stride = src.stride(0);
+    at::parallel_for(0, bands, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, lanes * cols)),
+                     [&](int64_t b0, int64_t b1) { fn(data, rows, cols, stride, result, b0, b1); });
+  });
+  return out;
+}
+
+// A 2-d operand with contiguous rows; a transposed view (W.t()) through the tiled transpose.
+Tensor contiguous_rows(const Tensor& t) {
+  if (t.is_contiguous()) return t;
+  return t.stride(0) == 1 ? transposed(t.t()) : t.contiguous();
+}
+
+// smallest_k(keys (G, width), k) -> (G, k) int64: per row, the positions of its k smallest keys (ties to the
+// lower position) in increasing order: a uniform k-subset of the units per row when the keys are i.i.d.
+Tensor smallest_k(const Tensor& keys, int64_t k) {
+  const char* op = "smallest_k";
+  check_dtype(keys, op);
+  check_float(keys, op, "keys", keys.scalar_type());
+  check_shape(keys.dim() == 2, op, "keys must be (groups, width), got shape " + c10::str(keys.sizes()));
+  const int64_t groups = keys.size(0), width = keys.size(1);
+  check_shape(k >= 0 && k <= width, op, "k must lie in [0, " + std::to_string(width) + "], got " + std::to_string(k));
+  const Tensor c = keys.contiguous();
+  // NaN keys have no order: the selection would be undefined (and could read past the row).
+  TORCH_CHECK(!c.isnan().any().item<bool>(), "fxreduce.", op, ": keys contain NaN; pass ordered keys (e.g. torch.rand)");
+  Tensor out = at::empty({groups, k}, keys.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "fxreduce", [&] {
+    const scalar_t* data = c.data_ptr<scalar_t>();
+    int64_t* result = out.data_ptr<int64_t>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, width * 16)),
+                     [&](int64_t g0, int64_t g1) {
+      std::vector<std::pair<scalar_t, int64_t>> keyed(width);  // (key, position): ties to the lower position
+      for (int64_t g = g0; g < g1; ++g) {
+        const scalar_t* row = data + g * width;
+        for (int64_t j = 0; j < width; ++j) keyed[j] = {row[j], j};
+        if (k < width) std::nth_element(keyed.begin(), keyed.begin() + k, keyed.end());
+        int64_t* kept = result + g * k;
+        for (int64_t j = 0; j < k; ++j) kept[j] = keyed[j].second;
+        std::sort(kept, kept + k);
+      }
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------
 // gather_matmul(x (G, N, k), wt (in, out), index) -> (G, N, out): out[g] = x[g] @ wt[index[g]].
 Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tensor>& index) {
   const char* op = "gather_matmul";
@@ -166,7 +249,7 @@ Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tens
               "expected x (groups, rows, k) and wt (in, out), got " + c10::str(x.sizes()) + " and " + c10::str(wt.sizes()));
   const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = wt.size(1);
   auto idx = checked_index(index, G, K, wt.size(0), op);
-  Tensor xc = x.contiguous(), wc = wt.contiguous();
+  Tensor xc = x.contiguous(), wc = contiguous_rows(wt);
   Tensor result = at::empty({G, N, out}, x.options());
   if (result.numel() == 0) return result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
@@ -189,8 +272,8 @@ Tensor gather_matmul_input_grad(const Tensor& dout, const Tensor& wt, const std:
                   c10::str(wt.sizes()));
   const int64_t G = dout.size(0), N = dout.size(1), out = dout.size(2);
   auto idx = checked_index(index, G, k, wt.size(0), op);
-  Tensor dc = dout.contiguous(), wc = wt.contiguous();
-  Tensor result = at::zeros({G, N, k}, dout.options());
+  Tensor dc = dout.contiguous(), wc = contiguous_rows(wt);
+  Tensor result = at::empty({G, N, k}, dout.options());  // every (group, row, kept unit) written once
   if (result.numel() == 0) return result;
   AT_DISPATCH_FLOATING_TYPES(dout.scalar_type(), "fxreduce", [&] {
     RowDots<scalar_t> a{G, N, k, out, dc.data_ptr<scalar_t>(), N * out, out, wc.data_ptr<scalar_t>(), 0, out,
@@ -216,15 +299,21 @@ Tensor gather_matmul_weight_grad(const Tensor& x, const Tensor& dout, const std:
   const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = dout.size(2);
   auto idx = checked_index(index, G, K, rows, op);
   Tensor xc = x.contiguous(), dc = dout.contiguous();
-  // Without an index the GEMM writes every row exactly once; a keep set leaves the other rows zero.
+  // Without an index the GEMM writes every row exactly once; with a keep set the first group to write a row
+  // stores into it and later ones add, and the rows no set keeps are zeroed.
   const bool every_row = !idx.has_value() && G * N > 0;
-  Tensor result = every_row ? at::empty({rows, out}, x.options()) : at::zeros({rows, out}, x.options());
-  if (result.numel() == 0 || x.numel() == 0) return result;
+  Tensor result = every_row || idx.has_value() ? at::empty({rows, out}, x.options()) : at::zeros({rows, out}, x.options());
+  if (result.numel() == 0 || x.numel() == 0) {
+    if (idx.has_value()) result.zero_();
+    return result;
+  }
   const bool one_group = !idx.has_value() || idx->dim() == 1;  // one set for all: a single GEMM over G*N rows
+  const std::vector<uint8_t> first = idx.has_value() ? first_writes(idx, G, result) : std::vector<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : G, K, one_group ? G * N : N, xc.data_ptr<scalar_t>(), N * K, 1, K,
                          dc.data_ptr<scalar_t>(), N * out, out, nullptr, 0, result.data_ptr<scalar_t>(), 0, out,
                          index_data(idx), one_group ? 0 : K, nullptr, 0, 0, !every_row, scalar_t(1)};
+    a.c_first = first.empty() ? nullptr : first.data();
     run_rows_gemm(a, out);
   });
   return result;
@@ -387,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   // Dense, dh = dgates @ W_hh runs on W_hh = wt^T packed once (read from wt's strides); with a keep set, on
   // dot products with the kept rows of wt.
   const bool dense = !idx.has_value();
-  Tensor wt = dense ? wt_in : wt_in.contiguous();
+  Tensor wt = dense ? wt_in : contiguous_rows(wt_in);
   Tensor dgates = at::empty({T, N, 4 * H}, acts.options());
   Tensor dc = dc_last.contiguous().clone();
   Tensor dh = T > 0 ? dhs[reverse ? 0 : T - 1].clone() : at::zeros({N, H}, acts.options());
@@ -470,23 +559,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     });
     return {dgates, dh, dc, dw.t()};
   }
-  // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step).
-  Tensor h_prev = reverse ? at::cat({hs.slice(0, 1), h0.unsqueeze(0)}) : at::cat({h0.unsqueeze(0), hs.slice(0, 0, T - 1)});
-  Tensor z = h_prev;
-  if (idx.has_value()) {
-    Tensor gather = idx->dim() == 2 ? idx->unsqueeze(1).expand({T, N, k}) : idx->view({1, 1, k}).expand({T, N, k});
-    z = at::gather(h_prev, 2, gather).mul_(scale);
-  }
-  const bool one_group = !idx.has_value() || idx->dim() == 1;
-  Tensor zc = z.contiguous();
-  Tensor dwt = at::zeros({H, 4 * H}, acts.options());
+  // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step) on the
+  // kept units of the state entering each step, scaled.
+  const bool one_group = idx->dim() == 1;
+  Tensor zc = at::empty({T, N, k}, acts.options());
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
+    const scalar_t *hs_p = hs.data_ptr<scalar_t>(), *h0_p = h0.data_ptr<scalar_t>();
+    const int64_t *index_p = index_data(idx), index_stride = index_group_stride(idx);
+    scalar_t* z_p = zc.data_ptr<scalar_t>();
+    const scalar_t s = static_cast<scalar_t>(scale);
+    at::parallel_for(0, T, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, N * k)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t t = L.step(n);
+        const scalar_t* h_prev = n == 0 ? h0_p : hs_p + L.step(n - 1) * N * H;
+        step_input(h_prev, H, index_p + t * index_stride, k, s, 0, N, z_p + t * N * k);
+      }
+    });
+  });
+  Tensor dwt = at::empty({H, 4 * H}, acts.options());
+  const std::vector<uint8_t> first = first_writes(idx, T, dwt);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
     RowsGemm<scalar_t> a{one_group ? 1 : T, k, one_group ? T * N : N, zc.data_ptr<scalar_t>(), N * k, 1, k,
                          dgates.data_ptr<scalar_t>(), N * 4 * H, 4 * H, nullptr, 0, dwt.data_ptr<scalar_t>(), 0,
                          4 * H, index_data(idx), one_group ? 0 : k, nullptr, 0, 0, true, scalar_t(1)};
+    a.c_first = first.data();
     run_rows_gemm(a, 4 * H);
   });
-  return {dgates, dh, dc, dwt};
+  // For a wt that is W_hh.t(), the gradient in W_hh's own layout: it reaches the parameter without a copy.
+  return {dgates, dh, dc, wt_in.is_contiguous() ? dwt : transposed(dwt).t()};
 }
 
 }  // namespace
@@ -520,6 +620,8 @@ std::tuple<Tensor, Tensor> channel_sums(const Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
   m.def("gather_matmul(Tensor x, Tensor wt, Tensor? index) -> Tensor");
   m.def("channel_sums(Tensor x) -> (Tensor, Tensor)");
+  m.def("transposed(Tensor x) -> Tensor");
+  m.def("smallest_k(Tensor keys, int k) -> Tensor");
   m.def("gather_matmul_input_grad(Tensor dout, Tensor wt, Tensor? index, int k) -> Tensor");
   m.def("gather_matmul_weight_grad(Tensor x, Tensor dout, Tensor? index, int rows) -> Tensor");
   m.def("lstm_layer(Tensor xp, Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> "
@@ -531,6 +633,8 @@ TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
 TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
   m.impl("gather_matmul", &gather_matmul);
   m.impl("channel_sums", &channel_sums);
+  m.impl("transposed", &transposed);
+  m.impl("smallest_k", &smallest_k);
   m.impl("gather_matmul_input_grad", &gather_matmul_input_grad);
   m.impl("gather_matmul_weight_grad", &gather_matmul_weight_grad);
   m.impl("lstm_layer", &lstm_layer);

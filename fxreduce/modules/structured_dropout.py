@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from .. import native
 from ..errors import OptionError
 from .lstm import DecomposedLSTM, KeepSet, input_projection
 
@@ -77,7 +78,7 @@ def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, 
     if mode == "per_sequence" or steps is None:
         return KeepSet(torch.randperm(width, generator=generator)[:k].sort().values, scale)
     if mode == "per_step":
-        return KeepSet(torch.rand(steps, width, generator=generator).argsort(1)[:, :k].sort(1).values, scale)
+        return KeepSet(native.smallest_k(torch.rand(steps, width, generator=generator), k), scale)
     order = torch.randperm(width, generator=generator)
     if offsets is None:
         starts = torch.randint(0, width, (steps,), generator=generator)

@@ -160,7 +160,7 @@ def input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, keep
         # Indirect-K: W1^T transposed once, each step's kept units read as its rows; no weight gathered.
         steps, rows, _ = x.shape
         xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)) * keep.scale
-        out = native.gather_matmul(xk, weights[0].t().contiguous(), index)
+        out = native.gather_matmul(xk, native.transposed(weights[0]), index)
         if len(weights) == 1:
             return out if bias is None else out.add_(bias)
         return input_projection(out, weights[1:], bias, None)
