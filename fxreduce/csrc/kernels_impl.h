@@ -184,11 +184,17 @@ void pack_panels(const Panels<T>& p, int64_t panel_begin, int64_t panel_end) {
 
 // ---------------------------------------------------------------------------------------------------
 // row_dots: an FXR_DM x FXR_DJ tile of dot products over contiguous rows.
-template <typename T>
-inline T horizontal_sum(typename Vec<T>::V v) {
-  T s = 0;
-  for (int e = 0; e < Vec<T>::lanes; ++e) s += v[e];
-  return s;
+// v[0] lane i := the sum of v[i]'s lanes, for L vectors: log2(L) stages, each merging vector i with vector
+// i + H into one whose lanes with bit H clear hold pairwise sums of the first and the others of the second.
+// L - 1 merges (two shuffles and an add each) for L sums, where lane-by-lane sums take L - 1 adds per sum.
+template <int H, int L, typename V>
+__attribute__((always_inline)) inline void fold_sums(V* v) {
+  if constexpr (H > 0) {
+    for (int i = 0; i < H; ++i)
+      v[i] = low_half<H, L>(v[i], v[i + H], typename MakeLanes<L>::type()) +
+             high_half<H, L>(v[i], v[i + H], typename MakeLanes<L>::type());
+    fold_sums<H / 2, L>(v);
+  }
 }
 
 template <typename T, int DMt, int DJt>
@@ -214,9 +220,17 @@ inline void dot_tile(const RowDots<T>& a, int64_t g, int64_t m, int64_t j) {
       for (int r = 0; r < DMt; ++r) acc[r][s] += av[r] * bv;
     }
   }
+  constexpr int n = DMt * DJt;
+  T sums[n];
+  for (int first = 0; first < n; first += L) {
+    V v[L];
+    for (int q = 0; q < L; ++q) v[q] = first + q < n ? acc[(first + q) / DJt][(first + q) % DJt] : V();
+    fold_sums<L / 2, L>(v);
+    for (int q = 0; q < L && first + q < n; ++q) sums[first + q] = v[0][q];
+  }
   for (int r = 0; r < DMt; ++r)
     for (int s = 0; s < DJt; ++s) {
-      T sum = horizontal_sum<T>(acc[r][s]);
+      T sum = sums[r * DJt + s];
       for (int64_t e = c; e < a.K; ++e) sum += A[r][e] * B[s][e];
       const int64_t col = a.c_cols ? a.c_cols[g * a.c_cols_group + j + s] : j + s;
       T* out = a.C + g * a.c_group + (m + r) * a.ldc + col;

@@ -58,10 +58,16 @@ std::optional<Tensor> checked_index(const std::optional<Tensor>& index, int64_t 
               "index must have shape (" + std::to_string(k) + ",) or (" + std::to_string(groups) + ", " +
                   std::to_string(k) + "), got " + c10::str(i.sizes()));
   Tensor c = i.contiguous();
+  // One pass in place of two ATen reductions: their dispatch costs more than a small kernel's check.
+  const int64_t* values = c.data_ptr<int64_t>();
   if (c.numel() > 0) {
-    const int64_t low = c.min().item<int64_t>(), high = c.max().item<int64_t>();
-    TORCH_CHECK(low >= 0 && high < rows, "fxreduce.", op, ": index values must lie in [0, ", rows, "), got [",
-                low, ", ", high, "]");
+    int64_t low = values[0], high = values[0];
+    for (int64_t e = 1; e < c.numel(); ++e) {
+      low = std::min(low, values[e]);
+      high = std::max(high, values[e]);
+    }
+    TORCH_CHECK(low >= 0 && high < rows, "fxreduce.", op, ": index values must lie in [0, ", rows, "), got [", low,
+                ", ", high, "]");
   }
   return c;
 }
