@@ -347,6 +347,22 @@ def test_structured_dropout_modules_equal_on_native_and_torch_paths(mode, recurr
         close(a, e, torch.float64)
 
 
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_structured_dropout_lstm_weights_are_stored_transposed_and_their_gradients_need_no_copy(recurrent):
+    original = nn.LSTM(7, 12, 2, dropout=0.5)
+    module = StructuredDropoutLSTM.from_lstm(original, p=0.4, mode="per_step", recurrent=recurrent, mask_input=True,
+                                             seed=5).train()
+    weights = {name: p for name, p in module.named_parameters() if name.startswith("weight_")}
+    assert weights and all(p.t().is_contiguous() for p in weights.values())
+    module(torch.randn(9, 3, 7))[0].sum().backward()
+    for name, param in weights.items():  # AccumulateGrad keeps a gradient whose strides match its parameter's
+        assert param.grad.stride() == param.stride(), name
+    restored = nn.LSTM(7, 12, 2, dropout=0.5)
+    restored.load_state_dict(module.state_dict())
+    for name, param in restored.named_parameters():
+        assert torch.equal(param, getattr(original, name)), name
+
+
 def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_under_no_grad(monkeypatch):
     calls = []
     original = native.call

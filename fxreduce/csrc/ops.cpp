@@ -230,14 +230,17 @@ Tensor smallest_k(const Tensor& keys, int64_t k) {
     int64_t* result = out.data_ptr<int64_t>();
     at::parallel_for(0, groups, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, width * 16)),
                      [&](int64_t g0, int64_t g1) {
-      std::vector<std::pair<scalar_t, int64_t>> keyed(width);  // (key, position): ties to the lower position
+      // (key, position) pairs order the keys with ties to the lower position; the k-th smallest pair found by
+      // selection, one scan in position order emits the k positions at or below it, already sorted.
+      std::vector<std::pair<scalar_t, int64_t>> keyed(width);
       for (int64_t g = g0; g < g1; ++g) {
         const scalar_t* row = data + g * width;
-        for (int64_t j = 0; j < width; ++j) keyed[j] = {row[j], j};
-        if (k < width) std::nth_element(keyed.begin(), keyed.begin() + k, keyed.end());
         int64_t* kept = result + g * k;
-        for (int64_t j = 0; j < k; ++j) kept[j] = keyed[j].second;
-        std::sort(kept, kept + k);
+        for (int64_t j = 0; j < width; ++j) keyed[j] = {row[j], j};
+        std::nth_element(keyed.begin(), keyed.begin() + (k - 1), keyed.end());
+        const std::pair<scalar_t, int64_t> last = keyed[k - 1];
+        for (int64_t j = 0, n = 0; j < width; ++j)
+          if (std::make_pair(row[j], j) <= last) kept[n++] = j;
       }
     });
   });
@@ -548,22 +551,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     }
   });
   if (dense) {
-    // dW_hh = sum_t dgates_t^T h_(t-1), in W_hh's own (4H, H) layout: returned as its transpose, the
-    // gradient of a wt that is W_hh.t() reaches the parameter without a copy. Two GEMMs: the step that
-    // reads h0, then all others against hs shifted by one step (no concatenated copy).
-    Tensor dw = at::empty({4 * H, H}, acts.options());
+    // dW_hh = sum_t dgates_t^T h_(t-1), laid out like wt: for a wt that is W_hh.t(), in W_hh's own (4H, H)
+    // layout (returned as its transpose), else as wt's (H, 4H) rows, so the gradient reaches the parameter
+    // without a copy. Two GEMMs: the step that reads h0, then all others against hs shifted by one step.
+    const bool like_w = !wt_in.is_contiguous();
+    Tensor dw = like_w ? at::empty({4 * H, H}, acts.options()) : at::empty({H, 4 * H}, acts.options());
     AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "fxreduce", [&] {
       const scalar_t *dg_p = dgates.data_ptr<scalar_t>(), *hs_p = hs.data_ptr<scalar_t>();
       const int64_t first = reverse ? T - 1 : 0;  // the step whose state entering it is h0
       auto gemm = [&](const scalar_t* dg, const scalar_t* h, int64_t rows, bool accumulate) {
-        RowsGemm<scalar_t> a{1, 4 * H, rows, dg, 0, 1, 4 * H, h, 0, H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, H,
-                             nullptr, 0, nullptr, 0, 0, accumulate, scalar_t(1)};
-        run_rows_gemm(a, H);
+        if (like_w) {
+          RowsGemm<scalar_t> a{1, 4 * H, rows, dg, 0, 1, 4 * H, h, 0, H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, H,
+                               nullptr, 0, nullptr, 0, 0, accumulate, scalar_t(1)};
+          run_rows_gemm(a, H);
+        } else {
+          RowsGemm<scalar_t> a{1, H, rows, h, 0, 1, H, dg, 0, 4 * H, nullptr, 0, dw.data_ptr<scalar_t>(), 0, 4 * H,
+                               nullptr, 0, nullptr, 0, 0, accumulate, scalar_t(1)};
+          run_rows_gemm(a, 4 * H);
+        }
       };
       gemm(dg_p + first * N * 4 * H, h0.data_ptr<scalar_t>(), N, false);
       if (T > 1) gemm(dg_p + (reverse ? 0 : N * 4 * H), hs_p + (reverse ? N * H : 0), (T - 1) * N, true);
     });
-    return {dgates, dh, dc, dw.t()};
+    return {dgates, dh, dc, like_w ? dw.t() : dw};
   }
   // The recurrent weight's gradient: one GEMM over all steps (per-step sets: one group per step) on the
   // kept units of the state entering each step, scaled.

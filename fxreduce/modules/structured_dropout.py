@@ -116,7 +116,17 @@ class StructuredDropoutLSTM(DecomposedLSTM):
         """A copy of ``lstm`` (weights copied) dropping as configured; nn.LSTM's state_dict loads into it."""
         new = cls.from_torch(lstm)
         new._configure(p, mode, recurrent, mask_input, seed, offsets)
+        new._store_weights_transposed()
         return new
+
+    def _store_weights_transposed(self) -> None:
+        """Lay each weight matrix out as its transpose in memory: the Parameter still reads (4H, in), but a
+        kept unit is one contiguous row of W^T in place, and the native kernels' gradients come back in that
+        layout, so a training step copies no weight either way. (Its state_dict tensors are these transposed
+        views: torch.save keeps them; safetensors wants ``{k: v.contiguous() for k, v in sd.items()}``.)"""
+        for name, param in list(self._parameters.items()):
+            if name.startswith("weight_") and param is not None:
+                self.register_parameter(name, nn.Parameter(param.detach().t().contiguous().t(), param.requires_grad))
 
     def mask_widths(self) -> dict[int, tuple[int | None, int | None]]:
         """Per layer, the widths of the (input, hidden) tensors this module masks (None: not masked)."""

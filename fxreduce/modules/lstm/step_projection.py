@@ -157,10 +157,12 @@ def input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, keep
         first = weights[0].index_select(1, index) * keep.scale
         return input_projection(x.index_select(2, index), [first, *weights[1:]], bias, None)
     if native.serves_eagerly(x, weights[0], bias):
-        # Indirect-K: W1^T transposed once, each step's kept units read as its rows; no weight gathered.
+        # Indirect-K: each step's kept units read as rows of W1^T (in place where W1 is stored transposed,
+        # else transposed once); no weight gathered.
         steps, rows, _ = x.shape
         xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)) * keep.scale
-        out = native.gather_matmul(xk, native.transposed(weights[0]), index)
+        wt = weights[0].t()
+        out = native.gather_matmul(xk, wt if wt.is_contiguous() else native.transposed(weights[0]), index)
         if len(weights) == 1:
             return out if bias is None else out.add_(bias)
         return input_projection(out, weights[1:], bias, None)
