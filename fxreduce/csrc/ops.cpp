@@ -165,6 +165,16 @@ void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
   }
   const int64_t per_block = std::max<int64_t>(1, args.groups * args.M * args.K * tile);
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_block);
+  if (threads > 1 && !args.b_panel_rows && blocks % threads != 0 && blocks < 8 * threads && grain < blocks) {
+    // Few tiles that do not divide among the threads (W^T of 800 columns: 13 tiles of 64, 7 for one thread
+    // and 6 for the other): one range per thread, equal to a vector, the last tiles of each range narrower.
+    const int64_t lanes = sizeof(T) == 4 ? kernels().float_lanes : kernels().double_lanes;
+    const int64_t per_thread = ((columns + threads - 1) / threads + lanes - 1) / lanes * lanes;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      fn(args, std::min(t0 * per_thread, columns), std::min(t1 * per_thread, columns));
+    });
+    return;
+  }
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     fn(args, b0 * tile, std::min(b1 * tile, columns));
   });
