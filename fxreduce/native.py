@@ -2,7 +2,7 @@
 
 The ops (``torch.ops.fxreduce.*``, C++ under fxreduce/csrc/):
 
-- ``gather_matmul(x, wt, index)``: ``out[g] = x[g] @ wt[index[g]]`` for x (G, N, k), wt (in, out) and an
+- ``gather_matmul(x, wt, index, bias=None)``: ``out[g] = x[g] @ wt[index[g]] (+ bias)`` for x (G, N, k), wt (in, out) and an
   index (G, k), (k,) or None: the indirect-K GEMM, reading each kept unit as one contiguous row of W^T.
 - ``gather_matmul_input_grad`` / ``gather_matmul_weight_grad``: its two gradients (the weight gradient
   scatter-adds into the kept rows).
@@ -182,8 +182,9 @@ def _rows(wt: Tensor, index: Tensor | None, groups: int) -> Tensor:
     return wt[index] if index.dim() == 2 else wt[index].expand(groups, -1, -1)
 
 
-def gather_matmul_reference(x: Tensor, wt: Tensor, index: Tensor | None) -> Tensor:
-    return torch.bmm(x, _rows(wt, index, x.shape[0]))
+def gather_matmul_reference(x: Tensor, wt: Tensor, index: Tensor | None, bias: Tensor | None = None) -> Tensor:
+    out = torch.bmm(x, _rows(wt, index, x.shape[0]))
+    return out if bias is None else out + bias
 
 
 def gather_matmul_input_grad_reference(dout: Tensor, wt: Tensor, index: Tensor | None, k: int) -> Tensor:
@@ -304,9 +305,9 @@ def smallest_k(keys: Tensor, k: int) -> Tensor:
     return call("smallest_k", keys, k)
 
 
-def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None) -> Tensor:
+def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None, bias: Tensor | None = None) -> Tensor:
     """``x[g] @ wt[index[g]]`` (differentiable in x and wt)."""
-    return call("gather_matmul", x, wt, index)
+    return call("gather_matmul", x, wt, index, bias)
 
 
 def lstm_layer(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: Tensor | None, scale: float,
@@ -326,7 +327,7 @@ if _C is not None:
         return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
     @torch.library.register_fake("fxreduce::gather_matmul")
-    def _gather_matmul_fake(x, wt, index):
+    def _gather_matmul_fake(x, wt, index, bias=None):
         return x.new_empty(x.shape[0], x.shape[1], wt.shape[1])
 
     @torch.library.register_fake("fxreduce::gather_matmul_input_grad")
@@ -362,14 +363,16 @@ if _C is not None:
     torch.library.register_autograd("fxreduce::transposed", _transposed_backward)
 
     def _gather_setup(ctx, inputs, output):
-        x, wt, index = inputs
+        x, wt, index, _bias = inputs
         ctx.save_for_backward(x, wt, index)
 
     def _gather_backward(ctx, dout):
         x, wt, index = ctx.saved_tensors
         dx = lib.gather_matmul_input_grad(dout, wt, index, x.shape[2]) if ctx.needs_input_grad[0] else None
         dwt = lib.gather_matmul_weight_grad(x, dout, index, wt.shape[0]) if ctx.needs_input_grad[1] else None
-        return dx, dwt, None
+        with_bias = len(ctx.needs_input_grad) > 3  # a call that leaves bias out has three inputs
+        dbias = dout.sum((0, 1)) if with_bias and ctx.needs_input_grad[3] else None
+        return (dx, dwt, None, dbias) if with_bias else (dx, dwt, None)
 
     torch.library.register_autograd("fxreduce::gather_matmul", _gather_backward, setup_context=_gather_setup)
 

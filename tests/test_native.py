@@ -79,8 +79,14 @@ def test_gather_matmul_and_its_gradients_equal_the_reference(data, dtype, isa, c
     x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), contiguous)
     wt = strided(torch.randn(width, out, dtype=dtype, generator=generator), contiguous)
     dout = strided(torch.randn(groups, rows, out, dtype=dtype, generator=generator), contiguous)
+    bias = torch.randn(out, dtype=dtype, generator=generator) if data.draw(st.booleans()) else None
     with native.forced_isa(isa):
-        close(ops.gather_matmul(x, wt, index), native.gather_matmul_reference(x, wt, index), dtype, "forward")
+        close(ops.gather_matmul(x, wt, index, bias), native.gather_matmul_reference(x, wt, index, bias), dtype,
+              "forward")
+        if bias is not None:
+            leaf = bias.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(native.gather_matmul(x, wt, index, leaf), leaf, dout)
+            close(grad, dout.sum((0, 1)), dtype, "bias gradient")
         close(ops.gather_matmul_input_grad(dout, wt, index, k),
               native.gather_matmul_input_grad_reference(dout, wt, index, k), dtype, "input gradient")
         close(ops.gather_matmul_weight_grad(x, dout, index, width),
@@ -283,6 +289,7 @@ def test_bad_input_is_a_clear_error_never_a_crash():
         ((x.bfloat16(), wt.bfloat16(), torch.tensor([0, 1])), "float32 or float64"),
         ((x, wt.double(), torch.tensor([0, 1])), "expected Double|expected Float|dtype Double"),
         ((x[0], wt, torch.tensor([0, 1])), "expected x"),
+        ((x, wt, torch.tensor([0, 1]), torch.randn(6)), r"bias must have shape \(7,\)"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):

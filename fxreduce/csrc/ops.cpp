@@ -258,8 +258,10 @@ Tensor smallest_k(const Tensor& keys, int64_t k) {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// gather_matmul(x (G, N, k), wt (in, out), index) -> (G, N, out): out[g] = x[g] @ wt[index[g]].
-Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tensor>& index) {
+// gather_matmul(x (G, N, k), wt (in, out), index, bias) -> (G, N, out): out[g] = x[g] @ wt[index[g]] (+ bias,
+// added in the tile's epilogue).
+Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tensor>& index,
+                     const std::optional<Tensor>& bias) {
   const char* op = "gather_matmul";
   check_dtype(x, op);
   check_float(x, op, "x", x.scalar_type());
@@ -268,13 +270,19 @@ Tensor gather_matmul(const Tensor& x, const Tensor& wt, const std::optional<Tens
               "expected x (groups, rows, k) and wt (in, out), got " + c10::str(x.sizes()) + " and " + c10::str(wt.sizes()));
   const int64_t G = x.size(0), N = x.size(1), K = x.size(2), out = wt.size(1);
   auto idx = checked_index(index, G, K, wt.size(0), op);
-  Tensor xc = x.contiguous(), wc = contiguous_rows(wt);
+  if (bias.has_value()) {
+    check_float(*bias, op, "bias", x.scalar_type());
+    check_shape(bias->dim() == 1 && bias->size(0) == out, op,
+                "bias must have shape (" + std::to_string(out) + ",), got " + c10::str(bias->sizes()));
+  }
+  Tensor xc = x.contiguous(), wc = contiguous_rows(wt), bc = bias.has_value() ? bias->contiguous() : Tensor();
   Tensor result = at::empty({G, N, out}, x.options());
   if (result.numel() == 0) return result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
+    // The bias as the addend D of every row: D's rows and groups all start at the bias (strides 0).
     RowsGemm<scalar_t> a{G, N, K, xc.data_ptr<scalar_t>(), N * K, K, 1, wc.data_ptr<scalar_t>(), 0, out,
                          index_data(idx), index_group_stride(idx), result.data_ptr<scalar_t>(), N * out, out,
-                         nullptr, 0, nullptr, 0, 0, false, scalar_t(1)};
+                         nullptr, 0, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, 0, 0, false, scalar_t(1)};
     run_rows_gemm(a, out);
   });
   return result;
@@ -644,7 +652,7 @@ std::tuple<Tensor, Tensor> channel_sums(const Tensor& x) {
 }
 
 TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
-  m.def("gather_matmul(Tensor x, Tensor wt, Tensor? index) -> Tensor");
+  m.def("gather_matmul(Tensor x, Tensor wt, Tensor? index, Tensor? bias=None) -> Tensor");
   m.def("channel_sums(Tensor x) -> (Tensor, Tensor)");
   m.def("transposed(Tensor x) -> Tensor");
   m.def("smallest_k(Tensor keys, int k) -> Tensor");

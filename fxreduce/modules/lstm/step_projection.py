@@ -162,10 +162,10 @@ def input_projection(x: Tensor, weights: list[Tensor], bias: Tensor | None, keep
         steps, rows, _ = x.shape
         xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)) * keep.scale
         wt = weights[0].t()
-        out = native.gather_matmul(xk, wt if wt.is_contiguous() else native.transposed(weights[0]), index)
+        wt = wt if wt.is_contiguous() else native.transposed(weights[0])
         if len(weights) == 1:
-            return out if bias is None else out.add_(bias)
-        return input_projection(out, weights[1:], bias, None)
+            return native.gather_matmul(xk, wt, index, bias)
+        return input_projection(native.gather_matmul(xk, wt, index), weights[1:], bias, None)
     window = window_of(keep, x.device)
     if len(weights) == 1:
         return _StepProjection.apply(x, weights[0], bias, index, keep.scale, window)
