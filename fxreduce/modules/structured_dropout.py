@@ -88,6 +88,14 @@ def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, 
     return KeepSet.windows(order, starts, k, scale)
 
 
+def stored_transposed(weight: Tensor) -> nn.Parameter:
+    """``weight``'s values as a Parameter laid out as its transpose in memory: it still reads (out, in), but a
+    kept unit is one contiguous row of W^T in place, and the native kernels' gradients come back in that
+    layout, so a training step copies no weight either way. (State_dict tensors are then transposed views:
+    torch.save keeps them; safetensors wants ``{k: v.contiguous() for k, v in sd.items()}``.)"""
+    return nn.Parameter(weight.detach().t().contiguous().t(), weight.requires_grad)
+
+
 class StructuredDropoutLSTM(DecomposedLSTM):
     """The decomposed LSTM with batch-shared dropout drawn at every training forward.
 
@@ -120,13 +128,9 @@ class StructuredDropoutLSTM(DecomposedLSTM):
         return new
 
     def _store_weights_transposed(self) -> None:
-        """Lay each weight matrix out as its transpose in memory: the Parameter still reads (4H, in), but a
-        kept unit is one contiguous row of W^T in place, and the native kernels' gradients come back in that
-        layout, so a training step copies no weight either way. (Its state_dict tensors are these transposed
-        views: torch.save keeps them; safetensors wants ``{k: v.contiguous() for k, v in sd.items()}``.)"""
         for name, param in list(self._parameters.items()):
             if name.startswith("weight_") and param is not None:
-                self.register_parameter(name, nn.Parameter(param.detach().t().contiguous().t(), param.requires_grad))
+                self.register_parameter(name, stored_transposed(param))
 
     def mask_widths(self) -> dict[int, tuple[int | None, int | None]]:
         """Per layer, the widths of the (input, hidden) tensors this module masks (None: not masked)."""
@@ -234,11 +238,14 @@ class StructuredDropoutLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, p: float, seed: int, mode: str = "per_sequence",
-                    time_dim: int | None = None, offsets: int | None = None) -> "StructuredDropoutLinear":
-        """A module sharing ``linear``'s parameters."""
+                    time_dim: int | None = None, offsets: int | None = None,
+                    store_transposed: bool = False) -> "StructuredDropoutLinear":
+        """A module sharing ``linear``'s parameters, or with ``store_transposed`` (a weight no other layer
+        shares) its weight's values laid out as :func:`stored_transposed`."""
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, p=p, seed=seed, mode=mode,
                   time_dim=time_dim, offsets=offsets, device="meta", dtype=linear.weight.dtype)
-        new.weight, new.bias = linear.weight, linear.bias
+        new.weight = stored_transposed(linear.weight) if store_transposed else linear.weight
+        new.bias = linear.bias
         return new.train(linear.training)
 
     @property

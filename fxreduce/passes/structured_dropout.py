@@ -123,7 +123,8 @@ class StructuredDropout(Pass):
             salt += 1
             time_dim = _time_dim(gm, dropout)
             module = StructuredDropoutLinear.from_linear(linear.as_linear(), p=o.p, seed=o.seed + salt, mode=o.mode,
-                                                         time_dim=time_dim, offsets=o.offsets)
+                                                         time_dim=time_dim, offsets=o.offsets,
+                                                         store_transposed=not linear.tied_with)
             per_step = o.mode != "per_sequence" and time_dim is not None
             sets = f"per time step ({o.describe_masks()})" if per_step else "per call"
             replaced = [dropout.node.name, linear.node.name]

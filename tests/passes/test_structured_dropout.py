@@ -341,6 +341,28 @@ def test_lstm_without_any_dropout_is_left_alone_unless_recurrent():
     assert any(isinstance(m, StructuredDropoutLSTM) for m in result.graph_module.modules())
 
 
+class TiedLanguageModel(LanguageModel):
+    """The decoder shares the embedding's weight (12 = the embedding width here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.lstm = nn.LSTM(12, 12, 2, dropout=0.5, batch_first=True)
+        self.decoder.weight = self.embed.weight
+
+
+def test_rewritten_weights_are_stored_transposed_unless_tied():
+    for model, stored in ((LanguageModel(), True), (TiedLanguageModel(), False)):
+        traced = fxreduce.trace(model.eval(), (tokens(),), dynamic={"N": (0, 0), "T": (0, 1)})
+        gm = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_step')").graph_module
+        decoder = next(m for m in gm.modules() if isinstance(m, StructuredDropoutLinear))
+        lstm = next(m for m in gm.modules() if isinstance(m, StructuredDropoutLSTM))
+        assert all(w.t().is_contiguous() for name, w in lstm.named_parameters() if name.startswith("weight_"))
+        assert decoder.weight.t().is_contiguous() == stored
+        assert (decoder.weight is gm.get_submodule("embed").weight) == (not stored)
+        torch.testing.assert_close(decoder.weight, model.decoder.weight)
+
+
 def _rank_masks(rank: int, world_size: int) -> list[list[int]]:
     """Two DDP training steps of the rewritten LM; returns the masks this rank drew."""
     torch.manual_seed(0)
