@@ -2,8 +2,9 @@
 
 The ops (``torch.ops.fxreduce.*``, C++ under fxreduce/csrc/):
 
-- ``gather_matmul(x, wt, index, bias=None)``: ``out[g] = x[g] @ wt[index[g]] (+ bias)`` for x (G, N, k), wt (in, out) and an
-  index (G, k), (k,) or None: the indirect-K GEMM, reading each kept unit as one contiguous row of W^T.
+- ``gather_matmul(x, wt, index, bias=None)``: ``out[g] = x[g] @ wt[index[g]] (+ bias)`` for x (G, N, k),
+  wt (in, out) and an index (G, k), (k,) or None: the indirect-K GEMM, reading each kept unit as one
+  contiguous row of W^T.
 - ``gather_matmul_input_grad`` / ``gather_matmul_weight_grad``: its two gradients (the weight gradient
   scatter-adds into the kept rows).
 - ``lstm_layer`` / ``lstm_layer_backward``: one LSTM layer and direction over the whole sequence, the
