@@ -307,7 +307,7 @@ def smallest_k(keys: Tensor, k: int) -> Tensor:
 
 
 def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None, bias: Tensor | None = None) -> Tensor:
-    """``x[g] @ wt[index[g]]`` (differentiable in x and wt)."""
+    """``x[g] @ wt[index[g]] (+ bias)`` (differentiable in x, wt and bias)."""
     return call("gather_matmul", x, wt, index, bias)
 
 
@@ -364,7 +364,7 @@ if _C is not None:
     torch.library.register_autograd("fxreduce::transposed", _transposed_backward)
 
     def _gather_setup(ctx, inputs, output):
-        x, wt, index, _bias = inputs
+        x, wt, index = inputs[:3]
         ctx.save_for_backward(x, wt, index)
 
     def _gather_backward(ctx, dout):

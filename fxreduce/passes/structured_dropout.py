@@ -70,6 +70,20 @@ def _structured_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (StructuredDropoutLSTM, StructuredDropoutLinear))]
 
 
+def _sole_use(gm: fx.GraphModule, linear: Layer) -> bool:
+    """Whether this layer is the only use of its weight in the graph (no tied layer, no second call of the
+    module, no other read of the parameter): only then may the rewrite give it a weight of its own layout."""
+    if linear.tied_with or linear.parameter is None:
+        return False
+    uses = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            uses += any(p is linear.parameter for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            uses += operator.attrgetter(node.target)(gm) is linear.parameter
+    return uses == 1
+
+
 def _lstm_layers(gm: fx.GraphModule) -> list[Layer]:
     """nn.LSTM layers, and fxreduce's decomposed LSTMs (after decompose_lstm) not yet given masks."""
     return [layer for layer in find_layers(gm, ["lstm"]) if not isinstance(layer.module, StructuredDropoutLSTM)]
@@ -124,7 +138,7 @@ class StructuredDropout(Pass):
             time_dim = _time_dim(gm, dropout)
             module = StructuredDropoutLinear.from_linear(linear.as_linear(), p=o.p, seed=o.seed + salt, mode=o.mode,
                                                          time_dim=time_dim, offsets=o.offsets,
-                                                         store_transposed=not linear.tied_with)
+                                                         store_transposed=_sole_use(gm, linear))
             per_step = o.mode != "per_sequence" and time_dim is not None
             sets = f"per time step ({o.describe_masks()})" if per_step else "per call"
             replaced = [dropout.node.name, linear.node.name]

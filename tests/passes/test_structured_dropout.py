@@ -351,15 +351,25 @@ class TiedLanguageModel(LanguageModel):
         self.decoder.weight = self.embed.weight
 
 
-def test_rewritten_weights_are_stored_transposed_unless_tied():
-    for model, stored in ((LanguageModel(), True), (TiedLanguageModel(), False)):
+class TwiceDecodedLanguageModel(LanguageModel):
+    """The decoder also reads the LSTM's output without dropout: one module, two calls."""
+
+    def forward(self, tokens):
+        output, _ = self.lstm(self.drop_in(self.embed(tokens)))
+        return self.decoder(self.drop_out(output)) + self.decoder(output)
+
+
+def test_rewritten_weights_are_stored_transposed_unless_shared():
+    for model, stored in ((LanguageModel(), True), (TiedLanguageModel(), False), (TwiceDecodedLanguageModel(), False)):
         traced = fxreduce.trace(model.eval(), (tokens(),), dynamic={"N": (0, 0), "T": (0, 1)})
         gm = fxreduce.apply(traced, "structured_dropout(p=0.5, mode='per_step')").graph_module
         decoder = next(m for m in gm.modules() if isinstance(m, StructuredDropoutLinear))
         lstm = next(m for m in gm.modules() if isinstance(m, StructuredDropoutLSTM))
         assert all(w.t().is_contiguous() for name, w in lstm.named_parameters() if name.startswith("weight_"))
         assert decoder.weight.t().is_contiguous() == stored
-        assert (decoder.weight is gm.get_submodule("embed").weight) == (not stored)
+        others = [m.weight for m in gm.modules()
+                  if m is not decoder and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        assert any(w is decoder.weight for w in others) == (not stored)  # a shared weight stays shared
         torch.testing.assert_close(decoder.weight, model.decoder.weight)
 
 
