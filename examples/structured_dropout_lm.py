@@ -247,17 +247,40 @@ the certified MAC reduction: docs/benchmarks.md, section "Structured dropout: LS
 ## Native kernels
 
 With fxreduce's native CPU kernels built (`fxreduce doctor` says so; ./dev builds them), a per-step keep
-set costs no copy at all: W^T is transposed once per call, so a kept unit is one contiguous row, and one
-"indirect-K" GEMM per projection runs every step over its own kept rows (forward, input gradient, and a
-weight gradient that scatter-adds into the kept rows), with W^T's column panels reused across all T steps.
-The recurrence is one C++ time loop per layer and direction (the per-step GEMM over the kept units of h on
-W_hh^T, then the fused cell): while W_hh^T fits in cache each thread runs the whole sequence for its batch
-rows, so no step waits on another thread; for larger weights each step splits the hidden units across
-threads. The backward is the same loop reversed, and the recurrent weight gradient one GEMM at the end.
-The uniform `per_step` mode, the paper's, stays the default. Kernel speeds and the
-training-step speed: docs/benchmarks.md, sections "Native kernels vs dense MKL GEMMs" and "Structured
-dropout: LSTM LM training step". Without the extension (no compiler, another CPU, CUDA tensors,
-float16/bfloat16) the torch path below serves, with the same results.
+set costs no copy at all: `StructuredDropoutLSTM` keeps its weight matrices laid out as their transposes
+in memory (the Parameters still read (4H, in), and nn.LSTM's state_dict loads both ways), so a kept unit
+is one contiguous row of W^T, and one "indirect-K" GEMM per projection runs every step over its own kept
+rows (forward with the bias in its epilogue, input gradient, and a weight gradient that scatter-adds into
+the kept rows), with W^T's column panels reused across all T steps. The recurrence is one C++ time loop
+per layer and direction (the per-step GEMM over the kept units of h on W_hh^T, then the fused cell): while
+W_hh^T fits in cache each thread runs the whole sequence for its batch rows, so no step waits on another
+thread; for larger weights each step splits the hidden units across threads. The backward is the same
+loop reversed, and the recurrent weight gradient one GEMM at the end. The uniform `per_step` mode, the
+paper's, stays the default. Kernel speeds and the training-step speed: docs/benchmarks.md, sections
+"Native kernels vs dense MKL GEMMs" and "Structured dropout: LSTM LM training step". Without the
+extension (no compiler, another CPU, CUDA tensors, float16/bfloat16) the torch path below serves, with the
+same results.
+
+What a training step did besides the GEMMs was measured and removed (torch.profiler over the H = 650
+benchmark step, `per_step` + recurrent, 2 threads; 0.150 s per step before, 0.114-0.120 s after):
+
+* **No weight is transposed per step.** With the weights stored transposed, the kernels read them in
+  place and hand the gradients back in the same layout, which autograd keeps without a copy. Before, each
+  step made ATen strided copies of every weight and gradient (`copy_` of (650, 2600) and (2600, 650):
+  24 ms of the step; ATen's transposing copy runs at ~2.6 GB/s). A rewritten decoder Linear is stored the
+  same way unless its weight has another use in the graph (tied to an embedding, or the module called at
+  a second place): then it keeps sharing the parameter, and the native `transposed` op copies the weight
+  per step in register tiles, about 10x faster than ATen's copy.
+* **No gradient is zeroed first.** A weight gradient scattered into the kept rows stores on the first
+  step that keeps a row and adds on later ones; only rows no step keeps are zeroed (before: a memset of
+  each full gradient, 3.5 ms).
+* **Keep sets are drawn by selection.** `per_step` draws each step's uniform k-subset as the k smallest of
+  i.i.d. uniform keys; the native `smallest_k` selects them (nth_element, then one scan in position order)
+  instead of argsorting every row and sorting the result (7 ms per step before, 0.4 ms after; the same
+  sets for the same seed, ties going to the lower position).
+
+The state_dict of a `StructuredDropoutLSTM` holds those transposed views: `torch.save` keeps them as they
+are; safetensors, which stores contiguous tensors only, wants `{{k: v.contiguous() for k, v in sd.items()}}`.
 
 On the torch path (before the native kernels; H = 650, the quiet 2-core machine), `per_sequence` clears the issue's 0.8 x certified (1.15-1.19x
 against 1.40x); the per-step modes do not (`per_step_window/8` 1.01x, + recurrent 1.06x; uniform
