@@ -382,6 +382,9 @@ if _C is not None:
         hs, _, acts, cs, tcs = output
         ctx.save_for_backward(acts, cs, tcs, hs, h0, c0, wt, index)
         ctx.scale, ctx.reverse = scale, reverse
+        # Unused outputs' gradients arrive as None, not as zero tensors filled on every backward: the saved
+        # activations alone are six (T, N, H) planes a layer.
+        ctx.set_materialize_grads(False)
 
     def _lstm_backward(ctx, dhs, dc_last, *_saved_outputs_grads):
         """Gradients flow from the hidden states and the last cell state; the saved activations

@@ -206,6 +206,39 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
+def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype):
+    """From six column tiles on, a GEMM whose A is read down its columns (x^T, dgates^T) runs on a transposed
+    copy of A (one per group where the groups differ); the hypothesis shapes above stay below that."""
+    generator = torch.Generator().manual_seed(1)
+    groups, rows, width, out = 3, 5, 37, 6 * 64 + 5
+    index = {"none": None, "shared": torch.randperm(width, generator=generator)[:30],
+             "per_group": torch.stack([torch.randperm(width, generator=generator)[:30] for _ in range(groups)])}[kind]
+    k = width if index is None else 30
+    x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), kind != "shared")
+    dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
+    hidden = 6 * 64 + 3
+    xp = torch.randn(3, 2, 4 * hidden, dtype=dtype, generator=generator)
+    w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * 0.05
+    h0, c0 = torch.randn(2, hidden, dtype=dtype), torch.randn(2, hidden, dtype=dtype)
+    dhs = torch.randn(3, 2, hidden, dtype=dtype)
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            close(ops.gather_matmul_weight_grad(x, dout, index, width),
+                  native.gather_matmul_weight_grad_reference(x, dout, index, width), dtype, "weight gradient")
+            for wt in (w.t(), w.t().contiguous()):  # dW_hh in W_hh's layout, and in wt's
+                hs, _, acts, cs, tcs = native.lstm_layer_reference(xp, h0, c0, wt, None, 1.0, False)
+                saved = (acts, cs, tcs, hs, h0, c0, wt, None, 1.0, False)
+                got = ops.lstm_layer_backward(dhs, torch.zeros_like(c0), *saved)
+                want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
+                close(got[3], want[3], dtype, "recurrent weight gradient")
+        finally:
+            torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_gradcheck_on_small_shapes(isa):
     generator = torch.Generator().manual_seed(0)

@@ -168,8 +168,24 @@ void pack_panels(const Panels<T>& p, int64_t panel_begin, int64_t panel_end) {
   for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
     const int64_t c0 = panel * W, width = smaller(W, p.cols - c0), stored = (width + L - 1) / L * L;
     T* out = p.dst + panel * p.rows * W;
-    if (p.row_stride == 1 && p.col_stride != 1) {  // a transposed source: read its contiguous runs
-      for (int64_t e = 0; e < width; ++e) {
+    if (p.row_stride == 1 && p.col_stride != 1) {
+      // A transposed source (W_hh.t()): L x L tiles of its contiguous runs, transposed in registers. Element
+      // by element, every write would land on another row of the panel.
+      typedef typename Vec<T>::V V;
+      int64_t e = 0;
+      for (; e + L <= width; e += L) {
+        const T* in = p.src + (c0 + e) * p.col_stride;
+        int64_t j = 0;
+        for (; j + L <= p.rows; j += L) {
+          V m[L];
+          for (int i = 0; i < L; ++i) m[i] = load<V>(in + i * p.col_stride + j);
+          transpose<L / 2, L>(m);
+          for (int i = 0; i < L; ++i) store(out + (j + i) * stored + e, m[i]);
+        }
+        for (; j < p.rows; ++j)
+          for (int i = 0; i < L; ++i) out[j * stored + e + i] = in[i * p.col_stride + j];
+      }
+      for (; e < width; ++e) {
         const T* in = p.src + (c0 + e) * p.col_stride;
         for (int64_t j = 0; j < p.rows; ++j) out[j * stored + e] = in[j];
       }

@@ -145,6 +145,23 @@ RowsGemm<T> row_range(const RowsGemm<T>& a, int64_t m0, int64_t m1) {
   return part;
 }
 
+// out (cols, rows) := src (rows, cols; rows ld apart, each contiguous) transposed, in register tiles.
+template <typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld, T* out) {
+  using Fn = void (*)(const T*, int64_t, int64_t, int64_t, T*, int64_t, int64_t);
+  const KernelTable& k = kernels();
+  const bool single = std::is_same<T, float>::value;
+  const Fn fn = single ? reinterpret_cast<Fn>(k.transpose_f) : reinterpret_cast<Fn>(k.transpose_d);
+  const int64_t lanes = single ? k.float_lanes : k.double_lanes, bands = (rows + lanes - 1) / lanes;
+  at::parallel_for(0, bands, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, lanes * cols)),
+                   [&](int64_t b0, int64_t b1) { fn(src, rows, cols, ld, out, b0, b1); });
+}
+
+// An A read down its columns (a_row == 1: a weight gradient's dgates^T or x^T) costs a cache line per row of
+// the tile at every multiply-add step, again for each column tile; from this many column tiles on, one tiled
+// transpose of A into rows first is cheaper (docs/benchmarks.md, "Design measurements").
+constexpr int64_t kMinColumnTilesToTransposeA = 6;
+
 // Split by column tiles; a tall GEMM with few tiles (a weight gradient's H columns: 11 tiles of 64 at
 // H=650 give one thread 6 and the other 5, the last one narrow) splits its rows instead, unless an index
 // scatters them (two rows may then land on one row of C).
@@ -154,6 +171,19 @@ template <typename T>
 void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
   const int64_t tile = panel_width<T>();
   const int64_t blocks = (columns + tile - 1) / tile;
+  if (args.a_row == 1 && args.a_col > 1 && args.M > 1 && args.K > 1 && blocks >= kMinColumnTilesToTransposeA) {
+    const int64_t copies = args.a_group == 0 ? 1 : args.groups;
+    Tensor rows_of_a = at::empty({copies, args.M, args.K}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* out = rows_of_a.data_ptr<T>();
+    for (int64_t g = 0; g < copies; ++g)
+      transpose_into<T>(args.A + g * args.a_group, args.K, args.M, args.a_col, out + g * args.M * args.K);
+    RowsGemm<T> by_rows = args;
+    by_rows.A = out;
+    by_rows.a_group = copies == 1 ? 0 : args.M * args.K;
+    by_rows.a_row = args.K;
+    by_rows.a_col = 1;
+    return run_rows_gemm(by_rows, columns);
+  }
   auto fn = rows_gemm_fn<T>();
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && !args.c_index && blocks < 8 * threads && args.M >= kMinRowsPerThreadForRowSplit * threads) {
@@ -201,16 +231,7 @@ Tensor transposed(const Tensor& x) {
   Tensor out = at::empty({cols, rows}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxreduce", [&] {
-    using Fn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, scalar_t*, int64_t, int64_t);
-    const KernelTable& k = kernels();
-    const bool single = std::is_same<scalar_t, float>::value;
-    const Fn fn = single ? reinterpret_cast<Fn>(k.transpose_f) : reinterpret_cast<Fn>(k.transpose_d);
-    const int64_t lanes = single ? k.float_lanes : k.double_lanes, bands = (rows + lanes - 1) / lanes;
-    const scalar_t* data = src.data_ptr<scalar_t>();
-    scalar_t* result = out.data_ptr<scalar_t>();
-    const int64_t stride = src.stride(0);
-    at::parallel_for(0, bands, std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, lanes * cols)),
-                     [&](int64_t b0, int64_t b1) { fn(data, rows, cols, stride, result, b0, b1); });
+    transpose_into<scalar_t>(src.data_ptr<scalar_t>(), rows, cols, src.stride(0), out.data_ptr<scalar_t>());
   });
   return out;
 }
