@@ -227,6 +227,11 @@ def lstm_layer_reference(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: 
     return hs, c.clone(), acts, cs, tcs
 
 
+def lstm_layer_inference_reference(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: Tensor | None,
+                                   scale: float, reverse: bool) -> tuple[Tensor, Tensor]:
+    return lstm_layer_reference(xp, h0, c0, wt, index, scale, reverse)[:2]
+
+
 def lstm_layer_backward_reference(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, index, scale, reverse):
     """The hand-written backward of :func:`lstm_layer_reference`: (dxp, dh0, dc0, dwt)."""
     steps = hs.shape[0]
@@ -275,6 +280,7 @@ REFERENCES = {
     "gather_matmul_input_grad": gather_matmul_input_grad_reference,
     "gather_matmul_weight_grad": gather_matmul_weight_grad_reference,
     "lstm_layer": lstm_layer_reference,
+    "lstm_layer_inference": lstm_layer_inference_reference,
     "lstm_layer_backward": lstm_layer_backward_reference,
     "transposed": transposed_reference,
     "smallest_k": smallest_k_reference,
@@ -314,8 +320,11 @@ def gather_matmul(x: Tensor, wt: Tensor, index: Tensor | None, bias: Tensor | No
 def lstm_layer(xp: Tensor, h0: Tensor, c0: Tensor, wt: Tensor, index: Tensor | None, scale: float,
                reverse: bool) -> tuple[Tensor, Tensor]:
     """All hidden states (T, N, H) and the last cell state of one LSTM layer and direction (differentiable
-    in xp, h0, c0 and wt = W_hh^T), on the fused kernel where it serves, else the reference loop."""
-    return call("lstm_layer", xp, h0, c0, wt, index, scale, reverse)[:2]
+    in xp, h0, c0 and wt = W_hh^T), on the fused kernel where it serves, else the reference loop. Where no
+    gradient is recorded, the kernel keeps no activations for a backward."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xp, h0, c0, wt)):
+        return call("lstm_layer", xp, h0, c0, wt, index, scale, reverse)[:2]
+    return call("lstm_layer_inference", xp, h0, c0, wt, index, scale, reverse)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,6 +354,10 @@ if _C is not None:
         hidden = h0.shape[1]
         return (xp.new_empty(steps, rows, hidden), c0.new_empty(c0.shape), xp.new_empty(xp.shape),
                 xp.new_empty(steps, rows, hidden), xp.new_empty(steps, rows, hidden))
+
+    @torch.library.register_fake("fxreduce::lstm_layer_inference")
+    def _lstm_inference_fake(xp, h0, c0, wt, index, scale, reverse):
+        return xp.new_empty(xp.shape[0], xp.shape[1], h0.shape[1]), c0.new_empty(c0.shape)
 
     @torch.library.register_fake("fxreduce::lstm_layer_backward")
     def _lstm_backward_fake(dhs, dc_last, acts, cs, tcs, hs, h0, c0, wt, index, scale, reverse):
@@ -420,6 +433,10 @@ if _C is not None:
 
     @register_flop_formula(lib.lstm_layer)
     def _lstm_layer_flops(xp_shape, h0_shape, c0_shape, wt_shape, index_shape, *args, out_shape=None, **kwargs):
+        return 2 * _recurrent_macs(xp_shape, index_shape)
+
+    @register_flop_formula(lib.lstm_layer_inference)
+    def _lstm_inference_flops(xp_shape, h0_shape, c0_shape, wt_shape, index_shape, *args, out_shape=None, **kwargs):
         return 2 * _recurrent_macs(xp_shape, index_shape)
 
     @register_flop_formula(lib.lstm_layer_backward)

@@ -168,6 +168,9 @@ def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, rever
             want = native.lstm_layer_reference(xp, h0, c0, wt, index, scale, reverse)
             for name, a, e in zip(("hs", "c_last", "acts", "cs", "tanh_cs"), got, want):
                 close(a, e, dtype, name)
+            for name, a, e in zip(("inference hs", "inference c_last"),
+                                  ops.lstm_layer_inference(xp, h0, c0, wt, index, scale, reverse), want):
+                close(a, e, dtype, name)
             saved = (*want[2:], want[0], h0, c0, wt, index, scale, reverse)
             got = ops.lstm_layer_backward(dhs, dc, *saved)
             want = native.lstm_layer_backward_reference(dhs, dc, *saved)
@@ -268,6 +271,7 @@ def test_fake_implementations_give_the_real_shapes():
         "gather_matmul_weight_grad": (torch.randn(2, 3, 3), torch.randn(2, 3, 11), index, 7),
         "lstm_layer": (torch.randn(2, 3, 24), torch.randn(3, 6), torch.randn(3, 6), torch.randn(6, 24), index, 2.0, False),
     }
+    args["lstm_layer_inference"] = args["lstm_layer"]
     real = {name: getattr(ops, name)(*a) for name, a in args.items()}
     hs, _, acts, cs, tcs = real["lstm_layer"]
     args["lstm_layer_backward"] = (hs, torch.randn(3, 6), acts, cs, tcs, hs, *args["lstm_layer"][1:])
@@ -403,7 +407,7 @@ def test_structured_dropout_lstm_weights_are_stored_transposed_and_their_gradien
         assert torch.equal(param, getattr(original, name)), name
 
 
-def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_under_no_grad(monkeypatch):
+def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_or_activations_under_no_grad(monkeypatch):
     calls = []
     original = native.call
     monkeypatch.setattr(native, "call", lambda name, *a: calls.append(name) or original(name, *a))
@@ -413,9 +417,12 @@ def test_dense_lstm_runs_the_native_loop_and_keeps_no_graph_under_no_grad(monkey
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         out, (h, c) = ours(x)
-    assert calls == ["lstm_layer"] * 4 and out.grad_fn is None
+    assert calls == ["lstm_layer_inference"] * 4 and out.grad_fn is None
     ref_out, (ref_h, ref_c) = reference(x)
     close(out, ref_out.detach(), torch.float32)
+    calls.clear()
+    ours(x)[0].sum().backward()
+    assert [name for name in calls if name.startswith("lstm_layer")] == ["lstm_layer"] * 4
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:

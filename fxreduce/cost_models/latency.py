@@ -483,10 +483,10 @@ class _Pricer:
             return "attention", projections + self.attention(_numel(query[:-2]) * heads, query[-2], key[-2],
                                                              embed // heads)
         name = getattr(packet, "__name__", "")
-        if name in ("lstm_layer", "lstm_layer_backward"):
-            return "recurrent", self.native_recurrence(_shape(args[0] if name == "lstm_layer" else args[2]),
-                                                       args[4 if name == "lstm_layer" else 9],
-                                                       passes=1 if name == "lstm_layer" else 2)
+        if name in ("lstm_layer", "lstm_layer_inference", "lstm_layer_backward"):
+            backward = name == "lstm_layer_backward"
+            return "recurrent", self.native_recurrence(_shape(args[2] if backward else args[0]),
+                                                       args[9 if backward else 4], passes=2 if backward else 1)
         if name == "int8_linear":
             x, weight = _shape(args[0]), _shape(args[1])
             return "int8_gemm", self.gemm("int8_gemm", _numel(x[:-1]), weight[0], weight[1])

@@ -433,20 +433,24 @@ const T* step_input(const T* h_prev, int64_t H, const int64_t* kept, int64_t k, 
   return z;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_in, const Tensor& h0_in,
-                                                              const Tensor& c0_in, const Tensor& wt_in,
-                                                              const std::optional<Tensor>& index, double scale,
-                                                              bool reverse) {
-  const char* op = "lstm_layer";
+// The forward loop. With keep_activations false (inference) the gates and tanh(c) of a step go to one step's
+// scratch, reused by every step and so still in cache, instead of (T, N, 4H) and (T, N, H) tensors for a
+// backward that will not run; acts and tanh_cs then hold only the last step's.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_loop(const char* op, const Tensor& xp_in, const Tensor& h0_in,
+                                                             const Tensor& c0_in, const Tensor& wt_in,
+                                                             const std::optional<Tensor>& index, double scale,
+                                                             bool reverse, bool keep_activations) {
   check_lstm(op, xp_in, h0_in, c0_in, wt_in);
   const int64_t T = xp_in.size(0), N = xp_in.size(1), H = xp_in.size(2) / 4;
   const int64_t k = index.has_value() ? index->size(-1) : H;
   auto idx = checked_index(index, T, k, H, op);
   Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({T, N, 4 * H}, xp.options());
-  Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({T, N, H}, xp.options());
+  const int64_t stored_steps = keep_activations ? T : std::min<int64_t>(T, 1);
+  Tensor hs = at::empty({T, N, H}, xp.options()), acts = at::empty({stored_steps, N, 4 * H}, xp.options());
+  Tensor cs = at::empty({T, N, H}, xp.options()), tcs = at::empty({stored_steps, N, H}, xp.options());
   if (T == 0) return {hs, c0.clone(), acts, cs, tcs};
   const Layer L{T, N, H, k, reverse};
+  const int64_t acts_step = keep_activations ? N * 4 * H : 0, tcs_step = keep_activations ? N * H : 0;
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fxreduce", [&] {
     auto gemm = rows_gemm_fn<scalar_t>();
     auto cell = cell_forward<scalar_t>();
@@ -469,15 +473,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
     auto step_gemm = [&](int64_t n, int64_t r0, int64_t r1, const scalar_t* a) {
       const int64_t t = L.step(n);
       return RowsGemm<scalar_t>{1, r1 - r0, k, a, 0, kept_of(t) ? k : H, 1, panels, 0, 0, kept_of(t), 0,
-                                acts_p + (t * N + r0) * 4 * H, 0, 4 * H, nullptr, 0, xp_p + (t * N + r0) * 4 * H, 0,
-                                4 * H, false, scalar_t(1), H};
+                                acts_p + t * acts_step + r0 * 4 * H, 0, 4 * H, nullptr, 0,
+                                xp_p + (t * N + r0) * 4 * H, 0, 4 * H, false, scalar_t(1), H};
     };
     auto cells = [&](int64_t n, int64_t r0, int64_t r1) {
       const int64_t t = L.step(n);
       const scalar_t* c_prev = c_prev_of(n);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t o = (t * N + r) * H;
-        cell(H, H, acts_p + o * 4, c_prev + r * H, cs_p + o, tcs_p + o, hs_p + o);
+        cell(H, H, acts_p + t * acts_step + r * 4 * H, c_prev + r * H, cs_p + o, tcs_p + t * tcs_step + r * H,
+             hs_p + o);
       }
     };
     if (split_rows(N, H, sizeof(scalar_t))) {
@@ -498,6 +503,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp_i
     }
   });
   return {hs, cs[L.step(T - 1)].clone(), acts, cs, tcs};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0,
+                                                              const Tensor& wt, const std::optional<Tensor>& index,
+                                                              double scale, bool reverse) {
+  return lstm_loop("lstm_layer", xp, h0, c0, wt, index, scale, reverse, true);
+}
+
+// hs and c_last only, for a forward no backward follows.
+std::tuple<Tensor, Tensor> lstm_layer_inference(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& wt,
+                                                const std::optional<Tensor>& index, double scale, bool reverse) {
+  auto [hs, c_last, acts, cs, tcs] = lstm_loop("lstm_layer_inference", xp, h0, c0, wt, index, scale, reverse, false);
+  return {hs, c_last};
 }
 
 // Returns dxp (T, N, 4H), dh0, dc0 (N, H), dwt (H, 4H) for the outputs' gradients dhs (T, N, H), dc_last (N, H).
@@ -681,6 +699,8 @@ TORCH_LIBRARY_FRAGMENT(fxreduce, m) {
   m.def("gather_matmul_weight_grad(Tensor x, Tensor dout, Tensor? index, int rows) -> Tensor");
   m.def("lstm_layer(Tensor xp, Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_layer_inference(Tensor xp, Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) "
+        "-> (Tensor, Tensor)");
   m.def("lstm_layer_backward(Tensor dhs, Tensor dc_last, Tensor acts, Tensor cs, Tensor tanh_cs, Tensor hs, "
         "Tensor h0, Tensor c0, Tensor wt, Tensor? index, float scale, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -693,6 +713,7 @@ TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
   m.impl("gather_matmul_input_grad", &gather_matmul_input_grad);
   m.impl("gather_matmul_weight_grad", &gather_matmul_weight_grad);
   m.impl("lstm_layer", &lstm_layer);
+  m.impl("lstm_layer_inference", &lstm_layer_inference);
   m.impl("lstm_layer_backward", &lstm_layer_backward);
 }
 
