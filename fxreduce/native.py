@@ -382,6 +382,7 @@ if _C is not None:
 
     def _gather_backward(ctx, dout):
         x, wt, index = ctx.saved_tensors
+        dout = dout.contiguous()  # once here, not once in each gradient kernel (a transposed logits gradient)
         dx = lib.gather_matmul_input_grad(dout, wt, index, x.shape[2]) if ctx.needs_input_grad[0] else None
         dwt = lib.gather_matmul_weight_grad(x, dout, index, wt.shape[0]) if ctx.needs_input_grad[1] else None
         with_bias = len(ctx.needs_input_grad) > 3  # a call that leaves bias out has three inputs

@@ -212,20 +212,21 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
 def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype):
-    """From six column tiles on, a GEMM whose A is read down its columns (x^T, dgates^T) runs on a transposed
-    copy of A (one per group where the groups differ); the hypothesis shapes above stay below that."""
+    """From six column tiles and 2^16 elements of A on, a GEMM whose A is read down its columns (x^T, dgates^T)
+    runs on a transposed copy of A (one per group where the groups differ); the hypothesis shapes above stay
+    below that."""
     generator = torch.Generator().manual_seed(1)
-    groups, rows, width, out = 3, 5, 37, 6 * 64 + 5
-    index = {"none": None, "shared": torch.randperm(width, generator=generator)[:30],
-             "per_group": torch.stack([torch.randperm(width, generator=generator)[:30] for _ in range(groups)])}[kind]
-    k = width if index is None else 30
+    groups, rows, width, out = 3, 512, 140, 6 * 64 + 5
+    index = {"none": None, "shared": torch.randperm(width, generator=generator)[:128],
+             "per_group": torch.stack([torch.randperm(width, generator=generator)[:128] for _ in range(groups)])}[kind]
+    k = width if index is None else 128
     x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), kind != "shared")
     dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
-    hidden = 6 * 64 + 3
-    xp = torch.randn(3, 2, 4 * hidden, dtype=dtype, generator=generator)
+    steps, batch, hidden = 5, 50, 6 * 64 + 3
+    xp = torch.randn(steps, batch, 4 * hidden, dtype=dtype, generator=generator)
     w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * 0.05
-    h0, c0 = torch.randn(2, hidden, dtype=dtype), torch.randn(2, hidden, dtype=dtype)
-    dhs = torch.randn(3, 2, hidden, dtype=dtype)
+    h0, c0 = torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
+    dhs = torch.randn(steps, batch, hidden, dtype=dtype)
     for threads in (1, 2):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -159,8 +159,10 @@ void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld, T* out
 
 // An A read down its columns (a_row == 1: a weight gradient's dgates^T or x^T) costs a cache line per row of
 // the tile at every multiply-add step, again for each column tile; from this many column tiles on, one tiled
-// transpose of A into rows first is cheaper (docs/benchmarks.md, "Design measurements").
+// transpose of A into rows first is cheaper (docs/benchmarks.md, "Design measurements"). A group's A smaller
+// than kMinElementsToTransposeA (a per-step keep set's N x k) stays in cache anyway.
 constexpr int64_t kMinColumnTilesToTransposeA = 6;
+constexpr int64_t kMinElementsToTransposeA = 1 << 16;
 
 // Split by column tiles; a tall GEMM with few tiles (a weight gradient's H columns: 11 tiles of 64 at
 // H=650 give one thread 6 and the other 5, the last one narrow) splits its rows instead, unless an index
@@ -171,7 +173,8 @@ template <typename T>
 void run_rows_gemm(const RowsGemm<T>& args, int64_t columns) {
   const int64_t tile = panel_width<T>();
   const int64_t blocks = (columns + tile - 1) / tile;
-  if (args.a_row == 1 && args.a_col > 1 && args.M > 1 && args.K > 1 && blocks >= kMinColumnTilesToTransposeA) {
+  if (args.a_row == 1 && args.a_col > 1 && args.M * args.K >= kMinElementsToTransposeA &&
+      blocks >= kMinColumnTilesToTransposeA) {
     const int64_t copies = args.a_group == 0 ? 1 : args.groups;
     Tensor rows_of_a = at::empty({copies, args.M, args.K}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* out = rows_of_a.data_ptr<T>();
