@@ -243,6 +243,48 @@ def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype
             torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
+def test_gemms_over_a_long_k_in_chunks_equal_the_reference(kind, dtype):
+    """A K above the kernel's chunk (768 rows of B) runs chunk by chunk, later chunks adding into C: the
+    indirect-K forward with its bias, the scattered weight gradient, and both LSTM loops on packed panels."""
+    generator = torch.Generator().manual_seed(2)
+    groups, rows, width, out = 2, 400, 900, 70
+    index = {"none": None, "shared": torch.randperm(width, generator=generator)[:800],
+             "per_group": torch.stack([torch.randperm(width, generator=generator)[:800] for _ in range(groups)])}[kind]
+    k = width if index is None else 800
+    x = torch.randn(groups, 3, k, dtype=dtype, generator=generator)
+    wt = torch.randn(width, out, dtype=dtype, generator=generator)
+    bias = torch.randn(out, dtype=dtype, generator=generator)
+    xg = torch.randn(groups, rows, 30, dtype=dtype, generator=generator)
+    dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
+    grad_index = None if index is None else index[..., :30]
+    steps, batch, hidden = 2, 3, 800
+    xp = torch.randn(steps, batch, 4 * hidden, dtype=dtype, generator=generator)
+    w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * 0.03
+    h0, c0 = torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
+    dhs = torch.randn(steps, batch, hidden, dtype=dtype)
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            close(ops.gather_matmul(x, wt, index, bias), native.gather_matmul_reference(x, wt, index, bias), dtype,
+                  "forward")
+            grad_rows = 30 if index is None else width
+            close(ops.gather_matmul_weight_grad(xg, dout, grad_index, grad_rows),
+                  native.gather_matmul_weight_grad_reference(xg, dout, grad_index, grad_rows), dtype, "weight gradient")
+            got = ops.lstm_layer(xp, h0, c0, w.t(), None, 1.0, False)
+            want = native.lstm_layer_reference(xp, h0, c0, w.t(), None, 1.0, False)
+            close(got[0], want[0], dtype, "hs")
+            saved = (*want[2:], want[0], h0, c0, w.t(), None, 1.0, False)
+            got = ops.lstm_layer_backward(dhs, torch.zeros_like(c0), *saved)
+            want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
+            for name, a, e in zip(("dxp", "dh0", "dc0", "dwt"), got, want):
+                close(a, e, dtype, name)
+        finally:
+            torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_gradcheck_on_small_shapes(isa):
     generator = torch.Generator().manual_seed(0)

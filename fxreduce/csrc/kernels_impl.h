@@ -47,14 +47,13 @@ struct Scratch {
 constexpr int kPrefetchDistance = 8;
 
 template <typename T, int MRt, int NVt>
-inline void row_tile(const RowsGemm<T>& a, const T* A, const T* b_base, int64_t ldb, const int64_t* b_index,
-                     T* const* c_rows, const T* const* d_rows) {
+inline void row_tile(const RowsGemm<T>& a, const T* A, int64_t K, const T* b_base, int64_t ldb,
+                     const int64_t* b_index, T* const* c_rows, const T* const* d_rows) {
   typedef typename Vec<T>::V V;
   constexpr int L = Vec<T>::lanes;
   V acc[MRt][NVt];
   for (int r = 0; r < MRt; ++r)
     for (int v = 0; v < NVt; ++v) acc[r][v] = V();
-  const int64_t K = a.K;
   for (int64_t j = 0; j < K; ++j) {
     const T* b = b_base + (b_index ? b_index[j] : j) * ldb;
     if (b_index && j + kPrefetchDistance < K) {
@@ -77,13 +76,19 @@ inline void row_tile(const RowsGemm<T>& a, const T* A, const T* b_base, int64_t 
 }
 
 template <typename T, int NVt, int MRt>
-inline void row_tile_of(int rows, const RowsGemm<T>& a, const T* A, const T* b_base, int64_t ldb,
+inline void row_tile_of(int rows, const RowsGemm<T>& a, const T* A, int64_t K, const T* b_base, int64_t ldb,
                         const int64_t* b_index, T* const* c_rows, const T* const* d_rows) {
   if constexpr (MRt > 0) {
-    if (rows == MRt) return row_tile<T, MRt, NVt>(a, A, b_base, ldb, b_index, c_rows, d_rows);
-    row_tile_of<T, NVt, MRt - 1>(rows, a, A, b_base, ldb, b_index, c_rows, d_rows);
+    if (rows == MRt) return row_tile<T, MRt, NVt>(a, A, K, b_base, ldb, b_index, c_rows, d_rows);
+    row_tile_of<T, NVt, MRt - 1>(rows, a, A, K, b_base, ldb, b_index, c_rows, d_rows);
   }
 }
+
+// K is taken in chunks of at most this many rows of B, each chunk over every row tile before the next: a
+// chunk of a column tile (768 x 64 floats, 192 KiB) stays in L2 while the row tiles read it, where a whole
+// K = 4H = 2600 tile (666 KiB) was evicted part-way by the A rows streaming past it (docs/benchmarks.md,
+// "Design measurements"). Later chunks add into C.
+constexpr int64_t kMaxKChunk = 768;
 
 // All rows of group g for the columns [c, c + width), width <= NVt vectors. A narrower tile is computed
 // into a local buffer (B zero-padded to whole vectors in b_base) and its first `width` columns written back.
@@ -93,27 +98,36 @@ inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b
   constexpr int64_t full = NVt * Vec<T>::lanes;
   const bool partial = width < full;
   T local[FXR_MR * full];
-  for (int64_t m = 0; m < a.M; m += FXR_MR) {
-    const int rows = static_cast<int>(smaller(FXR_MR, a.M - m));
-    T* c_rows[FXR_MR];
-    const T* d_rows[FXR_MR];
-    T* out_rows[FXR_MR];
-    const T* add_rows[FXR_MR];
-    for (int r = 0; r < rows; ++r) {
-      const int64_t row = m + r;
-      const int64_t c_row = a.c_index ? a.c_index[g * a.c_index_group + row] : row;
-      out_rows[r] = a.C + g * a.c_group + c_row * a.ldc + c;
-      const bool stores = a.c_first && a.c_first[g * a.c_index_group + row];
-      add_rows[r] = a.accumulate ? (stores ? nullptr : out_rows[r])
-                                 : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
-      c_rows[r] = partial ? local + r * full : out_rows[r];
-      d_rows[r] = partial ? nullptr : add_rows[r];
-    }
-    row_tile_of<T, NVt, FXR_MR>(rows, a, a.A + g * a.a_group + m * a.a_row, b_base, ldb, b_index, c_rows, d_rows);
-    if (partial) {
-      for (int r = 0; r < rows; ++r)
-        for (int64_t e = 0; e < width; ++e)
-          out_rows[r][e] = local[r * full + e] + (add_rows[r] ? add_rows[r][e] : T(0));
+  const int64_t chunks = a.K > kMaxKChunk ? (a.K + kMaxKChunk - 1) / kMaxKChunk : 1;
+  const int64_t chunk = (a.K + chunks - 1) / chunks;
+  for (int64_t part = 0; part < chunks; ++part) {
+    const int64_t k0 = part * chunk, K = smaller(chunk, a.K - k0);
+    const T* chunk_b = b_index ? b_base : b_base + k0 * ldb;
+    const int64_t* chunk_index = b_index ? b_index + k0 : nullptr;
+    for (int64_t m = 0; m < a.M; m += FXR_MR) {
+      const int rows = static_cast<int>(smaller(FXR_MR, a.M - m));
+      T* c_rows[FXR_MR];
+      const T* d_rows[FXR_MR];
+      T* out_rows[FXR_MR];
+      const T* add_rows[FXR_MR];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t row = m + r;
+        const int64_t c_row = a.c_index ? a.c_index[g * a.c_index_group + row] : row;
+        out_rows[r] = a.C + g * a.c_group + c_row * a.ldc + c;
+        const bool stores = a.c_first && a.c_first[g * a.c_index_group + row];
+        add_rows[r] = k0 > 0 ? out_rows[r]
+                      : a.accumulate ? (stores ? nullptr : out_rows[r])
+                      : a.D ? a.D + g * a.d_group + row * a.ldd + c : nullptr;
+        c_rows[r] = partial ? local + r * full : out_rows[r];
+        d_rows[r] = partial ? nullptr : add_rows[r];
+      }
+      row_tile_of<T, NVt, FXR_MR>(rows, a, a.A + g * a.a_group + m * a.a_row + k0 * a.a_col, K, chunk_b, ldb,
+                                  chunk_index, c_rows, d_rows);
+      if (partial) {
+        for (int r = 0; r < rows; ++r)
+          for (int64_t e = 0; e < width; ++e)
+            out_rows[r][e] = local[r * full + e] + (add_rows[r] ? add_rows[r][e] : T(0));
+      }
     }
   }
 }
