@@ -8,6 +8,7 @@ cost model see the ops; bad input is an error, never a crash; without the extens
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,6 +46,24 @@ def close(actual, expected, dtype, what=""):
 def strided(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
     """``t`` itself, or an equal tensor whose last dim is not contiguous in memory."""
     return t if contiguous else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def lstm_case(steps: int, batch: int, hidden: int, dtype, generator, std: float):
+    """xp, W_hh, h0, c0 and the hidden states' gradient of one random LSTM layer."""
+    xp = torch.randn(steps, batch, 4 * hidden, dtype=dtype, generator=generator)
+    w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * std
+    h0, c0 = torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
+    return xp, w, h0, c0, torch.randn(steps, batch, hidden, dtype=dtype)
 
 
 @st.composite
@@ -222,15 +241,9 @@ def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype
     k = width if index is None else 128
     x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), kind != "shared")
     dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
-    steps, batch, hidden = 5, 50, 6 * 64 + 3
-    xp = torch.randn(steps, batch, 4 * hidden, dtype=dtype, generator=generator)
-    w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * 0.05
-    h0, c0 = torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
-    dhs = torch.randn(steps, batch, hidden, dtype=dtype)
+    xp, w, h0, c0, dhs = lstm_case(5, 50, 6 * 64 + 3, dtype, generator, std=0.05)
     for threads in (1, 2):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             close(ops.gather_matmul_weight_grad(x, dout, index, width),
                   native.gather_matmul_weight_grad_reference(x, dout, index, width), dtype, "weight gradient")
             for wt in (w.t(), w.t().contiguous()):  # dW_hh in W_hh's layout, and in wt's
@@ -239,8 +252,6 @@ def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype
                 got = ops.lstm_layer_backward(dhs, torch.zeros_like(c0), *saved)
                 want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
                 close(got[3], want[3], dtype, "recurrent weight gradient")
-        finally:
-            torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -259,15 +270,9 @@ def test_gemms_over_a_long_k_in_chunks_equal_the_reference(kind, dtype):
     xg = torch.randn(groups, rows, 30, dtype=dtype, generator=generator)
     dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
     grad_index = None if index is None else index[..., :30]
-    steps, batch, hidden = 2, 3, 800
-    xp = torch.randn(steps, batch, 4 * hidden, dtype=dtype, generator=generator)
-    w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=generator) * 0.03
-    h0, c0 = torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
-    dhs = torch.randn(steps, batch, hidden, dtype=dtype)
+    xp, w, h0, c0, dhs = lstm_case(2, 3, 800, dtype, generator, std=0.03)
     for threads in (1, 2):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             close(ops.gather_matmul(x, wt, index, bias), native.gather_matmul_reference(x, wt, index, bias), dtype,
                   "forward")
             grad_rows = 30 if index is None else width
@@ -281,8 +286,6 @@ def test_gemms_over_a_long_k_in_chunks_equal_the_reference(kind, dtype):
             want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
             for name, a, e in zip(("dxp", "dh0", "dc0", "dwt"), got, want):
                 close(a, e, dtype, name)
-        finally:
-            torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("isa", ISAS)
