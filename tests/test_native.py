@@ -117,14 +117,10 @@ def test_gather_matmul_and_its_gradients_equal_the_reference(data, dtype, isa, c
        seed=st.integers(0, 1000))
 def test_channel_sums_equal_the_reference(shape, dtype, isa, threads, contiguous, seed):
     x = strided(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed)), contiguous)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with native.forced_isa(isa):
             for actual, expected in zip(ops.channel_sums(x), native.channel_sums_reference(x)):
                 close(actual, expected, dtype)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @given(rows=st.integers(0, 41), cols=st.integers(0, 41), dtype=st.sampled_from([torch.float64, torch.float32]),
@@ -137,17 +133,13 @@ def test_transposed_and_its_gradient_equal_the_reference(rows, cols, dtype, isa,
     else:
         x = strided(torch.randn(rows, cols, dtype=dtype, generator=generator), layout == "rows")
     grad = torch.randn(cols, rows, dtype=dtype, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with native.forced_isa(isa):
             got = ops.transposed(x)
             assert got.is_contiguous() and torch.equal(got, native.transposed_reference(x))
             leaf = x.detach().requires_grad_()
             (gradient,) = torch.autograd.grad(native.transposed(leaf), leaf, grad)
             assert gradient.is_contiguous() and torch.equal(gradient, grad.t())  # a weight's grad needs no copy
-    finally:
-        torch.set_num_threads(previous)
 
 
 @given(groups=st.integers(0, 6), width=st.integers(0, 50), data=st.data(), ties=st.booleans(),
@@ -157,12 +149,8 @@ def test_smallest_k_equals_the_reference(groups, width, data, ties, threads, see
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randint(0, 4, (groups, width), generator=generator).float() if ties else \
         torch.rand(groups, width, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert torch.equal(ops.smallest_k(keys, k), native.smallest_k_reference(keys, k))
-    finally:
-        torch.set_num_threads(previous)
 
 
 @given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), isa=st.sampled_from(ISAS),
@@ -179,9 +167,7 @@ def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, rever
 
     xp, h0, c0, wt = randn(steps, rows, 4 * hidden), randn(rows, hidden), randn(rows, hidden), randn(hidden, 4 * hidden, std=0.4)
     dhs, dc = randn(steps, rows, hidden), randn(rows, hidden)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with native.forced_isa(isa):
             got = ops.lstm_layer(xp, h0, c0, wt, index, scale, reverse)
             want = native.lstm_layer_reference(xp, h0, c0, wt, index, scale, reverse)
@@ -195,8 +181,6 @@ def test_lstm_layer_and_its_backward_equal_the_reference(data, dtype, isa, rever
             want = native.lstm_layer_backward_reference(dhs, dc, *saved)
             for name, a, e in zip(("dxp", "dh0", "dc0", "dwt"), got, want):
                 close(a, e, dtype, name)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
@@ -214,9 +198,7 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
     wt = torch.randn(160, 40, dtype=torch.float64, generator=generator).t()  # W_hh.t(), as the module passes it
     h0, c0 = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
     dhs = torch.randn(5, 3, 40, dtype=torch.float64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         close(ops.gather_matmul_weight_grad(x, dout, index, width),
               native.gather_matmul_weight_grad_reference(x, dout, index, width), torch.float64, "weight gradient")
         hs, _, acts, cs, tcs = native.lstm_layer_reference(xp, h0, c0, wt, None, 1.0, False)
@@ -224,8 +206,6 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
         got = ops.lstm_layer_backward(dhs, torch.zeros_like(c0), *saved)
         want = native.lstm_layer_backward_reference(dhs, torch.zeros_like(c0), *saved)
         close(got[3], want[3], torch.float64, "recurrent weight gradient")
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
