@@ -357,11 +357,12 @@ def test_bad_input_is_a_clear_error_never_a_crash():
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             ops.gather_matmul(*args)
-    with pytest.raises(RuntimeError, match="h0 and c0 must be"):
-        ops.lstm_layer(torch.randn(2, 3, 8), torch.randn(3, 3), torch.randn(3, 2), torch.randn(2, 8), None, 1.0, False)
-    with pytest.raises(RuntimeError, match=r"index values must lie in \[0, 2\)"):
-        ops.lstm_layer(torch.randn(2, 3, 8), torch.randn(3, 2), torch.randn(3, 2), torch.randn(2, 8),
-                       torch.tensor([[0], [2]]), 1.0, False)
+    for loop in (ops.lstm_layer, ops.lstm_layer_inference):
+        with pytest.raises(RuntimeError, match="h0 and c0 must be"):
+            loop(torch.randn(2, 3, 8), torch.randn(3, 3), torch.randn(3, 2), torch.randn(2, 8), None, 1.0, False)
+        with pytest.raises(RuntimeError, match=r"index values must lie in \[0, 2\)"):
+            loop(torch.randn(2, 3, 8), torch.randn(3, 2), torch.randn(3, 2), torch.randn(2, 8),
+                 torch.tensor([[0], [2]]), 1.0, False)
     with pytest.raises(RuntimeError, match="batch and a channel dim"):
         ops.channel_sums(torch.randn(5))
     with pytest.raises(RuntimeError, match="float32 or float64"):
