@@ -9,6 +9,7 @@ cost model see the ops; bad input is an error, never a crash; without the extens
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -212,8 +213,8 @@ def test_tall_weight_gradients_split_their_rows_across_threads(kind):
 @pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
 def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype):
     """From six column tiles and 2^16 elements of A on, a GEMM whose A is read down its columns (x^T, dgates^T)
-    runs on a transposed copy of A (one per group where the groups differ); the hypothesis shapes above stay
-    below that."""
+    runs on a transposed copy of A (one per group where the groups differ), on every ISA; the hypothesis
+    shapes above stay below that."""
     generator = torch.Generator().manual_seed(1)
     groups, rows, width, out = 3, 512, 140, 6 * 64 + 5
     index = {"none": None, "shared": torch.randperm(width, generator=generator)[:128],
@@ -222,8 +223,8 @@ def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype
     x = strided(torch.randn(groups, rows, k, dtype=dtype, generator=generator), kind != "shared")
     dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
     xp, w, h0, c0, dhs = lstm_case(5, 50, 6 * 64 + 3, dtype, generator, std=0.05)
-    for threads in (1, 2):
-        with torch_threads(threads):
+    for isa, threads in itertools.product(ISAS, (1, 2)):
+        with torch_threads(threads), native.forced_isa(isa):
             close(ops.gather_matmul_weight_grad(x, dout, index, width),
                   native.gather_matmul_weight_grad_reference(x, dout, index, width), dtype, "weight gradient")
             for wt in (w.t(), w.t().contiguous()):  # dW_hh in W_hh's layout, and in wt's
@@ -237,8 +238,9 @@ def test_weight_gradients_over_many_column_tiles_equal_the_reference(kind, dtype
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["none", "shared", "per_group"])
 def test_gemms_over_a_long_k_in_chunks_equal_the_reference(kind, dtype):
-    """A K above the kernel's chunk (768 rows of B) runs chunk by chunk, later chunks adding into C: the
-    indirect-K forward with its bias, the scattered weight gradient, and both LSTM loops on packed panels."""
+    """A K above the kernel's chunk (768 rows of B) runs chunk by chunk, later chunks adding into C, on every
+    ISA: the indirect-K forward with its bias, the scattered weight gradient, and both LSTM loops on packed
+    panels."""
     generator = torch.Generator().manual_seed(2)
     groups, rows, width, out = 2, 400, 900, 70
     index = {"none": None, "shared": torch.randperm(width, generator=generator)[:800],
@@ -251,8 +253,8 @@ def test_gemms_over_a_long_k_in_chunks_equal_the_reference(kind, dtype):
     dout = torch.randn(groups, rows, out, dtype=dtype, generator=generator)
     grad_index = None if index is None else index[..., :30]
     xp, w, h0, c0, dhs = lstm_case(2, 3, 800, dtype, generator, std=0.03)
-    for threads in (1, 2):
-        with torch_threads(threads):
+    for isa, threads in itertools.product(ISAS, (1, 2)):
+        with torch_threads(threads), native.forced_isa(isa):
             close(ops.gather_matmul(x, wt, index, bias), native.gather_matmul_reference(x, wt, index, bias), dtype,
                   "forward")
             grad_rows = 30 if index is None else width
