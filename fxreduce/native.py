@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -141,18 +141,29 @@ def serves_eagerly(*tensors: Tensor | None) -> bool:
 
 
 _FAKE_AS_EAGER = [False]
+_FAKE_DATA_VALUES: list[Mapping[str, float]] = [{}]
 
 
 @contextlib.contextmanager
-def fake_runs_as_eager() -> Iterator[None]:
+def fake_runs_as_eager(data_values: Mapping[str, float] | None = None) -> Iterator[None]:
     """Inside the block a fake run dispatches the native kernels where an eager run would: the latency model
-    prices what runs, not the decomposition a captured graph records (every native op has a fake kernel)."""
-    previous = _FAKE_AS_EAGER[0]
-    _FAKE_AS_EAGER[0] = True
+    prices what runs, not the decomposition a captured graph records (every native op has a fake kernel).
+
+    ``data_values`` stands in for what an eager run reads from the data and a fake tensor does not hold,
+    by the name of the cost model's symbol for it (DRNet's share of images at each resolution, ``p_<size>``):
+    a module whose work depends on such a value asks :func:`fake_data_value`."""
+    previous = _FAKE_AS_EAGER[0], _FAKE_DATA_VALUES[0]
+    _FAKE_AS_EAGER[0], _FAKE_DATA_VALUES[0] = True, dict(data_values or {})
     try:
         yield
     finally:
-        _FAKE_AS_EAGER[0] = previous
+        _FAKE_AS_EAGER[0], _FAKE_DATA_VALUES[0] = previous
+
+
+def fake_data_value(name: str) -> float | None:
+    """The value given for the data-decided quantity ``name`` to the enclosing :func:`fake_runs_as_eager`
+    (None outside one, or where it gave none)."""
+    return _FAKE_DATA_VALUES[0].get(name) if _FAKE_AS_EAGER[0] else None
 
 
 def report() -> list[str]:

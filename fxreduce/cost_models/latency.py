@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from .. import meta, native
-from ..errors import CostError, ProfileError
+from ..errors import CostError, InputError, ProfileError
 from ..files import atomic_path
 
 FORMAT = "fxreduce.latency-profile"
@@ -430,6 +430,18 @@ class _Pricer:
         return (self.gemm("gemm", steps * batch, gates, w_ih[1]) + self.steps(steps, batch, gates, w_hh[1])
                 + self.profile.bytes_seconds(4 * steps * batch * gates * 3))
 
+    def recurrent_layer_backward(self, x: Sequence[int], w_ih: Sequence[int], w_hh: Sequence[int],
+                                 batch_first: bool) -> float:
+        """The backward of one oneDNN LSTM layer: per step the hidden state's gradient through the recurrent
+        weight, then the input's gradient and both weights' gradients as GEMMs over every step at once, and
+        the cells' elementwise backward."""
+        steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
+        gates, inputs, hidden = w_ih[0], w_ih[1], w_hh[1]
+        rows = steps * batch
+        return (self.steps(steps, batch, hidden, gates) + self.gemm("gemm", rows, inputs, gates)
+                + self.gemm("gemm", gates, inputs, rows) + self.gemm("gemm", gates, hidden, rows)
+                + self.profile.bytes_seconds(4 * rows * gates * 5))
+
     def steps(self, steps: int, m: int, n: int, k: int) -> float:
         """``steps`` products of one recurrence on the same (k, n) weight: each at the grid's time, the weight
         streamed once (it stays cached from one step to the next), not once per step."""
@@ -474,6 +486,9 @@ class _Pricer:
         if packet is aten.mkldnn_rnn_layer:
             return "recurrent", self.recurrent_layer(_shape(args[0]), _shape(args[1]), _shape(args[2]),
                                                      bool(args[14]))
+        if packet is aten.mkldnn_rnn_layer_backward:
+            return "recurrent", self.recurrent_layer_backward(_shape(args[0]), _shape(args[1]), _shape(args[2]),
+                                                              bool(args[21]))
         if packet is aten._native_multi_head_attention:
             query, key = _shape(args[0]), _shape(args[1])
             embed, heads = int(args[3]), int(args[4])
@@ -515,7 +530,8 @@ _ATTENTION = tuple(op for op in (getattr(aten, name, None) for name in (
 _POOLING = {aten.max_pool2d_with_indices: ("max_pool", 2), aten.max_pool2d: ("max_pool", 2),
             aten.max_pool3d_with_indices: ("max_pool", 3), aten.avg_pool2d: ("avg_pool", 2),
             aten.avg_pool3d: ("avg_pool", 3)}
-_METADATA_ONLY = (aten.detach, aten.lift_fresh, aten.alias, aten.sym_size, aten.sym_stride, aten.sym_numel)
+_METADATA_ONLY = (aten.detach, aten.lift_fresh, aten.alias, aten.sym_size, aten.sym_stride, aten.sym_numel,
+                  torch.ops.prim.device)
 
 
 class _Recorder(TorchDispatchMode):
@@ -586,10 +602,11 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.utils.stateless import _reparametrize_module
 
+    shape_dims, data_values, note = _split_dims(gm, dims)
     recorder = _Recorder(_Pricer(profile, _state_bytes(gm)))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
-        inputs = concrete_inputs(gm, dims, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        inputs = concrete_inputs(gm, shape_dims, lambda shape, dtype: torch.empty(shape, dtype=dtype))
         state = {name: fake.from_tensor(p, static_shapes=True).requires_grad_(p.requires_grad)
                  for name, p in gm.named_parameters()} if training else {}
     trainable = [p for p in gm.parameters() if p.requires_grad]
@@ -597,7 +614,8 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
     was_training = gm.training
     gm.train(training)
     try:
-        with torch.set_grad_enabled(training), fake, recorder, parameters, native.fake_runs_as_eager():
+        with (torch.set_grad_enabled(training), fake, recorder, parameters,
+              native.fake_runs_as_eager(data_values)):
             outputs = _NodeTracker(gm, recorder).run(*inputs)
             if training:
                 recorder.node = "backward"
@@ -605,6 +623,8 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
                 wanted = [t for t in state.values() if t.requires_grad]
                 if leaves and wanted:
                     torch.autograd.grad(sum(t.float().sum() for t in leaves), wanted, allow_unused=True)
+    except InputError:  # a value the caller gave is wrong (DRNet's shares): say so, never price around it
+        raise
     except Exception as error:
         if training:
             raise CostError(f"the training step's fake run stopped at node {recorder.node}: "
@@ -623,7 +643,29 @@ def predict(gm: fx.GraphModule, profile: Profile, dims: Mapping[str, int], train
                                    "backward" if name == "backward" else "memory", len(priced))
                        for name, priced in (("backward", backward), ("update", update)))
     return Latency(sum(n.seconds for n in nodes), nodes, dict(dims), method="fake run" + (
-        " (training step)" if training else ""))
+        " (training step)" if training else ""), note=note)
+
+
+def _split_dims(gm: fx.GraphModule, dims: Mapping[str, float]) -> tuple[dict[str, int], dict[str, float], str]:
+    """``dims`` split into the graph's named input dims and values of the quantities its data decides (symbols
+    of its cost that are not input dims: DRNet's shares of images per resolution), and a note naming the
+    data-decided quantities not given (the fake run then takes each one's default)."""
+    from .propagation import graph_info
+
+    shape_names = set(graph_info(gm).spec.dims)
+    data_names = sorted({str(free) for node in gm.graph.nodes if (node_info := meta.info(node)) is not None
+                         for expr in node_info.cost.macs.values() for free in getattr(expr, "free_symbols", ())}
+                        - shape_names)
+    unknown = [name for name in dims if name not in shape_names and name not in data_names]
+    if unknown:
+        known = ", ".join(sorted(shape_names) + data_names) or "none"
+        raise CostError(f"unknown dim name(s) {', '.join(unknown)}", where="latency",
+                        fix=f"the named dims of this graph, and the quantities its data decides, are: {known}")
+    missing = [name for name in data_names if name not in dims]
+    note = (f"{', '.join(missing)} not given (the data decides them): priced at each one's default, DRNet's "
+            "dispatch at its base resolution for every image" if missing else "")
+    return ({name: value for name, value in dims.items() if name in shape_names},
+            {name: float(value) for name, value in dims.items() if name not in shape_names}, note)
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -670,7 +712,10 @@ def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str,
     decides (a boolean mask's count) have no number: such nodes are priced at their overheads and named."""
     from .propagation import symbol
 
-    substitutions = {symbol(name): int(value) for name, value in dims.items()}
+    data_symbols = {free for node in gm.graph.nodes if (node_info := meta.info(node)) is not None
+                    for expr in node_info.cost.macs.values() for free in getattr(expr, "free_symbols", ())}
+    substitutions = {symbol(name): value for name, value in dims.items()}
+    substitutions.update({free: dims[str(free)] for free in data_symbols if str(free) in dims})
     pricer = _Pricer(profile, _state_bytes(gm))
     nodes, unpriced = [], []
     for node in gm.graph.nodes:

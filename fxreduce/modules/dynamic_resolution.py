@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import native
 from ..errors import CostError, InputError
 from ..blocks import BasicBlock
 
@@ -141,8 +143,15 @@ class ResolutionDispatch(nn.Module):
     def forward(self, x: Tensor, choice: Tensor) -> Tensor:
         if isinstance(x, FakeTensor):
             # Shape propagation: the grouping depends on values a fake tensor does not have, and the
-            # output shape does not depend on the resolution. The MACs come from fxreduce_macs.
-            return self.run_at(x, 0)
+            # output shape does not depend on the resolution. The MACs come from fxreduce_macs. The
+            # latency model's fake run may give the shares of images per resolution; it is then grouped
+            # as an eager run with those shares would be.
+            sizes = self.fake_group_sizes(x.shape[0])
+            if sizes is None:
+                return self.run_at(x, 0)
+            starts = [sum(sizes[:j]) for j in range(len(sizes))]
+            return self.run_groups(x, [(j, torch.arange(start, start + size, device=x.device))
+                                       for j, (start, size) in enumerate(zip(starts, sizes)) if size])
         if self.training:
             # Straight-through: the predictor's gradient needs the backbone's output at every resolution,
             # and every BatchNorm set sees the whole batch; the hard one-hot makes the forward value
@@ -155,9 +164,12 @@ class ResolutionDispatch(nn.Module):
         """The backbone once per distinct resolution index in ``indices`` (N,), outputs in input order."""
         if x.shape[0] == 0:
             return self.run_at(x, 0)
+        return self.run_groups(x, [(j, (indices == j).nonzero().squeeze(1)) for j in torch.unique(indices).tolist()])
+
+    def run_groups(self, x: Tensor, groups: list[tuple[int, Tensor]]) -> Tensor:
+        """The backbone once per (resolution index, rows of ``x``) group, outputs in input order."""
         output = None
-        for j in torch.unique(indices).tolist():
-            rows = (indices == j).nonzero().squeeze(1)
+        for j, rows in groups:
             if rows.numel() == x.shape[0]:
                 return self.run_at(x, j)
             part = self.run_at(x.index_select(0, rows), j)
@@ -165,6 +177,28 @@ class ResolutionDispatch(nn.Module):
                 output = part.new_empty((x.shape[0], *part.shape[1:]))
             output = output.index_copy(0, rows, part)
         return output
+
+    def fake_group_sizes(self, batch: int) -> list[int] | None:
+        """Images per resolution in a batch of ``batch``, from the shares a fake run was given
+        (:func:`fxreduce.native.fake_data_value`, by the names of ``share_symbols``; the base resolution takes
+        the rest), rounded to whole images by largest remainder; None where any share is missing."""
+        if not self.share_symbols:
+            return None
+        given = [native.fake_data_value(str(name)) for name in self.share_symbols]
+        if any(value is None for value in given):
+            return None
+        shares = [1.0 - sum(given), *given]
+        if any(not (-1e-9 <= share <= 1 + 1e-9) for share in shares):
+            names = ", ".join(f"{name}={value}" for name, value in zip(self.share_symbols, given))
+            raise InputError(f"resolution shares {names} are not fractions of the batch summing to at most 1",
+                             where="ResolutionDispatch",
+                             fix="give each p_<resolution> in [0, 1], their sum at most 1 (the base takes the rest)")
+        exact = [max(share, 0.0) * int(batch) for share in shares]
+        sizes = [math.floor(value) for value in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda j: sizes[j] - exact[j])
+        for j in by_remainder[:int(batch) - sum(sizes)]:
+            sizes[j] += 1
+        return sizes
 
     def run_at(self, x: Tensor, index: int) -> Tensor:
         """The backbone on ``x`` resized to resolution ``index``, with that resolution's BatchNorm set."""
