@@ -3,10 +3,13 @@
 The profile is calibrated at the start of the run (``fxreduce calibrate``'s full grid), so prediction
 and measurement see the same machine state. Rewrites: int8 Linear and Conv2d (lower_int8) at batch 1 / 8
 / 64; low-rank, grouped and sparse x low-rank Linear layers (sparse_lowrank) at 2x-12x MAC cuts and
-batch 1-200, ViT-B's MLP, an LSTM LM's gate matrices; fold_batchnorm on ResNet-18; error_map_pruning's training step on pairs of 3x3 convolutions. Each rewrite's
-before and after run side by side (interleaved, eval, no_grad); its predicted speedup is
-latency(before) / latency(after). Whole models: ten torchvision models at batch 1 and 8, predicted vs
-measured seconds. Goals (issue 18): median relative error of the speedups <= 10%, >= 90% within 20%;
+batch 1-200, ViT-B's MLP, an LSTM LM's gate matrices; fold_batchnorm on ResNet-18; DRNet's grouped
+dispatch on ResNet-18 (images forced to the resolutions at two mixes of shares, the same shares given to
+the latency model as p_<resolution>); structured dropout's training step on the LSTM LM (per_step
+masks, recurrent off and on); error_map_pruning's training step on pairs of 3x3 convolutions. Each
+rewrite's before and after run side by side (interleaved; eval under no_grad, or the training step);
+its predicted speedup is latency(before) / latency(after). Whole models: ten torchvision models at
+batch 1 and 8, predicted vs measured seconds. Goals (issue 18): median relative error of the speedups <= 10%, >= 90% within 20%;
 whole models within 25%.
 
     python benchmarks/bench_latency_model.py           # full run, rewrites its section of docs/benchmarks.md
@@ -16,12 +19,15 @@ whole models within 25%.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 import torchvision
@@ -33,6 +39,7 @@ from _common import DOCS, fix_threads, markdown_table, time_side_by_side, write_
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.cost_models.latency import load_profile  # noqa: E402
+from fxreduce.modules.dynamic_resolution import force_resolution  # noqa: E402
 
 TITLE = "Latency model: predicted vs measured"
 PLOT = DOCS.parent / "images" / "latency_model.png"
@@ -48,6 +55,8 @@ class Case:
     inputs: tuple
     dims: dict
     training: bool = False  # a training step (forward, backward, SGD update) rather than the eval forward
+    after_dims: dict = field(default_factory=dict)  # what the data decides in the rewritten graph (DRNet's shares)
+    after_context: Callable[[], ContextManager] = contextlib.nullcontext  # the rewritten graph runs inside it
 
 
 class MLP(nn.Module):
@@ -62,13 +71,13 @@ class MLP(nn.Module):
 
 
 class WordLM(nn.Module):
-    def __init__(self, vocab: int = 2000, hidden: int = 650):
+    def __init__(self, vocab: int = 2000, hidden: int = 650, dropout: float = 0.0):
         super().__init__()
-        self.embedding, self.lstm = nn.Embedding(vocab, hidden), nn.LSTM(hidden, hidden, 2)
-        self.decoder = nn.Linear(hidden, vocab)
+        self.embedding, self.lstm = nn.Embedding(vocab, hidden), nn.LSTM(hidden, hidden, 2, dropout=dropout)
+        self.drop, self.decoder = nn.Dropout(dropout), nn.Linear(hidden, vocab)
 
     def forward(self, tokens):
-        return self.decoder(self.lstm(self.embedding(tokens))[0])
+        return self.decoder(self.drop(self.lstm(self.drop(self.embedding(tokens)))[0]))
 
 
 def _rewrite(label: str, model: nn.Module, x: torch.Tensor, dim: tuple[str, int, int], spec: str,
@@ -81,6 +90,21 @@ def _rewrite(label: str, model: nn.Module, x: torch.Tensor, dim: tuple[str, int,
     return Case(label, before, after, (x,), {name: size}, training)
 
 
+def _drnet_case(shares: tuple[float, ...], resolutions: tuple[int, ...] = (112, 84, 56), batch: int = 16) -> Case:
+    """DRNet's grouped dispatch on ResNet-18: images forced to the resolutions at ``shares``, predicted with
+    the same shares given to the latency model (p_<resolution>)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, resolutions[0], resolutions[0])
+    gm = fr.trace(torchvision.models.resnet18().eval(), (x,), {"N": (0, 0)})
+    drnet = fr.apply(gm, f"dynamic_resolution(resolutions={resolutions})").graph_module
+    label = "/".join(f"{100 * s:.0f}%" for s in shares)
+    indices = torch.repeat_interleave(torch.arange(len(shares)), torch.tensor([round(s * batch) for s in shares]))
+    return Case(f"dynamic_resolution ResNet-18 {'/'.join(map(str, resolutions))}px at {label}, batch {batch}",
+                gm, drnet, (x,), {"N": batch},
+                after_dims={f"p_{r}": s for r, s in zip(resolutions[1:], shares[1:])},
+                after_context=functools.partial(force_resolution, drnet, indices))
+
+
 def rewrite_cases(quick: bool) -> list[Case]:
     cases = []
     linears = [(256, 256), (768, 3072)] if quick else [(256, 256), (768, 3072), (1024, 4096)]
@@ -91,7 +115,7 @@ def rewrite_cases(quick: bool) -> list[Case]:
     if quick:
         return cases
     for channels, size, kernel in ((64, 56, 3), (128, 28, 3), (256, 14, 1)):
-        for batch in (1, 8):
+        for batch in (1, 8, 64):
             conv = nn.Sequential(nn.Conv2d(channels, channels, kernel, padding=kernel // 2))
             cases.append(_rewrite(f"int8 Conv2d {channels}ch {kernel}x{kernel} {size}px batch {batch}", conv,
                                   torch.randn(batch, channels, size, size), ("N", 0, batch), "lower_int8"))
@@ -117,6 +141,14 @@ def rewrite_cases(quick: bool) -> list[Case]:
     for batch in (1, 8):
         cases.append(_rewrite(f"fold_batchnorm ResNet-18 batch {batch}", torchvision.models.resnet18(),
                               torch.randn(batch, 3, 224, 224), ("N", 0, batch), "fold_batchnorm"))
+    for shares in ((0.5, 0.3, 0.2), (0.2, 0.3, 0.5)):
+        cases.append(_drnet_case(shares))
+    for hidden in (200, 650):
+        for recurrent in (False, True):
+            cases.append(_rewrite(f"structured_dropout per_step{' +h' if recurrent else ''} LSTM LM H={hidden}, "
+                                  "T=35 B=20, training step", WordLM(hidden=hidden, dropout=0.5),
+                                  torch.randint(0, 2000, (35, 20)), ("T", 0, 35),
+                                  f"structured_dropout(p=0.5, mode='per_step', recurrent={recurrent})", training=True))
     for channels, size in ((64, 56), (256, 14)):
         for keep in (0.5, 0.3):
             convs = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
@@ -127,20 +159,22 @@ def rewrite_cases(quick: bool) -> list[Case]:
     return cases
 
 
-def eval_call(gm: torch.fx.GraphModule, inputs: tuple):
+def eval_call(gm: torch.fx.GraphModule, inputs: tuple, context: Callable[[], ContextManager] = contextlib.nullcontext):
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), context():
             return gm(*inputs)
     return call
 
 
-def _training_call(gm: torch.fx.GraphModule, inputs: tuple):
+def _training_call(gm: torch.fx.GraphModule, inputs: tuple,
+                   context: Callable[[], ContextManager] = contextlib.nullcontext):
     """What the latency model's training step prices: forward, backward of the summed output, SGD update."""
     optimizer = torch.optim.SGD(gm.parameters(), lr=1e-6)
 
     def call():
         optimizer.zero_grad(set_to_none=True)
-        gm(*inputs).sum().backward()
+        with context():
+            gm(*inputs).sum().backward()
         optimizer.step()
     return call
 
@@ -151,9 +185,10 @@ def measure_rewrites(cases: list[Case], profile, repeats: int) -> list[list[obje
         case.before.train(case.training), case.after.train(case.training)
         call = _training_call if case.training else eval_call
         times = time_side_by_side({"before": call(case.before, case.inputs),
-                                   "after": call(case.after, case.inputs)}, repeats=repeats)
+                                   "after": call(case.after, case.inputs, case.after_context)}, repeats=repeats)
         predicted = (fr.cost(case.before, training=case.training).latency(profile, **case.dims).seconds
-                     / fr.cost(case.after, training=case.training).latency(profile, **case.dims).seconds)
+                     / fr.cost(case.after, training=case.training).latency(profile, **case.dims,
+                                                                            **case.after_dims).seconds)
         measured = times["before"] / times["after"]
         rows.append([case.label, f"{measured:.2f}x", f"{predicted:.2f}x", predicted / measured - 1])
     return rows
