@@ -8,5 +8,6 @@
 #define FXR_NV 2
 #define FXR_DM 3
 #define FXR_DJ 3
+#define FXR_STREAM_PREFETCH 24
 #include "kernels_impl.h"
 #endif
