@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fxreduce import native
 from fxreduce.measurement import keep_freed_memory, shuffled_rounds, time_side_by_side  # noqa: F401 (re-exported)
 from fxreduce.serialization import write_markdown_section
 
@@ -58,9 +59,11 @@ def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
 
 
 def machine_line() -> str:
-    """One line naming what the figures were measured on."""
+    """One line naming what the figures were measured on: the machines of this project's kind differ in their
+    vector units (AVX-512 on some, AVX2 only on others), which moves every kernel's figures."""
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.backends.cpu.get_cpu_capability()} (fxreduce kernels: {native.active_isa() or 'torch path'}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
         + (", glibc malloc keeping freed memory" if _allocator["keeps freed memory"] else "")
     )
