@@ -45,11 +45,12 @@ struct Scratch {
 // ---------------------------------------------------------------------------------------------------
 // rows_gemm: an MRt x (NVt vectors) register tile; B rows read through the index, the next ones prefetched.
 constexpr int kPrefetchDistance = 8;
-// B rows read in order (a packed panel, or a dense operand) are requested this many rows ahead where the ISA's
-// unit sets FXR_STREAM_PREFETCH (0: the hardware prefetcher alone). A recurrent weight larger than L2 streams
-// from L3 for each step's first row tile: on a Zen 3 (AVX2) at H=650 the hardware prefetcher alone left the
-// kernel waiting on B in 23% of its samples, 6% with this. The AVX-512 kernel reads 4 lines of B per row (a
-// sequence the hardware follows) and ran near the FMA peak without it; it is not measured with it.
+// Packed panel rows of B (ldb = the tile's width, read in order) are requested this many rows ahead where the
+// ISA's unit sets FXR_STREAM_PREFETCH (0: the hardware prefetcher alone). A recurrent weight larger than L2
+// streams from L3 for each step's first row tile: on a Zen 3 (AVX2) at H=650 the hardware prefetcher alone
+// left the kernel waiting on B in 23% of its samples, 6% with this. Dense and indexed B (the indirect-K ops)
+// are left out: mostly cached, they only paid for the extra instruction. The AVX-512 kernel reads 4 lines of B
+// per row (a sequence the hardware follows) and ran near the FMA peak without it; it is not measured with it.
 #ifndef FXR_STREAM_PREFETCH
 #define FXR_STREAM_PREFETCH 0
 #endif
@@ -63,23 +64,23 @@ inline void row_tile(const RowsGemm<T>& a, const T* A, int64_t K, const T* b_bas
   V acc[MRt][NVt];
   for (int r = 0; r < MRt; ++r)
     for (int v = 0; v < NVt; ++v) acc[r][v] = V();
-  // The epilogue's rows of D and C, requested now so that they arrive during the K loop: in the LSTM's step
-  // GEMM, D is the step's input projection, far from any cache, and its first load stalled the epilogue (a
-  // quarter of the AVX2 kernel's samples at H=200). The last byte's line too, for rows that straddle two.
+  // The epilogue's rows of D, requested now so that they arrive during the K loop: in the LSTM's step GEMM, D
+  // is the step's input projection, far from any cache, and its first load stalled the epilogue (a quarter of
+  // the AVX2 kernel's samples at H=200). The last byte's line too, for rows that straddle two. C is not
+  // prefetched: its stores do not stall, and a write-intent prefetch of a line a neighbouring column tile
+  // (another thread's) shares would pull it away from that thread.
   constexpr int kTileBytes = NVt * FXR_VEC_BYTES;
   for (int r = 0; r < MRt; ++r) {
-    for (int byte = 0; byte < kTileBytes + 64; byte += 64) {
-      const int at = byte < kTileBytes ? byte : kTileBytes - 1;
-      if (d_rows[r]) __builtin_prefetch(reinterpret_cast<const char*>(d_rows[r]) + at);
-      __builtin_prefetch(reinterpret_cast<const char*>(c_rows[r]) + at, 1);
-    }
+    if (!d_rows[r]) continue;
+    for (int byte = 0; byte < kTileBytes + 64; byte += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(d_rows[r]) + (byte < kTileBytes ? byte : kTileBytes - 1));
   }
   for (int64_t j = 0; j < K; ++j) {
     const T* b = b_base + (b_index ? b_index[j] : j) * ldb;
     if (b_index && j + kPrefetchDistance < K) {
       const char* next = reinterpret_cast<const char*>(b_base + b_index[j + kPrefetchDistance] * ldb);
       for (int byte = 0; byte < NVt * FXR_VEC_BYTES; byte += 64) __builtin_prefetch(next + byte);
-    } else if (kStreamPrefetchDistance > 0 && !b_index && j + kStreamPrefetchDistance < K) {
+    } else if (kStreamPrefetchDistance > 0 && ldb == NVt * L && j + kStreamPrefetchDistance < K) {
       const char* next = reinterpret_cast<const char*>(b + kStreamPrefetchDistance * ldb);
       for (int byte = 0; byte < NVt * FXR_VEC_BYTES; byte += 64) __builtin_prefetch(next + byte);
     }
