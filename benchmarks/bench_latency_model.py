@@ -9,8 +9,8 @@ the latency model as p_<resolution>); structured dropout's training step on the 
 masks, recurrent off and on); error_map_pruning's training step on pairs of 3x3 convolutions. Each
 rewrite's before and after run side by side (interleaved; eval under no_grad, or the training step);
 its predicted speedup is latency(before) / latency(after). Whole models: ten torchvision models at
-batch 1 and 8, predicted vs measured seconds. Goals (issue 18): median relative error of the speedups <= 10%, >= 90% within 20%;
-whole models within 25%.
+batch 1 and 8, predicted vs measured seconds. Goals (issue 18): median relative error of the speedups
+<= 10%, >= 90% within 20%; whole models within 25%.
 
     python benchmarks/bench_latency_model.py           # full run, rewrites its section of docs/benchmarks.md
     python benchmarks/bench_latency_model.py --quick   # a few cases on a tiny grid, writes nothing
