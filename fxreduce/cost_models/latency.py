@@ -653,9 +653,7 @@ def _split_dims(gm: fx.GraphModule, dims: Mapping[str, float]) -> tuple[dict[str
     from .propagation import graph_info
 
     shape_names = set(graph_info(gm).spec.dims)
-    data_names = sorted({str(free) for node in gm.graph.nodes if (node_info := meta.info(node)) is not None
-                         for expr in node_info.cost.macs.values() for free in getattr(expr, "free_symbols", ())}
-                        - shape_names)
+    data_names = sorted({str(free) for free in _cost_symbols(gm)} - shape_names)
     unknown = [name for name in dims if name not in shape_names and name not in data_names]
     if unknown:
         known = ", ".join(sorted(shape_names) + data_names) or "none"
@@ -666,6 +664,12 @@ def _split_dims(gm: fx.GraphModule, dims: Mapping[str, float]) -> tuple[dict[str
             "dispatch at its base resolution for every image" if missing else "")
     return ({name: value for name, value in dims.items() if name in shape_names},
             {name: float(value) for name, value in dims.items() if name not in shape_names}, note)
+
+
+def _cost_symbols(gm: fx.GraphModule) -> set:
+    """The free symbols of the graph's MAC formulas: its input dims and what its data decides."""
+    return {free for node in gm.graph.nodes if (node_info := meta.info(node)) is not None
+            for expr in node_info.cost.macs.values() for free in getattr(expr, "free_symbols", ())}
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -712,10 +716,8 @@ def _predict_from_costs(gm: fx.GraphModule, profile: Profile, dims: Mapping[str,
     decides (a boolean mask's count) have no number: such nodes are priced at their overheads and named."""
     from .propagation import symbol
 
-    data_symbols = {free for node in gm.graph.nodes if (node_info := meta.info(node)) is not None
-                    for expr in node_info.cost.macs.values() for free in getattr(expr, "free_symbols", ())}
     substitutions = {symbol(name): value for name, value in dims.items()}
-    substitutions.update({free: dims[str(free)] for free in data_symbols if str(free) in dims})
+    substitutions.update({free: dims[str(free)] for free in _cost_symbols(gm) if str(free) in dims})
     pricer = _Pricer(profile, _state_bytes(gm))
     nodes, unpriced = [], []
     for node in gm.graph.nodes:
