@@ -30,6 +30,7 @@ HEADER = (
     "or tcmalloc); it applies to every candidate alike."
 )
 _allocator = {"keeps freed memory": False}
+ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "portable": "portable C++"}
 
 
 def fix_threads(threads: int = THREADS) -> int:
@@ -75,8 +76,13 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, body: str, command: str | None = None, path: Path = DOCS) -> None:
-    """Replace (or append) the ``## title`` section of docs/benchmarks.md, headed by the command and machine."""
+def write_section(title: str, body: str, command: str | None = None, path: Path = DOCS, per_isa: bool = False) -> None:
+    """Replace (or append) the ``## title`` section of docs/benchmarks.md, headed by the command and machine.
+
+    per_isa: the figures are the native kernels' own, so an AVX2 machine's run gets a section of its own beside
+    an AVX-512 machine's instead of replacing it (the title names the kernels' ISA)."""
+    if per_isa:
+        title += f" ({ISA_NAMES.get(native.active_isa(), 'torch path')} kernels)"
     command = command or "python " + " ".join([os.path.relpath(sys.argv[0], path.parent.parent), *sys.argv[1:]])
     body = f"Command: `{command}`  \nMeasured on: {machine_line()}, {time.strftime('%Y-%m-%d')}\n\n{body.strip()}"
     write_markdown_section(path, title, body, HEADER)

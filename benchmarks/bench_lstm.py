@@ -103,7 +103,7 @@ def main() -> None:
             f"before / after the run: {load_before:.1f} / {os.getloadavg()[0]:.1f} (above 0.5, other jobs "
             "shared the cores and the figures are noisy)."
         )
-        write_section("Decomposed LSTM vs torch.nn.LSTM", note + "\n\n" + table)
+        write_section("Decomposed LSTM vs torch.nn.LSTM", note + "\n\n" + table, per_isa=True)
 
 
 if __name__ == "__main__":

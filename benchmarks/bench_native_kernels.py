@@ -87,7 +87,7 @@ def main() -> None:
             "figures are noisy)."
         )
         title = "Native kernels vs dense MKL GEMMs" + ("" if threads == 2 else f", {threads} thread(s)")
-        write_section(title, note + "\n\n" + table)
+        write_section(title, note + "\n\n" + table, per_isa=True)
 
 
 if __name__ == "__main__":

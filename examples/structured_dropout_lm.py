@@ -242,7 +242,8 @@ which is why the decoder draws its sets per step in the per-step modes.
 ![validation perplexity per epoch]({image})
 
 The speed of one training step at H = 200 / 650 / 1500 against torch.nn.LSTM and our dense LSTM, beside
-the certified MAC reduction: docs/benchmarks.md, section "Structured dropout: LSTM LM training step".
+the certified MAC reduction: docs/benchmarks.md, sections "Structured dropout: LSTM LM training step", one
+per kernel ISA (AVX-512 and AVX2 machines give different figures).
 
 ## Native kernels
 
@@ -260,7 +261,8 @@ tanh from one exponential and a reciprocal estimate refined by a Newton step; wh
 recorded (evaluation under `no_grad`) the loop keeps no activations for a backward, only one step's
 scratch, reused while it is in cache. The uniform `per_step` mode, the
 paper's, stays the default. Kernel speeds and the training-step speed: docs/benchmarks.md, sections
-"Native kernels vs dense MKL GEMMs" and "Structured dropout: LSTM LM training step". Without the
+"Native kernels vs dense MKL GEMMs" and "Structured dropout: LSTM LM training step" (one of each per kernel
+ISA). Without the
 extension (no compiler, another CPU, CUDA tensors, float16/bfloat16) the torch path below serves, with the
 same results.
 
