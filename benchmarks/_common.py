@@ -27,7 +27,9 @@ HEADER = (
     'Sections whose "Measured on" line says "glibc malloc keeping freed memory" ran with '
     "`fxreduce.measurement.keep_freed_memory()`: freed tensors stay with the process instead of being "
     "page-faulted in afresh on the next call (PyTorch's CPU tuning guide gets the same by swapping in jemalloc "
-    "or tcmalloc); it applies to every candidate alike."
+    "or tcmalloc); it applies to every candidate alike. Sections titled \"(AVX-512 kernels)\" or \"(AVX2 kernels)\" "
+    "hold fxreduce's native kernels' figures on a machine with that vector ISA: machines of this project's kind "
+    "come with either, and the same kernels run at different speeds on them."
 )
 _allocator = {"keeps freed memory": False}
 ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "portable": "portable C++"}
