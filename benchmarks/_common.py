@@ -84,7 +84,8 @@ def write_section(title: str, body: str, command: str | None = None, path: Path 
     per_isa: the figures are the native kernels' own, so an AVX2 machine's run gets a section of its own beside
     an AVX-512 machine's instead of replacing it (the title names the kernels' ISA)."""
     if per_isa:
-        title += f" ({ISA_NAMES.get(native.active_isa(), 'torch path')} kernels)"
+        isa = ISA_NAMES.get(native.active_isa())
+        title += f" ({isa} kernels)" if isa else " (torch path)"
     command = command or "python " + " ".join([os.path.relpath(sys.argv[0], path.parent.parent), *sys.argv[1:]])
     body = f"Command: `{command}`  \nMeasured on: {machine_line()}, {time.strftime('%Y-%m-%d')}\n\n{body.strip()}"
     write_markdown_section(path, title, body, HEADER)
