@@ -153,6 +153,7 @@ def document(runs: dict[str, Run], args: argparse.Namespace, seconds: float) -> 
     return DOC_TEMPLATE.format(command=command, table=table(runs), verdict=verdict(runs), epochs=args.epochs,
                                offsets=OFFSETS,
                                seeds=args.seeds, hidden=args.hidden, p=args.p, lr=args.lr, threads=args.threads,
+                               kernels=fxreduce.native.active_isa() or "torch path",
                                minutes=seconds / 60, load=os.getloadavg()[0],
                                image=os.path.relpath(PLOT, DOC.parent))
 
@@ -225,7 +226,8 @@ communicating (tested with 2 gloo processes). Each rank must run the same number
 
 {hidden}-unit 2-layer LSTM LM (examples/word_lm.py), dropout p = {p} everywhere, SGD lr {lr}, clip 0.25,
 batch 20, T = 35, {epochs} epochs, {seeds} seeds (same initial weights per seed for every variant); final
-validation perplexity and median wall-clock seconds per epoch ({threads} torch thread(s) on 2 cores).
+validation perplexity and median wall-clock seconds per epoch ({threads} torch thread(s) on 2 cores,
+fxreduce kernels: {kernels}).
 Command: `{command}` ({minutes:.1f} min in all; 1-minute load average at the end {load:.1f}, this run's own
 threads included; the seconds per epoch are rough — benchmarks/bench_structured_dropout.py times single
 training steps side by side).
