@@ -8,10 +8,11 @@ dispatch on ResNet-18 (images forced to the resolutions at two mixes of shares, 
 the latency model as p_<resolution>); structured dropout's training step on the LSTM LM (per_step
 masks, recurrent off and on); error_map_pruning's training step on pairs of 3x3 convolutions. Each
 rewrite's before and after run side by side (interleaved; eval under no_grad, or the training step),
-each timed call right after an untimed one of the same candidate, as the profile's calibration times its
-kernels back to back: the model predicts a layer in steady state. The table also gives the speedup with
-plain interleaving, where a small rewritten layer runs right after its large original has streamed its
-weights through the cache. The predicted speedup is latency(before) / latency(after). Whole models: ten
+each turn a block of back-to-back calls of one candidate after an untimed one (``time_steady``), as the
+profile's calibration times its kernels: the model predicts a layer in steady state, its weights where
+they settle when it runs alone. The table also gives the speedup with plain interleaving, where a small
+rewritten layer runs right after its large original has streamed its weights through the cache. The
+predicted speedup is latency(before) / latency(after). Whole models: ten
 torchvision models at batch 1 and 8, predicted vs measured seconds. Goals (issue 18): median relative
 error of the speedups <= 10%, >= 90% within 20%; whole models within 25%.
 
@@ -38,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import DOCS, fix_threads, markdown_table, time_side_by_side, time_warm, write_section  # noqa: E402
+from _common import DOCS, fix_threads, markdown_table, time_side_by_side, time_steady, write_section  # noqa: E402
 
 import fxreduce as fr  # noqa: E402
 from fxreduce.cost_models.latency import load_profile  # noqa: E402
@@ -189,7 +190,7 @@ def measure_rewrites(cases: list[Case], profile, repeats: int) -> list[list[obje
         call = _training_call if case.training else eval_call
         candidates = {"before": call(case.before, case.inputs),
                       "after": call(case.after, case.inputs, case.after_context)}
-        times = time_warm(candidates, repeats)
+        times = time_steady(candidates, repeats)
         cold = time_side_by_side(candidates, repeats=repeats)
         predicted = (fr.cost(case.before, training=case.training).latency(profile, **case.dims).seconds
                      / fr.cost(case.after, training=case.training).latency(profile, **case.dims,
@@ -268,7 +269,7 @@ def main() -> None:
                f"|error| {100 * statistics.median(abs(e) for e in model_errors):.1f}%.")
     for row in rewrites + models:
         row[3] = f"{100 * row[3]:+.0f}%"
-    rewrite_header = ["rewrite", "measured (warm)", "predicted", "error", "measured, interleaved cold"]
+    rewrite_header = ["rewrite", "measured (steady)", "predicted", "error", "measured, interleaved cold"]
     body = "\n\n".join([summary, markdown_table(rewrite_header, rewrites),
                         markdown_table(["model (eval, 224x224)", "measured", "predicted", "error"], models),
                         f"![predicted vs measured speedup](images/{PLOT.name})"])

@@ -160,6 +160,12 @@ def fake_runs_as_eager(data_values: Mapping[str, float] | None = None) -> Iterat
         _FAKE_AS_EAGER[0], _FAKE_DATA_VALUES[0] = previous
 
 
+def fake_run_as_eager() -> bool:
+    """Whether a fake run is inside :func:`fake_runs_as_eager`: a module then builds what an eager call would
+    (a training step's per-step keep sets), where shape propagation takes the simplest stand-in."""
+    return _FAKE_AS_EAGER[0]
+
+
 def fake_data_value(name: str) -> float | None:
     """The value given for the data-decided quantity ``name`` to the enclosing :func:`fake_runs_as_eager`
     (None outside one, or where it gave none)."""

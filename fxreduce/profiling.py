@@ -3,11 +3,14 @@
 Micro-benchmarks of the kernels graphs call, each timed in blocks long enough to swamp the clock and
 summarised by the median block: float32 GEMM (F.linear) over an (M, N, K) grid; convolutions of four
 classes (pointwise, spatial, strided, depthwise) over a grid of their implicit-GEMM sizes; fxreduce's
-int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM; max and
-average pooling by window reads; one-row products streaming weights of 1-128 MB; the overheads of a
-Python call, an aten dispatch and an nn.Module call; each kernel class's fixed cost per call; and, for
-torch.nn's common layers and AntMan's factorised modules, the Python work of one call beyond the kernels
-it runs. The grids are swept twice, each cell keeping its faster sweep. The result is a
+int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM;
+activations that compute more than they move, by output elements; max and average pooling by window
+reads; fxreduce's own kernels (the fused low-rank product, the LSTM time loop forward and backward, the
+indirect-K GEMM and its gradients);
+one-row products streaming weights of 1-128 MB; the overheads of a Python call, an aten dispatch and an
+nn.Module call; each kernel class's fixed cost per call; and, for torch.nn's common layers and AntMan's
+factorised modules, the Python work of one call beyond the kernels it runs. The grids are swept twice,
+each cell keeping its faster sweep. The result is a
 :class:`~fxreduce.cost_models.latency.Profile`, written atomically as versioned JSON.
 """
 
@@ -31,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .cost_models.latency import (Grid, Machine, Profile, default_profile_path, module_class_name, module_seconds,
-                                  monotone_grid)
+from . import native
+from .cost_models.latency import (GATHER_CLASSES, LSTM_CLASSES, Grid, Machine, Profile, default_profile_path,
+                                  module_class_name, module_seconds, monotone_grid)
 from .measurement import keep_freed_memory
 from .modules.factorized import factorize
 from .modules.int8 import Int8Conv2d, Int8Linear
@@ -51,8 +55,20 @@ class Plan:
     conv_channels: tuple[int, ...]
     conv_sizes: tuple[int, ...]
     bandwidth_elements: tuple[int, ...]
+    activation_elements: tuple[int, ...]
     pooling_shapes: tuple[tuple[int, int, int, int], ...]
     stream_widths: tuple[int, ...]
+    lowrank_rows: tuple[int, ...]
+    lowrank_ranks: tuple[int, ...]
+    lowrank_widths: tuple[int, ...]
+    lstm_rows: tuple[int, ...]
+    lstm_hidden: tuple[int, ...]
+    lstm_keeps: tuple[float, ...]
+    lstm_steps: tuple[int, int]  # a short and a long sequence: their difference is the per-step time
+    gather_groups: tuple[int, ...]  # steps of the indirect-K GEMMs, each of gather_rows rows
+    gather_rows: int
+    gather_outs: tuple[int, ...]
+    gather_kept: tuple[int, ...]
     block_seconds: float
     blocks: int
     passes: int
@@ -62,12 +78,19 @@ FULL = Plan(gemm_ms=(1, 4, 8, 16, 64, 256, 1024), gemm_ns=(16, 64, 256, 512, 102
             gemm_ks=(16, 64, 256, 512, 1024, 2048, 4096), int8_ms=(1, 8, 64, 512), int8_ns=(64, 256, 1024, 4096),
             conv_batches=(1, 8), conv_channels=(16, 64, 256), conv_sizes=(7, 14, 28, 56),
             bandwidth_elements=(1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24),
+            activation_elements=(1 << 10, 1 << 14, 1 << 18, 1 << 22),
             pooling_shapes=((1, 16, 8, 8), (1, 32, 28, 28), (1, 64, 56, 56), (8, 64, 56, 56), (8, 64, 112, 112)),
-            stream_widths=(512, 1024, 2048, 2896, 4096, 5792), block_seconds=0.005, blocks=3, passes=2)
+            stream_widths=(512, 1024, 2048, 2896, 4096, 5792), lowrank_rows=(64, 256, 1024),
+            lowrank_ranks=(16, 64, 256), lowrank_widths=(640, 2560, 7680), lstm_rows=(1, 16, 64),
+            lstm_hidden=(128, 384, 768), lstm_keeps=(0.5, 1.0), lstm_steps=(2, 10), gather_groups=(4, 16),
+            gather_rows=20, gather_outs=(256, 2048), gather_kept=(64, 512), block_seconds=0.005, blocks=3, passes=2)
 TINY = Plan(gemm_ms=(1, 16), gemm_ns=(8, 32), gemm_ks=(8, 32), int8_ms=(1, 16), int8_ns=(16, 32),
             conv_batches=(1,), conv_channels=(4, 8), conv_sizes=(4, 8), bandwidth_elements=(1 << 8, 1 << 12),
-            pooling_shapes=((1, 4, 8, 8), (1, 8, 16, 16)), stream_widths=(64, 128), block_seconds=0.0005, blocks=2,
-            passes=1)
+            activation_elements=(1 << 8, 1 << 12),
+            pooling_shapes=((1, 4, 8, 8), (1, 8, 16, 16)), stream_widths=(64, 128), lowrank_rows=(64,),
+            lowrank_ranks=(4, 8), lowrank_widths=(40, 80), lstm_rows=(1, 4), lstm_hidden=(8, 16), lstm_keeps=(1.0,),
+            lstm_steps=(1, 3), gather_groups=(2,), gather_rows=4, gather_outs=(16,), gather_kept=(8,),
+            block_seconds=0.0005, blocks=2, passes=1)
 
 
 def _seconds_per_call(fn: Callable[[], object], plan: Plan) -> float:
@@ -90,11 +113,14 @@ def _sweep(cells: dict[Any, Callable[[], Callable[[], object]]], plan: Plan,
            step: Callable[[], None]) -> dict[Any, float]:
     """Seconds per call of every cell (a key and a maker of its call), the fastest of ``plan.passes`` sweeps
     over all of them: on a shared machine a neighbour's burst can slow one measurement by half, and sweeps
-    tens of seconds apart rarely meet the same burst."""
+    tens of seconds apart rarely meet the same burst. A cell whose call takes five blocks' time or more is
+    measured once: each of its blocks is already a single long call, and the largest GEMMs took a tenth of
+    the calibration's minute in their second sweep."""
     fastest: dict[Any, float] = {}
-    for _ in range(plan.passes):
+    for sweep in range(plan.passes):
         for key, make in cells.items():
-            fastest[key] = min(_seconds_per_call(make(), plan), fastest.get(key, math.inf))
+            if not sweep or fastest[key] < 5 * plan.block_seconds:
+                fastest[key] = min(_seconds_per_call(make(), plan), fastest.get(key, math.inf))
             step()
     return fastest
 
@@ -163,11 +189,96 @@ def _conv_grid(kind: str, measured: dict) -> Grid:
     cells between them interpolated like any other grid.
     """
     points = {}
-    for (name, batch, channels, size), seconds in measured.items():
+    for (name, *shape), seconds in measured.items():
         if name == kind:
+            batch, channels, size = shape
             groups, out, n, k = _conv_shape(kind, channels, size)
             points[(batch * out * out * groups, n, k)] = seconds
     return _grid_from_points(points)
+
+
+def _lowrank(rows: int, rank: int, width: int) -> Callable[[], object]:
+    """fxreduce's fused low-rank product over ``rows`` rows at ``rank``, in + out features = ``width`` split 1 : 4
+    (a transformer MLP's first layer, an LSTM's gate matrix)."""
+    features = width // 5
+    x, first = torch.randn(rows, features), torch.randn(rank, features)
+    second, bias = torch.randn(width - features, rank), torch.randn(width - features)
+    return lambda: torch.ops.fxreduce.lowrank_linear(x, first, second, bias)
+
+
+def _lstm(kind: str, steps: int, rows: int, hidden: int, keep: float) -> Callable[[], object]:
+    """One call of fxreduce's LSTM time loop ``kind`` over ``steps`` steps, each step's product over its own
+    random keep set of ``keep`` x ``hidden`` units (structured dropout's per-step recurrent masks), all units at
+    keep 1."""
+    ops, kept = torch.ops.fxreduce, max(1, round(keep * hidden))
+    xp, h0, c0 = torch.randn(steps, rows, 4 * hidden), torch.zeros(rows, hidden), torch.zeros(rows, hidden)
+    wt = torch.randn(hidden, 4 * hidden) * hidden ** -0.5
+    index = None if kept == hidden else torch.rand(steps, hidden).argsort(1)[:, :kept].sort(1).values
+    if kind == "lstm_forward":
+        return lambda: ops.lstm_layer(xp, h0, c0, wt, index, 1 / keep, False)
+    hs, c_last, acts, cs, tanh_cs = ops.lstm_layer(xp, h0, c0, wt, index, 1 / keep, False)
+    dhs, dc_last = torch.randn_like(hs), torch.randn_like(c_last)
+    return lambda: ops.lstm_layer_backward(dhs, dc_last, acts, cs, tanh_cs, hs, h0, c0, wt, index, 1 / keep, False)
+
+
+def _gather(kind: str, groups: int, rows: int, out: int, kept: int) -> Callable[[], object]:
+    """fxreduce's indirect-K GEMM ``kind`` (forward, input or weight gradient) over ``groups`` steps of ``rows``
+    rows, each step reading its own random ``kept`` of 2 x ``kept`` weight rows (structured dropout at p=0.5)."""
+    ops = torch.ops.fxreduce
+    x, dout = torch.randn(groups, rows, kept), torch.randn(groups, rows, out)
+    wt, bias = torch.randn(2 * kept, out), torch.randn(out)
+    index = torch.rand(groups, 2 * kept).argsort(1)[:, :kept].sort(1).values
+    if kind == "gather_forward":
+        return lambda: ops.gather_matmul(x, wt, index, bias)
+    if kind == "gather_input_grad":
+        return lambda: ops.gather_matmul_input_grad(dout, wt, index, kept)
+    return lambda: ops.gather_matmul_weight_grad(x, dout, index, 2 * kept)
+
+
+def _native_cells(plan: Plan) -> dict:
+    """fxreduce's own kernels (none without the native layer, whose ops then never run); each LSTM loop at a
+    short and a long sequence."""
+    if not native.available():
+        return {}
+    cells = {("lowrank", rows, rank, width): functools.partial(_lowrank, rows, rank, width)
+             for rows in plan.lowrank_rows for rank in plan.lowrank_ranks for width in plan.lowrank_widths}
+    cells.update({(kind, steps, rows, hidden, keep): functools.partial(_lstm, kind, steps, rows, hidden, keep)
+                  for kind in LSTM_CLASSES for steps in plan.lstm_steps for rows in plan.lstm_rows
+                  for hidden in plan.lstm_hidden for keep in plan.lstm_keeps})
+    cells.update({(kind, groups, out, kept): functools.partial(_gather, kind, groups, plan.gather_rows, out, kept)
+                  for kind in GATHER_CLASSES for groups in plan.gather_groups for out in plan.gather_outs
+                  for kept in plan.gather_kept})
+    return cells
+
+
+def _native_grids(plan: Plan, measured: dict) -> tuple[dict[str, Grid], dict[str, float]]:
+    """The low-rank product's grid on (rows, rank, in + out); each LSTM loop's time per step on (rows,
+    4 x hidden, kept units), and its set-up per call (packing the recurrent weight) in seconds per weight byte;
+    the indirect-K GEMMs on (rows, out, kept).
+
+    A loop's call costs setup + steps x step: its two sequence lengths give both. Measured at H=650, 16 rows,
+    the set-up was about 1 ms against 0.45 ms per step, so a grid timed at one short length would price the
+    35-step loop of a language model twice too slow."""
+    if not native.available():
+        return {}, {}
+    grids = {"lowrank": _grid_from_points({key[1:]: seconds for key, seconds in measured.items()
+                                          if key[0] == "lowrank"})}
+    short, long = plan.lstm_steps
+    setups = {}
+    for kind in LSTM_CLASSES:
+        per_step, setup_rates = {}, []
+        for rows, hidden, keep in itertools.product(plan.lstm_rows, plan.lstm_hidden, plan.lstm_keeps):
+            brief, full = measured[(kind, short, rows, hidden, keep)], measured[(kind, long, rows, hidden, keep)]
+            kept = max(1, round(keep * hidden))
+            step = max((full - brief) / (long - short), full / long / 4)  # a noisy pair never prices a step at ~0
+            per_step[(rows, 4 * hidden, kept)] = step
+            setup_rates.append(max(full - long * step, 0.0) / (4 * 4 * hidden * kept))
+        grids[kind] = _grid_from_points(per_step)
+        setups[kind] = statistics.median(setup_rates)
+    for kind in GATHER_CLASSES:
+        grids[kind] = _grid_from_points({(key[1] * plan.gather_rows, key[2], key[3]): seconds
+                                         for key, seconds in measured.items() if key[0] == kind})
+    return grids, setups
 
 
 def _with_fixed_cost(grid: Grid, overheads: float) -> Grid:
@@ -198,6 +309,26 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
     return _running_minimum(pairs)
 
 
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid, "exp": torch.exp, "erf": torch.erf,
+    "_softmax": functools.partial(torch.softmax, dim=-1), "_log_softmax": functools.partial(torch.log_softmax, dim=-1)}
+
+
+def _activations(plan: Plan, step: Callable[[], None]) -> dict[str, tuple[tuple[int, float], ...]]:
+    """Seconds of each activation by output elements (softmax over rows of 256): their arithmetic, not the
+    bytes they move, sets their time."""
+    tables = {}
+    for name, fn in _ACTIVATIONS.items():
+        pairs = []
+        for elements in plan.activation_elements:
+            x = torch.randn(max(elements // 256, 1), min(elements, 256))
+            pairs.append((x.numel(), _seconds_per_call(lambda: fn(x), plan)))
+            step()
+        tables[name] = _running_minimum(pairs)
+    return tables
+
+
 def _pooling(plan: Plan, step: Callable[[], None]) -> dict[str, tuple[tuple[int, float], ...]]:
     """Seconds of 3x3 / stride-2 max and average pooling by window elements read (outputs x 9): torch's
     CPU pooling runs far below the memory bandwidth, so the bytes it moves do not price it."""
@@ -221,7 +352,21 @@ def _weight_stream(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, flo
         x, layer = torch.randn(1, width), nn.Linear(width, width, bias=False)
         pairs.append((4 * width * width, _seconds_per_call(lambda: F.linear(x, layer.weight), plan)))
         step()
-    return _running_minimum(pairs)
+    return _falling_rate(pairs)
+
+
+def _falling_rate(pairs: list[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """(bytes, seconds) pairs with each size's rate raised to the fastest larger size's: a larger weight lives
+    in the same or a slower level of memory, so it never streams faster per byte. Measured on the AVX2 machine,
+    the 32 MB weight once streamed at 10 GB/s between 18 GB/s at 16 MB and 17 GB/s at 64 MB."""
+    fastest, lowered = 0.0, []
+    for size, seconds in reversed(pairs):
+        if size / seconds >= fastest:
+            fastest = size / seconds
+            lowered.append((size, seconds))
+        else:
+            lowered.append((size, size / fastest))
+    return tuple(reversed(lowered))
 
 
 def _running_minimum(pairs: list[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
@@ -315,8 +460,10 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
         torch.set_num_threads(threads)
     keep_freed_memory()
     cells = {**_gemm_cells("gemm", plan.gemm_ms, plan.gemm_ns, plan.gemm_ks, _linear),
-             **_gemm_cells("int8_gemm", plan.int8_ms, plan.int8_ns, plan.int8_ns, _int8_linear), **_conv_cells(plan)}
+             **_gemm_cells("int8_gemm", plan.int8_ms, plan.int8_ns, plan.int8_ns, _int8_linear), **_conv_cells(plan),
+             **_native_cells(plan)}
     total = (plan.passes * len(cells) + len(plan.bandwidth_elements) + 2 * len(plan.pooling_shapes)
+             + len(_ACTIVATIONS) * len(plan.activation_elements)
              + len(plan.stream_widths) + len(_runtime_modules()))
     try:
         with torch.no_grad(), tqdm(total=total, desc="fxreduce calibrate", unit="kernel", disable=not progress,
@@ -328,10 +475,12 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, threads: i
                      "int8_gemm": _gemm_grid("int8_gemm", plan.int8_ms, plan.int8_ns, plan.int8_ns, measured),
                      **{kind: _conv_grid(kind, measured) for kind in _CONV_KINDS}}
             grids = {name: _with_fixed_cost(grid, call + dispatch) for name, grid in grids.items()}
+            native_grids, lstm_setup = _native_grids(plan, measured)
             bandwidth = _bandwidth(plan, step)
-            profile = Profile(Machine.current(), call, dispatch, module, bandwidth, grids,
+            profile = Profile(Machine.current(), call, dispatch, module, bandwidth, {**grids, **native_grids},
                               datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              pooling=_pooling(plan, step), weight_stream=_weight_stream(plan, step))
+                              pooling=_pooling(plan, step), weight_stream=_weight_stream(plan, step),
+                              lstm_setup=lstm_setup, activations=_activations(plan, step))
             profile = dataclasses.replace(profile, module_calls=_module_calls(profile, plan, step))
         profile.validate()
         profile.save(path if path is not None else default_profile_path())

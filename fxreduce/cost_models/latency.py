@@ -13,7 +13,13 @@ model here prices each kernel a graph will call with throughputs measured on thi
   over the profile's (M, N, K) grid for its class, and never less than streaming its weight once; a
   convolution is priced as its implicit GEMM (M = N*Ho*Wo, N = out/groups, K = in/groups*kh*kw) on the
   grid of its class (pointwise, spatial, strided, depthwise);
+- fxreduce's own kernels are priced from grids of their own, where the profile has them (measured with the
+  native layer loaded): the fused low-rank product on (rows, rank, in + out), and the LSTM time loop
+  (forward, inference priced alike, and backward) as a set-up per weight byte plus a time per step on
+  (rows, 4 x hidden, kept hidden units), and the indirect-K GEMM and its two gradients on (rows, out, kept);
 - a pooling window op (max or average pooling) costs its window reads at the rate measured for its kind;
+- an activation that computes more than it moves (sigmoid, tanh, GELU, SiLU, hardswish, exp, softmax and
+  the like) costs its output elements at the rate measured for it;
 - every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
   a view moves nothing;
 - every op pays the profile's dispatch overhead and every fx node its Python call overhead.
@@ -46,10 +52,21 @@ from ..errors import CostError, InputError, ProfileError
 from ..files import atomic_path
 
 FORMAT = "fxreduce.latency-profile"
-VERSION = 3
+VERSION = 4
 GEMM_CLASSES = ("gemm", "int8_gemm")
+# fxreduce's own kernels' grids (a profile measured without the native layer lacks them)
+LSTM_CLASSES = ("lstm_forward", "lstm_backward")
+GATHER_CLASSES = ("gather_forward", "gather_input_grad", "gather_weight_grad")
+_GATHER_GRIDS = {"gather_matmul": "gather_forward", "gather_matmul_input_grad": "gather_input_grad",
+                 "gather_matmul_weight_grad": "gather_weight_grad"}
+# The LSTM loop's grid by its op: inference runs the training forward's loop without keeping activations
+_LSTM_GRIDS = {"lstm_layer_inference": "lstm_forward", "lstm_layer": "lstm_forward",
+               "lstm_layer_backward": "lstm_backward"}
 CONV_CLASSES = ("conv_pointwise", "conv_spatial", "conv_strided", "conv_depthwise", "int8_conv")
 POOLING_KINDS = ("max_pool", "avg_pool")
+# Elementwise ops whose arithmetic, not their bytes, sets their time on a CPU: each has its own measured rate
+# (its in-place and out= forms share it). The LSTM LM's sigmoid ran at a third of the bandwidth's speed.
+ACTIVATIONS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "exp", "erf", "_softmax", "_log_softmax")
 aten = torch.ops.aten
 
 
@@ -67,22 +84,25 @@ def cpu_name() -> str:
 
 @dataclass(frozen=True)
 class Machine:
-    """What a profile's numbers hold for: the CPU, the vector ISA torch uses on it, threads, torch."""
+    """What a profile's numbers hold for: the CPU, the vector ISA torch uses on it, threads, torch, and the ISA
+    fxreduce's native kernels run on ("none" without them)."""
 
     cpu: str
     isa: str
     threads: int
     torch: str
+    kernels: str
 
     @classmethod
     def current(cls, threads: int | None = None) -> "Machine":
         return cls(cpu_name(), torch.backends.cpu.get_cpu_capability(), threads or torch.get_num_threads(),
-                   torch.__version__.split("+")[0])
+                   torch.__version__.split("+")[0], native.active_isa() or "none")
 
     def differences(self, other: "Machine") -> list[str]:
         """Each field that differs, as 'field: this vs other'."""
         return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
-                for name in ("cpu", "isa", "threads", "torch") if getattr(self, name) != getattr(other, name)]
+                for name in ("cpu", "isa", "threads", "torch", "kernels")
+                if getattr(self, name) != getattr(other, name)]
 
 
 @dataclass(frozen=True)
@@ -180,13 +200,16 @@ class Profile:
     module_calls: Mapping[str, float] = field(default_factory=dict)
     pooling: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     weight_stream: tuple[tuple[int, float], ...] = ()
+    lstm_setup: Mapping[str, float] = field(default_factory=dict)  # an LSTM loop's set-up, seconds per weight byte
+    activations: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # (elements, seconds)
 
     def validate(self) -> None:
         for name in ("call_overhead", "op_overhead", "module_overhead"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        tables = [("bandwidth", self.bandwidth), *((f"pooling {kind}", t) for kind, t in self.pooling.items())]
+        tables = [("bandwidth", self.bandwidth), *((f"pooling {kind}", t) for kind, t in self.pooling.items()),
+                  *((f"activation {name}", t) for name, t in self.activations.items())]
         for name, table in tables + ([("weight_stream", self.weight_stream)] if self.weight_stream else []):
             if not table or any(size <= 0 or not (seconds > 0) for size, seconds in table):
                 raise ValueError(f"{name} needs at least one (size, seconds) pair of positive numbers")
@@ -196,6 +219,9 @@ class Profile:
         unknown = set(self.pooling) - set(POOLING_KINDS)
         if unknown:
             raise ValueError(f"unknown pooling kinds {', '.join(sorted(unknown))} (known: {', '.join(POOLING_KINDS)})")
+        unknown = set(self.activations) - set(ACTIVATIONS)
+        if unknown:
+            raise ValueError(f"unknown activations {', '.join(sorted(unknown))} (known: {', '.join(ACTIVATIONS)})")
         missing = [name for name in GEMM_CLASSES + CONV_CLASSES if name not in self.grids]
         if missing:
             raise ValueError(f"missing grids: {', '.join(missing)}")
@@ -204,6 +230,9 @@ class Profile:
         if any(not (isinstance(value, float) and math.isfinite(value) and value >= 0)
                for value in self.module_calls.values()):
             raise ValueError("module_calls must map class names to non-negative seconds")
+        if set(self.lstm_setup) - set(LSTM_CLASSES) or any(not (isinstance(value, float) and math.isfinite(value)
+                                                                and value >= 0) for value in self.lstm_setup.values()):
+            raise ValueError("lstm_setup must map LSTM loop grids to non-negative seconds per byte")
 
     def module_call(self, module: torch.nn.Module) -> float:
         """What one call of ``module`` costs beyond its aten ops: its class's measured Python work (fxreduce's
@@ -217,7 +246,8 @@ class Profile:
                 "grids": {name: asdict(grid) for name, grid in self.grids.items()},
                 "module_calls": dict(self.module_calls),
                 "pooling": {kind: [list(pair) for pair in table] for kind, table in self.pooling.items()},
-                "weight_stream": [list(pair) for pair in self.weight_stream]}
+                "weight_stream": [list(pair) for pair in self.weight_stream], "lstm_setup": dict(self.lstm_setup),
+                "activations": {name: [list(pair) for pair in table] for name, table in self.activations.items()}}
 
     @classmethod
     def from_json(cls, data: Any) -> "Profile":
@@ -236,7 +266,9 @@ class Profile:
                           str(data.get("created", "")),
                           {str(name): float(seconds) for name, seconds in data["module_calls"].items()},
                           {str(kind): _pairs(table) for kind, table in data["pooling"].items()},
-                          _pairs(data["weight_stream"]))
+                          _pairs(data["weight_stream"]),
+                          {str(kind): float(rate) for kind, rate in data["lstm_setup"].items()},
+                          {str(name): _pairs(table) for name, table in data["activations"].items()})
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
             raise ValueError(f"a field is missing or malformed ({type(error).__name__}: {error})") from None
         profile.validate()
@@ -269,6 +301,12 @@ class Profile:
         (None where the profile has no rate for that kind)."""
         table = self.pooling.get(kind)
         return self._table_seconds(table, window_reads) if table else None
+
+    def activation_seconds(self, name: str, elements: float) -> float | None:
+        """Seconds of the activation ``name`` writing ``elements`` outputs, overhead excluded (None where the
+        profile has no rate for it)."""
+        table = self.activations.get(name)
+        return self._table_seconds(table, elements) if table else None
 
     def _table_seconds(self, table: tuple[tuple[int, float], ...], amount: float) -> float:
         """A (size, seconds) table's rate interpolated in log space at ``amount``, clamped at its ends."""
@@ -449,14 +487,41 @@ class _Pricer:
         return max(steps * grid.seconds_for(m, n, k, self.profile.op_overhead),
                    self.profile.weight_seconds(4 * n * k, self.resident_bytes))
 
-    def native_recurrence(self, gates: Sequence[int], index: Any, passes: int) -> float:
-        """fxreduce's LSTM time loop (forward: one product per step; backward: two) on its (steps, rows,
-        4 x hidden) gate pre-activations, each step's product over the kept hidden units, plus the cells'
-        elementwise work."""
+    def native_recurrence(self, kernel: str, gates: Sequence[int], index: Any) -> float:
+        """fxreduce's LSTM time loop ``kernel`` on its (steps, rows, 4 x hidden) gate pre-activations, each step's
+        product over the kept hidden units: its measured set-up (packing the recurrent weight, never faster than
+        streaming it from where it lives) plus steps times its measured time per step. Without the loop's grid
+        (a profile measured without the native layer), each step is priced as its products on the GEMM grid
+        (forward one, backward two) plus the cells' elementwise work."""
         steps, rows, width = gates
         kept = width // 4 if index is None else int(index.shape[-1])
-        return passes * (self.steps(steps, rows, width, kept)
-                         + self.profile.bytes_seconds(4 * steps * rows * width * 3))
+        grid = self.profile.grids.get(_LSTM_GRIDS[kernel])
+        if grid is None:
+            passes = 2 if kernel == "lstm_layer_backward" else 1
+            return passes * (self.steps(steps, rows, width, kept)
+                             + self.profile.bytes_seconds(4 * steps * rows * width * 3))
+        weight_bytes = 4 * width * kept
+        setup = max(self.profile.lstm_setup.get(_LSTM_GRIDS[kernel], 0.0) * weight_bytes,
+                    self.profile.weight_seconds(weight_bytes, self.resident_bytes))
+        return setup + steps * grid.seconds_for(rows, width, kept, 0.0)
+
+    def gather(self, kernel: str, args: tuple) -> float:
+        """The indirect-K GEMM ``kernel`` (forward, input or weight gradient) on its grid by the forward's shape:
+        rows (steps x batch), output features, kept inputs; never faster than streaming the kept weight rows."""
+        if kernel == "gather_matmul_input_grad":
+            dout = _shape(args[0])
+            rows, out, kept = _numel(dout[:-1]), dout[-1], int(args[3])
+        else:
+            x = _shape(args[0])
+            rows, out, kept = _numel(x[:-1]), _shape(args[1])[-1], x[-1]
+        seconds = self.profile.grids[_GATHER_GRIDS[kernel]].seconds_for(rows, out, kept, self.profile.op_overhead)
+        return max(seconds, self.profile.weight_seconds(4 * out * kept, self.resident_bytes))
+
+    def lowrank(self, rows: int, rank: int, width: int) -> float:
+        """fxreduce's fused low-rank product (rows x rank x (in + out) multiply-adds) on its grid, never faster
+        than streaming both factors once."""
+        seconds = self.profile.grids["lowrank"].seconds_for(rows, rank, width, self.profile.op_overhead)
+        return max(seconds, self.profile.weight_seconds(4 * rank * width, self.resident_bytes))
 
     def by_formula(self, packet: Any, formula: Callable, args: tuple, kwargs: dict, out: Any) -> tuple[str, float]:
         """An op with a registered FLOP formula (fxreduce's native kernels among them), priced as one GEMM
@@ -498,10 +563,15 @@ class _Pricer:
             return "attention", projections + self.attention(_numel(query[:-2]) * heads, query[-2], key[-2],
                                                              embed // heads)
         name = getattr(packet, "__name__", "")
-        if name in ("lstm_layer", "lstm_layer_inference", "lstm_layer_backward"):
+        if name in _LSTM_GRIDS:
             backward = name == "lstm_layer_backward"
-            return "recurrent", self.native_recurrence(_shape(args[2] if backward else args[0]),
-                                                       args[9 if backward else 4], passes=2 if backward else 1)
+            return "recurrent", self.native_recurrence(name, _shape(args[2] if backward else args[0]),
+                                                       args[9 if backward else 4])
+        if _GATHER_GRIDS.get(name) in self.profile.grids:
+            return "native", self.gather(name, args)
+        if name == "lowrank_linear" and "lowrank" in self.profile.grids:
+            x, first, second = _shape(args[0]), _shape(args[1]), _shape(args[2])
+            return "native", self.lowrank(_numel(x[:-1]), first[0], first[1] + second[0])
         if name == "int8_linear":
             x, weight = _shape(args[0]), _shape(args[1])
             return "int8_gemm", self.gemm("int8_gemm", _numel(x[:-1]), weight[0], weight[1])
@@ -514,6 +584,11 @@ class _Pricer:
                 return "pooling", seconds
         if getattr(func, "is_view", False) or packet in _METADATA_ONLY:
             return "view", 0.0
+        if name.rstrip("_") in ACTIVATIONS:
+            first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+            seconds = self.profile.activation_seconds(name.rstrip("_"), first.numel()) if first is not None else None
+            if seconds is not None:
+                return "activation", seconds
         formula = flop_registry.get(packet)
         if formula is not None:
             return self.by_formula(packet, formula, args, kwargs, out)

@@ -88,6 +88,16 @@ def draw_keep_set(generator: torch.Generator, width: int, k: int, scale: float, 
     return KeepSet.windows(order, starts, k, scale)
 
 
+def stand_in_keep_set(width: int, k: int, scale: float, steps: int | None, mode: str) -> KeepSet:
+    """A fake run's keep set: the first k units, no draw used up. Shape and cost propagation take one set for
+    the sequence; the latency model's run (:func:`fxreduce.native.fake_runs_as_eager`) takes a draw's shape,
+    one row per step in the per-step modes, so that it prices the kernels a training step runs."""
+    index = torch.arange(k)
+    if steps is None or mode == "per_sequence" or not native.fake_run_as_eager():
+        return KeepSet(index, scale)
+    return KeepSet(index.expand(steps, k).contiguous(), scale)
+
+
 def stored_transposed(weight: Tensor) -> nn.Parameter:
     """``weight``'s values as a Parameter laid out as its transpose in memory: it still reads (out, in), but a
     kept unit is one contiguous row of W^T in place, and the native kernels' gradients come back in that
@@ -142,8 +152,8 @@ class StructuredDropoutLSTM(DecomposedLSTM):
         return widths
 
     def _draw(self, steps: int, like: Tensor) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
-        if is_fake(like):  # shape and cost propagation: any sets of the right size do, and no draw is used up
-            return self.cost_keep_sets()
+        if is_fake(like):  # shape, cost and latency propagation: sets of the right size, no draw used up
+            return self._stand_in_sets(steps)
         scale = 1.0 / (1.0 - self.p)
         generator = self.masks.next_generator()
         return {layer: tuple(None if w is None else
@@ -153,8 +163,11 @@ class StructuredDropoutLSTM(DecomposedLSTM):
 
     def cost_keep_sets(self) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
         """Keep sets of the right sizes (the first k units), for shapes and costs."""
+        return self._stand_in_sets(None)
+
+    def _stand_in_sets(self, steps: int | None) -> dict[int, tuple[KeepSet | None, KeepSet | None]]:
         scale = 1.0 / (1.0 - self.p)
-        return {layer: tuple(None if w is None else KeepSet(torch.arange(keep_count(self.p, w)), scale)
+        return {layer: tuple(None if w is None else stand_in_keep_set(w, keep_count(self.p, w), scale, steps, self.mode)
                              for w in widths) for layer, widths in self.mask_widths().items()}
 
     @property
@@ -257,9 +270,10 @@ class StructuredDropoutLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         scale = 1.0 / (1.0 - self.p)
         per_step = self.mode != "per_sequence" and self.time_dim is not None and x.dim() == 3
-        if is_fake(x):  # shape and cost propagation: any set of the right size does, and no draw is used up
-            keep = KeepSet(torch.arange(self.kept, device=x.device), scale)
-            per_step = False
+        if is_fake(x):  # shape, cost and latency propagation: a set of the right size, no draw used up
+            keep = stand_in_keep_set(self.in_features, self.kept, scale, x.shape[self.time_dim] if per_step else None,
+                                     self.mode)
+            per_step = keep.per_step
         else:
             steps = x.shape[self.time_dim] if per_step else None
             keep = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, steps, self.mode,

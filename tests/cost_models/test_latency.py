@@ -19,8 +19,9 @@ from torch import nn
 import fxreduce as fr
 from fxreduce import native
 from fxreduce.cli import main
-from fxreduce.cost_models.latency import (CONV_CLASSES, GEMM_CLASSES, Grid, Machine, Profile, load_profile,
-                                          module_class_name, module_seconds, monotone_grid)
+from fxreduce.cost_models.latency import (ACTIVATIONS, CONV_CLASSES, GATHER_CLASSES, GEMM_CLASSES, LSTM_CLASSES, Grid,
+                                          Machine, Profile, load_profile, module_class_name, module_seconds,
+                                          monotone_grid)
 from fxreduce.errors import CostError, InputError, OptionError, ProfileError
 from fxreduce.modules.dynamic_resolution import dynamic_resolution_parts
 
@@ -29,8 +30,8 @@ OVERHEAD = 1e-6
 POOLING_RATES = {"max_pool": 1e8, "avg_pool": 4e8}  # window elements read per second
 
 
-def _grid(ms=(1, 16, 256), ns=(16, 256, 4096), ks=(16, 256, 4096), rate=RATE) -> Grid:
-    return Grid(ms, ns, ks, tuple(tuple(tuple(OVERHEAD + m * n * k / rate for k in ks) for n in ns) for m in ms))
+def _grid(ms=(1, 16, 256), ns=(16, 256, 4096), ks=(16, 256, 4096), rate=RATE, overhead=OVERHEAD) -> Grid:
+    return Grid(ms, ns, ks, tuple(tuple(tuple(overhead + m * n * k / rate for k in ks) for n in ns) for m in ms))
 
 
 def synthetic_profile(**changes) -> Profile:
@@ -73,11 +74,14 @@ def test_a_missing_profile_says_to_calibrate(tmp_path):
 def test_a_profile_from_another_machine_or_torch_is_refused_naming_both(tmp_path):
     path = tmp_path / "foreign.json"
     here = Machine.current()
-    synthetic_profile(machine=dataclasses.replace(here, cpu="Other CPU 9000", torch="1.0.0")).save(path)
+    other_kernels = "avx2" if here.kernels == "none" else "none"
+    synthetic_profile(machine=dataclasses.replace(here, cpu="Other CPU 9000", torch="1.0.0",
+                                                  kernels=other_kernels)).save(path)
     with pytest.raises(ProfileError) as error:
         load_profile(path)
     message = str(error.value)
     assert "'Other CPU 9000' vs " + repr(here.cpu) in message and f"'1.0.0' vs {here.torch!r}" in message
+    assert f"kernels: {other_kernels!r} vs {here.kernels!r}" in message  # fxreduce's kernels' ISA, or none
 
 
 def test_calibrate_warns_when_other_processes_keep_the_machine_busy(tmp_path, monkeypatch):
@@ -103,8 +107,8 @@ def test_busy_cores_reads_the_machines_load():
 def test_a_profile_of_an_older_format_is_refused_naming_the_versions(tmp_path):
     path = tmp_path / "old.json"
     synthetic_profile().save(path)
-    path.write_text(path.read_text().replace('"version": 3', '"version": 2'))
-    with pytest.raises(ProfileError, match="format version 2, this fxreduce reads 3.*calibrate"):
+    path.write_text(path.read_text().replace('"version": 4', '"version": 3'))
+    with pytest.raises(ProfileError, match="format version 3, this fxreduce reads 4.*calibrate"):
         load_profile(path)
 
 
@@ -382,12 +386,13 @@ def test_an_lstm_layer_is_priced_as_its_gemms():
 
 
 class WordLM(nn.Module):
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64, dropout: float = 0.0):
         super().__init__()
-        self.embedding, self.lstm, self.decoder = nn.Embedding(100, 32), nn.LSTM(32, hidden, 2), nn.Linear(hidden, 100)
+        self.embedding, self.lstm = nn.Embedding(100, 32), nn.LSTM(32, hidden, 2, dropout=dropout)
+        self.drop, self.decoder = nn.Dropout(dropout), nn.Linear(hidden, 100)
 
     def forward(self, tokens):
-        return self.decoder(self.lstm(self.embedding(tokens))[0])
+        return self.decoder(self.drop(self.lstm(self.drop(self.embedding(tokens)))[0]))
 
 
 @pytest.mark.skipif(not native.available(), reason="prices the native time loop, which needs fxreduce._C")
@@ -533,3 +538,80 @@ def test_device_queries_cost_nothing():
     tensor = torch.empty(1 << 20)
     assert _Pricer(synthetic_profile()).price(torch.ops.prim.device.default, (tensor,), {}, tensor.device) == (
         "view", 0.0)
+
+
+def test_weight_stream_rates_never_rise_with_the_weights_size():
+    from fxreduce.profiling import _falling_rate
+
+    @given(st.lists(st.floats(1e-5, 1e-2), min_size=2, max_size=6))
+    def check(times):
+        pairs = [(1 << (20 + i), seconds) for i, seconds in enumerate(times)]
+        lowered = _falling_rate(pairs)
+        rates = [size / seconds for size, seconds in lowered]
+        assert all(a >= b for a, b in zip(rates, rates[1:]))
+        assert all(new <= old for (_, new), (_, old) in zip(lowered, pairs))  # only lowered, never raised
+        assert lowered[-1] == pairs[-1] and [t for _, t in lowered] == sorted(t for _, t in lowered)
+
+    check()
+
+
+def test_activations_are_priced_at_their_own_measured_rate():
+    rate = 1e8  # elements per second: far below what the bytes would take
+    profile = synthetic_profile(activations={"sigmoid": ((1 << 10, OVERHEAD + (1 << 10) / rate),
+                                                         (1 << 30, OVERHEAD + (1 << 30) / rate))})
+    gm = fr.trace(nn.Sequential(nn.Sigmoid(), nn.ReLU()), (torch.randn(4, 4096),), {"N": (0, 0)})
+    nodes = {node.name: node for node in fr.cost(gm).latency(profile, N=64).nodes}
+    assert nodes["_0"].kind == "activation" and nodes["_1"].kind == "memory"
+    assert nodes["_0"].seconds == pytest.approx(64 * 4096 / rate + OVERHEAD + 2e-6 + 1e-6, rel=1e-3)
+    assert nodes["_0"].seconds > 10 * nodes["_1"].seconds
+    without = {node.name: node for node in fr.cost(gm).latency(synthetic_profile(), N=64).nodes}
+    assert without["_0"].kind == "memory"  # a profile without the op's rate prices its bytes
+    with pytest.raises(ValueError, match="unknown activations relu"):
+        synthetic_profile(activations={"relu": ((1, 1.0),)}).validate()
+
+
+def _native_profile(rate: float = RATE, setup: float = 1e-9) -> Profile:
+    """The synthetic machine with fxreduce's kernels' grids: each at ``rate`` (the LSTM loops per step)."""
+    grids = {**synthetic_profile().grids, **{name: _grid(rate=rate) for name in ("lowrank", *GATHER_CLASSES)},
+             **{name: _grid(rate=rate, overhead=0.0) for name in LSTM_CLASSES}}  # per step: no call overhead
+    return synthetic_profile(grids=grids, lstm_setup={name: setup for name in LSTM_CLASSES})
+
+
+@pytest.mark.skipif(not native.available(), reason="prices fxreduce's kernels, which need fxreduce._C")
+def test_fxreduces_own_kernels_are_priced_from_their_own_grids():
+    gm = fr.trace(nn.Sequential(nn.Linear(256, 1024)), (torch.randn(128, 256),), {"N": (0, 0)})
+    factorised = fr.apply(gm, "sparse_lowrank(form='lr', rank=32)").graph_module
+    node = [next(n for n in fr.cost(factorised).latency(_native_profile(rate), N=128).nodes if n.name.startswith("_0"))
+            for rate in (RATE, RATE / 4)]
+    assert node[0].kind == "native"  # the fused low-rank product, from 64 rows
+    fused = 128 * 32 * (256 + 1024) / RATE
+    assert node[1].seconds - node[0].seconds == pytest.approx(3 * fused, rel=1e-3)
+
+    lstm = fr.apply(fr.trace(WordLM(), (torch.randint(0, 100, (35, 4)),), {"T": (0, 0)}), "decompose_lstm").graph_module
+    setup = 1e-6
+    loops = [next(n for n in fr.cost(lstm).latency(profile, T=35).nodes if n.name.startswith("lstm"))
+             for profile in (_native_profile(RATE, setup), _native_profile(RATE / 2, setup))]
+    steps = 2 * 35 * 4 * 256 * 64 / RATE  # two layers' per-step products on the loop's grid
+    assert loops[0].kind == "recurrent" and loops[1].seconds - loops[0].seconds == pytest.approx(steps, rel=1e-3)
+    assert loops[0].seconds > 2 * setup * 4 * 256 * 64 + steps
+
+
+@pytest.mark.skipif(not native.available(), reason="prices fxreduce's kernels, which need fxreduce._C")
+def test_a_per_step_training_step_is_priced_on_the_indirect_k_kernels_it_runs():
+    gm = fr.trace(WordLM(dropout=0.5).train(), (torch.randint(0, 100, (35, 4)),), {"T": (0, 0)})
+    dropped = fr.apply(gm, "structured_dropout(p=0.5, mode='per_step', recurrent=True)").graph_module
+    grids = _native_profile().grids
+    slower = {**grids, **{name: _grid(rate=RATE / 4) for name in GATHER_CLASSES}}
+    steps = [fr.cost(dropped, training=True).latency(profile, T=35) for profile in
+             (_native_profile(), synthetic_profile(grids=slower, lstm_setup=_native_profile().lstm_setup))]
+    assert steps[1].seconds > steps[0].seconds  # the stand-in keep sets are per step: gather_matmul runs
+    assert {"native", "recurrent"} <= {node.kind for node in steps[0].nodes}
+    assert all(p.grad is None for p in dropped.parameters())
+
+
+@pytest.mark.skipif(not native.available(), reason="measures fxreduce's kernels, which need fxreduce._C")
+def test_calibrate_measures_fxreduces_kernels_and_the_activations(tmp_path):
+    profile = fr.calibrate(tmp_path / "profile.json", quick=True, progress=False)
+    assert {"lowrank", *LSTM_CLASSES, *GATHER_CLASSES} <= set(profile.grids)
+    assert set(profile.lstm_setup) == set(LSTM_CLASSES) and set(profile.activations) == set(ACTIVATIONS)
+    assert profile.machine.kernels == native.active_isa()
