@@ -312,12 +312,14 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish,
     "hardsigmoid": F.hardsigmoid, "exp": torch.exp, "erf": torch.erf,
-    "_softmax": functools.partial(torch.softmax, dim=-1), "_log_softmax": functools.partial(torch.log_softmax, dim=-1)}
+    "_softmax": functools.partial(torch.softmax, dim=-1), "_log_softmax": functools.partial(torch.log_softmax, dim=-1),
+    "native_batch_norm": lambda x: F.batch_norm(x.view(1, 16, -1, 16), *_BATCH_NORM_STATE, training=False)}
+_BATCH_NORM_STATE = (torch.zeros(16), torch.ones(16), torch.ones(16), torch.zeros(16))  # mean, var, weight, bias
 
 
 def _activations(plan: Plan, step: Callable[[], None]) -> dict[str, tuple[tuple[int, float], ...]]:
-    """Seconds of each activation by output elements (softmax over rows of 256): their arithmetic, not the
-    bytes they move, sets their time."""
+    """Seconds of each activation by output elements (softmax over rows of 256; batch norm in eval mode over
+    16 channels): their arithmetic, not the bytes they move, sets their time."""
     tables = {}
     for name, fn in _ACTIVATIONS.items():
         pairs = []

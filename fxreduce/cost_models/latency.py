@@ -18,8 +18,8 @@ model here prices each kernel a graph will call with throughputs measured on thi
   (forward, inference priced alike, and backward) as a set-up per weight byte plus a time per step on
   (rows, 4 x hidden, kept hidden units), and the indirect-K GEMM and its two gradients on (rows, out, kept);
 - a pooling window op (max or average pooling) costs its window reads at the rate measured for its kind;
-- an activation that computes more than it moves (sigmoid, tanh, GELU, SiLU, hardswish, exp, softmax and
-  the like) costs its output elements at the rate measured for it;
+- an activation that computes more than it moves (sigmoid, tanh, GELU, SiLU, hardswish, exp, softmax, eval-mode
+  batch norm and the like) costs its output elements at the rate measured for it;
 - every other op moves bytes (inputs read, outputs written) at the bandwidth measured for its size;
   a view moves nothing;
 - every op pays the profile's dispatch overhead and every fx node its Python call overhead.
@@ -65,8 +65,11 @@ _LSTM_GRIDS = {"lstm_layer_inference": "lstm_forward", "lstm_layer": "lstm_forwa
 CONV_CLASSES = ("conv_pointwise", "conv_spatial", "conv_strided", "conv_depthwise", "int8_conv")
 POOLING_KINDS = ("max_pool", "avg_pool")
 # Elementwise ops whose arithmetic, not their bytes, sets their time on a CPU: each has its own measured rate
-# (its in-place and out= forms share it). The LSTM LM's sigmoid ran at a third of the bandwidth's speed.
-ACTIVATIONS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "exp", "erf", "_softmax", "_log_softmax")
+# (its in-place and out= forms share it). The LSTM LM's sigmoid ran at a third of the bandwidth's speed, and
+# eval-mode batch norm at a quarter (shufflenet's 56 at batch 1: 1.3 ms measured, 0.36 ms by their bytes).
+ACTIVATIONS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "exp", "erf", "_softmax", "_log_softmax",
+               "native_batch_norm")
+_SAME_KERNEL = {"_native_batch_norm_legit_no_training": "native_batch_norm"}  # aten ops measured as another
 aten = torch.ops.aten
 
 
@@ -572,6 +575,11 @@ class _Pricer:
         if name == "lowrank_linear" and "lowrank" in self.profile.grids:
             x, first, second = _shape(args[0]), _shape(args[1]), _shape(args[2])
             return "native", self.lowrank(_numel(x[:-1]), first[0], first[1] + second[0])
+        if name == "grouped_lowrank_linear" and args[1] is not None and "lowrank" in self.profile.grids:
+            # G blocks (G, r/G, in/G) and (G, out/G, r/G) run as one fused product of rank r whose every rank-one
+            # term reads in/G + out/G features: the same kernel, priced on the same grid as the dense form.
+            x, first, second = _shape(args[0]), _shape(args[1]), _shape(args[2])
+            return "native", self.lowrank(_numel(x[:-1]), first[0] * first[1], first[2] + second[1])
         if name == "int8_linear":
             x, weight = _shape(args[0]), _shape(args[1])
             return "int8_gemm", self.gemm("int8_gemm", _numel(x[:-1]), weight[0], weight[1])
@@ -584,9 +592,10 @@ class _Pricer:
                 return "pooling", seconds
         if getattr(func, "is_view", False) or packet in _METADATA_ONLY:
             return "view", 0.0
-        if name.rstrip("_") in ACTIVATIONS:
+        activation = _SAME_KERNEL.get(name.rstrip("_"), name.rstrip("_"))
+        if activation in ACTIVATIONS:
             first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
-            seconds = self.profile.activation_seconds(name.rstrip("_"), first.numel()) if first is not None else None
+            seconds = self.profile.activation_seconds(activation, first.numel()) if first is not None else None
             if seconds is not None:
                 return "activation", seconds
         formula = flop_registry.get(packet)

@@ -586,6 +586,10 @@ def test_fxreduces_own_kernels_are_priced_from_their_own_grids():
     assert node[0].kind == "native"  # the fused low-rank product, from 64 rows
     fused = 128 * 32 * (256 + 1024) / RATE
     assert node[1].seconds - node[0].seconds == pytest.approx(3 * fused, rel=1e-3)
+    shuffled = fr.apply(gm, "sparse_lowrank(form='grouped_shuffle', rank=32, groups=4)").graph_module
+    priced = [fr.cost(shuffled).latency(_native_profile(rate), N=128) for rate in (RATE, RATE / 4)]
+    blocks = 128 * 32 * (256 + 1024) / 4 / RATE  # four blocks of rank 8 on the same grid: a quarter of the MACs
+    assert priced[1].seconds - priced[0].seconds == pytest.approx(3 * blocks, rel=1e-3)
 
     lstm = fr.apply(fr.trace(WordLM(), (torch.randint(0, 100, (35, 4)),), {"T": (0, 0)}), "decompose_lstm").graph_module
     setup = 1e-6
