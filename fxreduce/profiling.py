@@ -6,11 +6,10 @@ classes (pointwise, spatial, strided, depthwise) over a grid of their implicit-G
 int8 Linear and Conv2d (fbgemm); memory bandwidth of an elementwise op at sizes from L1 to DRAM;
 activations that compute more than they move, by output elements; max and average pooling by window
 reads; fxreduce's own kernels (the fused low-rank product, the LSTM time loop forward and backward, the
-indirect-K GEMM and its gradients);
-one-row products streaming weights of 1-128 MB; the overheads of a Python call, an aten dispatch and an
-nn.Module call; each kernel class's fixed cost per call; and, for torch.nn's common layers and AntMan's
-factorised modules, the Python work of one call beyond the kernels it runs. The grids are swept twice,
-each cell keeping its faster sweep. The result is a
+indirect-K GEMM and its gradients); one-row products streaming weights of 1-128 MB; the overheads of a
+Python call, an aten dispatch and an nn.Module call; each kernel class's fixed cost per call; and, for
+torch.nn's common layers and AntMan's factorised modules, the Python work of one call beyond the kernels
+it runs. The grids are swept twice, each cell keeping its faster sweep. The result is a
 :class:`~fxreduce.cost_models.latency.Profile`, written atomically as versioned JSON.
 """
 
@@ -309,12 +308,12 @@ def _bandwidth(plan: Plan, step: Callable[[], None]) -> tuple[tuple[int, float],
     return _running_minimum(pairs)
 
 
+_BATCH_NORM_STATE = (torch.zeros(16), torch.ones(16), torch.ones(16), torch.zeros(16))  # mean, var, weight, bias
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish,
     "hardsigmoid": F.hardsigmoid, "exp": torch.exp, "erf": torch.erf,
     "_softmax": functools.partial(torch.softmax, dim=-1), "_log_softmax": functools.partial(torch.log_softmax, dim=-1),
     "native_batch_norm": lambda x: F.batch_norm(x.view(1, 16, -1, 16), *_BATCH_NORM_STATE, training=False)}
-_BATCH_NORM_STATE = (torch.zeros(16), torch.ones(16), torch.ones(16), torch.zeros(16))  # mean, var, weight, bias
 
 
 def _activations(plan: Plan, step: Callable[[], None]) -> dict[str, tuple[tuple[int, float], ...]]:
