@@ -52,20 +52,13 @@ def time_warm(candidates: dict, repeats: int) -> dict[str, float]:
     measured, the kernel placed after fp32 Linear ran up to 1.5x slower than the same kernel elsewhere.
     A single layer's benchmark should compare kernels in steady state; whole models use the plain helper.
     """
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for order in shuffled_rounds(list(candidates), repeats):
-        for name in order:
-            candidates[name]()
-            start = time.perf_counter()
-            candidates[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return time_steady(candidates, repeats, block_seconds=0.0)
 
 
 def time_steady(candidates: dict, repeats: int, block_seconds: float = 0.02) -> dict[str, float]:
     """Median seconds per call in steady state: round-robin like :func:`time_side_by_side`, each turn an untimed
-    call then a timed block of back-to-back calls of one candidate (at least ``block_seconds``), as
-    ``fxreduce calibrate`` times its kernels.
+    call then a timed block of back-to-back calls of one candidate (at least ``block_seconds``, one call at 0),
+    as ``fxreduce calibrate`` times its kernels.
 
     One untimed call does not restore a layer's steady state after another candidate streamed its weights
     through the cache: measured on the AVX2 machine, a 9 MB low-rank layer ran in 0.30 ms back to back, but

@@ -160,7 +160,7 @@ def fake_runs_as_eager(data_values: Mapping[str, float] | None = None) -> Iterat
         _FAKE_AS_EAGER[0], _FAKE_DATA_VALUES[0] = previous
 
 
-def fake_run_as_eager() -> bool:
+def in_fake_eager_run() -> bool:
     """Whether a fake run is inside :func:`fake_runs_as_eager`: a module then builds what an eager call would
     (a training step's per-step keep sets), where shape propagation takes the simplest stand-in."""
     return _FAKE_AS_EAGER[0]

@@ -93,7 +93,7 @@ def stand_in_keep_set(width: int, k: int, scale: float, steps: int | None, mode:
     the sequence; the latency model's run (:func:`fxreduce.native.fake_runs_as_eager`) takes a draw's shape,
     one row per step in the per-step modes, so that it prices the kernels a training step runs."""
     index = torch.arange(k)
-    if steps is None or mode == "per_sequence" or not native.fake_run_as_eager():
+    if steps is None or mode == "per_sequence" or not native.in_fake_eager_run():
         return KeepSet(index, scale)
     return KeepSet(index.expand(steps, k).contiguous(), scale)
 
