@@ -263,6 +263,7 @@ def test_bad_calibration_options_are_clear_errors(options, message):
         get_pass("sparse_lowrank")(**options)
 
 
+@pytest.mark.slow
 def test_example_runs_quick(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, str(root / "examples" / "whitened_lowrank_lm.py"), "--quick", "--cuts", "4",

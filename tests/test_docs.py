@@ -29,6 +29,7 @@ def newcomer(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_pass_written_from_the_guide_runs_from_the_cli(newcomer):
     listed = fxreduce(newcomer, "--import", "lowrank_pass.py", "passes")
     assert listed.returncode == 0, listed.stderr

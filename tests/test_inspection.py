@@ -227,6 +227,7 @@ def test_write_infers_the_format_and_leaves_no_temporary_files(rewrite, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diff", "diff.dot", "diff.json", "diff.txt"]
 
 
+@pytest.mark.slow
 def test_large_graphs_render_every_format_with_cut_formulas():
     gm = synthetic(2000)
     inspection = inspect(gm)

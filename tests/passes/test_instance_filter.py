@@ -263,6 +263,7 @@ def _load_example(monkeypatch):
     return example
 
 
+@pytest.mark.slow
 def test_example_quick_run_saves_counted_flops(monkeypatch):
     example = _load_example(monkeypatch)
     runs = {(run.model, run.variant): run for run in example.main(["--quick", "--no-progress", "--keep", "0.3"])}

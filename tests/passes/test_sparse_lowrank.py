@@ -181,6 +181,7 @@ def test_cli_rewrites_and_verifies_vit_b_16(capsys):
     assert "out of reach" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_example_runs_quick(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "antman_lm.py"), "--quick", "--output",
                           str(tmp_path / "antman.md")], capture_output=True, text=True, timeout=300)
