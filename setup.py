@@ -7,6 +7,7 @@ every op runs on its torch reference (fxreduce.native says so once). FXREDUCE_RE
 turns a failed build into an error.
 """
 
+import hashlib
 import os
 import platform
 import sys
@@ -26,6 +27,17 @@ ISA_FLAGS = {
 FILE_FLAGS = {**ISA_FLAGS, "sparse_int8_portable.cpp": ["-ffp-contract=off"]}
 COMMON_FLAGS = ["-O3", "-Wno-psabi"]
 REQUIRE = os.environ.get("FXREDUCE_REQUIRE_NATIVE") == "1"
+CSRC = os.path.join("fxreduce", "csrc")
+
+
+def sources_digest() -> str:
+    """A digest of the kernel sources, compiled in: a latency profile measured on other kernels is refused."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(CSRC)):
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(CSRC, name), "rb") as source:
+            digest.update(source.read())
+    return digest.hexdigest()[:12]
 
 
 def extension_setup() -> dict:
@@ -63,9 +75,9 @@ def extension_setup() -> dict:
                "lowrank_portable.cpp", *ISA_FLAGS]
     extension = CppExtension(
         "fxreduce._C",
-        [os.path.join("fxreduce", "csrc", name) for name in sources],
-        depends=[os.path.join("fxreduce", "csrc", name) for name in os.listdir(os.path.join("fxreduce", "csrc"))
-                 if name.endswith(".h")],  # a changed header rebuilds the extension
+        [os.path.join(CSRC, name) for name in sources],
+        depends=[os.path.join(CSRC, name) for name in os.listdir(CSRC) if name.endswith(".h")],  # a changed header
+        define_macros=[("FXR_SOURCES_DIGEST", f'"{sources_digest()}"')],
         extra_compile_args=COMMON_FLAGS + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

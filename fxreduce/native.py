@@ -91,6 +91,12 @@ def active_isa() -> str | None:
     return None if _C is None else _C.isa()
 
 
+def sources_digest() -> str | None:
+    """A digest of the kernel sources this build compiled (setup.py), None without the native layer: two builds
+    with the same digest run the same code, so a latency profile measured on one prices the other."""
+    return None if _C is None else _C.sources_digest()
+
+
 def supported_isas() -> list[str]:
     return [] if _C is None else list(_C.supported_isas())
 
@@ -178,7 +184,8 @@ def report() -> list[str]:
         return [f"native kernels: unavailable, {MISSING}", "every op runs its torch reference implementation"]
     chosen = os.environ.get(ISA_VARIABLE)
     how = f"set by {ISA_VARIABLE}" if chosen else "the best this CPU supports"
-    lines = [f"native kernels: fxreduce._C, ISA {_C.isa()} ({how}; available: {', '.join(_C.supported_isas())})",
+    lines = [f"native kernels: fxreduce._C, ISA {_C.isa()} ({how}; available: {', '.join(_C.supported_isas())}), "
+             f"sources {_C.sources_digest()}",
              f"threads: {torch.get_num_threads()} (torch.set_num_threads)"]
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU float32/float64, torch reference otherwise" for name in OPS]
     lines += [f"  torch.ops.fxreduce.{name}: native on CPU, torch reference otherwise"

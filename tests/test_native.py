@@ -494,5 +494,6 @@ def test_doctor_reports_the_active_kernels():
     result = run_python("from fxreduce.cli import main; main(['doctor'])")
     assert result.returncode == 0, result.stderr
     assert f"ISA {native.active_isa()}" in result.stdout and "fxreduce.lstm_layer" in result.stdout
+    assert f"sources {native.sources_digest()}" in result.stdout
     assert "fxreduce.sparse_int8_conv2d" in result.stdout and "fxreduce.lowrank_linear" in result.stdout
 

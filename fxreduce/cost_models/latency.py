@@ -85,10 +85,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernels_identity() -> str:
+    """fxreduce's native kernels as a profile records them: ISA and source digest, or "none"."""
+    isa = native.active_isa()
+    return "none" if isa is None else f"{isa} {native.sources_digest()}"
+
+
 @dataclass(frozen=True)
 class Machine:
-    """What a profile's numbers hold for: the CPU, the vector ISA torch uses on it, threads, torch, and the ISA
-    fxreduce's native kernels run on ("none" without them)."""
+    """What a profile's numbers hold for: the CPU, the vector ISA torch uses on it, threads, torch, and
+    fxreduce's native kernels: their ISA and the digest of their sources ("avx2 3f2a9c1b0d4e"; "none" without
+    them), so a profile measured before a kernel change is refused rather than pricing the old speed."""
 
     cpu: str
     isa: str
@@ -99,7 +106,7 @@ class Machine:
     @classmethod
     def current(cls, threads: int | None = None) -> "Machine":
         return cls(cpu_name(), torch.backends.cpu.get_cpu_capability(), threads or torch.get_num_threads(),
-                   torch.__version__.split("+")[0], native.active_isa() or "none")
+                   torch.__version__.split("+")[0], kernels_identity())
 
     def differences(self, other: "Machine") -> list[str]:
         """Each field that differs, as 'field: this vs other'."""

@@ -723,9 +723,14 @@ TORCH_LIBRARY_IMPL(fxreduce, CPU, m) {
 }  // namespace native
 }  // namespace fxreduce
 
+#ifndef FXR_SOURCES_DIGEST
+#define FXR_SOURCES_DIGEST "unknown"  // setup.py defines it; a build without it matches no other
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fxreduce's native CPU kernels (the ops are torch.ops.fxreduce.*)";
   m.def("isa", [] { return std::string(fxreduce::native::kernels().name); }, "the ISA the kernels run on");
   m.def("supported_isas", &fxreduce::native::supported_isas, "the ISAs this CPU and build can run, best first");
   m.def("set_isa", &fxreduce::native::set_isa, "run the kernels on another supported ISA (for tests)");
+  m.def("sources_digest", [] { return std::string(FXR_SOURCES_DIGEST); }, "a digest of the sources built");
 }

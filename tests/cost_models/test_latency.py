@@ -84,6 +84,17 @@ def test_a_profile_from_another_machine_or_torch_is_refused_naming_both(tmp_path
     assert f"kernels: {other_kernels!r} vs {here.kernels!r}" in message  # fxreduce's kernels' ISA, or none
 
 
+@pytest.mark.skipif(not native.available(), reason="the digest is the native build's")
+def test_a_profile_measured_on_other_kernel_sources_is_refused(tmp_path):
+    here = Machine.current()
+    isa, digest = here.kernels.split()
+    assert isa == native.active_isa() and digest == native.sources_digest() and len(digest) == 12
+    path = tmp_path / "old-kernels.json"
+    synthetic_profile(machine=dataclasses.replace(here, kernels=f"{isa} 000000000000")).save(path)
+    with pytest.raises(ProfileError, match=f"kernels: '{isa} 000000000000' vs '{isa} {digest}'"):
+        load_profile(path)
+
+
 def test_calibrate_warns_when_other_processes_keep_the_machine_busy(tmp_path, monkeypatch):
     from fxreduce import profiling
 
@@ -618,4 +629,4 @@ def test_calibrate_measures_fxreduces_kernels_and_the_activations(tmp_path):
     profile = fr.calibrate(tmp_path / "profile.json", quick=True, progress=False)
     assert {"lowrank", *LSTM_CLASSES, *GATHER_CLASSES} <= set(profile.grids)
     assert set(profile.lstm_setup) == set(LSTM_CLASSES) and set(profile.activations) == set(ACTIVATIONS)
-    assert profile.machine.kernels == native.active_isa()
+    assert profile.machine.kernels == f"{native.active_isa()} {native.sources_digest()}"
