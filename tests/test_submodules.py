@@ -148,6 +148,7 @@ def test_models_holding_autograd_history_are_copied_detached():
     assert isinstance(result.model.linear, torch.fx.GraphModule)
 
 
+@pytest.mark.slow
 def test_raft_captures_or_names_the_cause():
     model = torchvision.models.optical_flow.raft_small(weights=None).eval()
     frames = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)

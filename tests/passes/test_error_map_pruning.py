@@ -256,6 +256,7 @@ def _ddp_kept_channels(rank, world_size):
     return outcome
 
 
+@pytest.mark.slow
 def test_ddp_ranks_prune_the_same_channels():
     rank0, rank1 = run_distributed(_ddp_kept_channels, 2)
     (kept0, params0), (kept1, params1) = rank0[True], rank1[True]

@@ -394,6 +394,7 @@ def _rank_masks(rank: int, world_size: int) -> list[list[int]]:
     return masks
 
 
+@pytest.mark.slow
 def test_every_data_parallel_rank_draws_the_same_masks():
     first, second = run_distributed(_rank_masks, 2)
     assert first == second

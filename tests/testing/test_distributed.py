@@ -51,6 +51,7 @@ def _hang_on_rank_one(rank, world_size):
     return rank
 
 
+@pytest.mark.slow
 def test_returns_each_ranks_result_in_rank_order_and_all_reduce_works():
     # One run checks both: each start of torch in fresh processes costs seconds.
     assert run_distributed(_whoami_and_sum_of_ranks, 2, "tag") == [
@@ -59,6 +60,7 @@ def test_returns_each_ranks_result_in_rank_order_and_all_reduce_works():
     ]
 
 
+@pytest.mark.slow
 def test_ddp_keeps_parameters_identical_across_ranks():
     (initial0, final0, losses0), (initial1, final1, losses1) = run_distributed(_train_ddp, 2, 3)
     assert all(torch.equal(a, b) for a, b in zip(initial0, initial1, strict=True))
@@ -67,6 +69,7 @@ def test_ddp_keeps_parameters_identical_across_ranks():
     assert losses0 != losses1  # the ranks really saw different data
 
 
+@pytest.mark.slow
 def test_exception_on_a_rank_names_the_rank_and_carries_its_traceback():
     with pytest.raises(RankError, match="rank 1 of 2") as caught:
         run_distributed(_fail_on_rank_one, 2, timeout=60)
@@ -75,6 +78,7 @@ def test_exception_on_a_rank_names_the_rank_and_carries_its_traceback():
     assert "_fail_on_rank_one" in caught.value.remote_traceback
 
 
+@pytest.mark.slow
 def test_hung_rank_is_killed_after_the_timeout():
     start = time.monotonic()
     # Rank 0 may also still be starting on a loaded machine; rank 1 must be reported either way.

@@ -266,6 +266,7 @@ def _admm_under_ddp(rank, world_size):
             [w.z for w in solo.weights] + [w.u for w in solo.weights])
 
 
+@pytest.mark.slow
 def test_z_and_u_stay_identical_across_ddp_ranks():
     (z0, u0, p0, loss0, solo0), (z1, u1, p1, loss1, solo1) = run_distributed(_admm_under_ddp, 2)
     assert all(torch.equal(a, b) for a, b in zip(z0 + u0 + p0, z1 + u1 + p1, strict=True))

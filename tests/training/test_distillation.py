@@ -84,6 +84,7 @@ def _ddp_distill(rank, world_size, steps):
     return [p.detach() for p in student.parameters()]
 
 
+@pytest.mark.slow
 def test_under_ddp_equal_shards_train_like_one_process_on_the_whole_batch():
     per_rank = run_distributed(_ddp_distill, 2, 2)
     teacher, student, data = _problem()
