@@ -76,7 +76,8 @@ def extension_setup() -> dict:
     extension = CppExtension(
         "fxreduce._C",
         [os.path.join(CSRC, name) for name in sources],
-        depends=[os.path.join(CSRC, name) for name in os.listdir(CSRC) if name.endswith(".h")],  # a changed header
+        # A changed header rebuilds the extension.
+        depends=[os.path.join(CSRC, name) for name in os.listdir(CSRC) if name.endswith(".h")],
         define_macros=[("FXR_SOURCES_DIGEST", f'"{sources_digest()}"')],
         extra_compile_args=COMMON_FLAGS + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
