@@ -19,7 +19,7 @@ import torch.fx as fx
 from . import meta
 from .cost_models import Certificate, GraphCost, certify, graph_cost, graph_info, propagate
 from .cost_models.latency import Latency, Profile, load_profile
-from .cost_models.symbolic import NodeCost
+from .cost_models.symbolic import NodeCost, pinned_dims
 from .errors import FxReduceError, OptionError, PassError, ProfileError
 from .passes import Pass, Rewrite, Skipped, get_pass
 from .text import count, formula, joined_names
@@ -118,8 +118,13 @@ class RewriteReport:
     def certificate(self) -> Certificate:
         return certify(self.before, self.after)
 
-    def _value(self, cost: GraphCost, metric: str) -> sympy.Expr:
-        return sympy.sympify(getattr(cost.at(**self.at), metric))
+    def _sizes(self, before: GraphCost, after: GraphCost) -> dict[str, Any]:
+        """Where two graphs' costs compare: at ``at``, and at the size either one fixes a dim to."""
+        return {**pinned_dims(before, after), **self.at}
+
+    def _value(self, cost: GraphCost, metric: str, sizes: dict[str, Any]) -> sympy.Expr:
+        return sympy.sympify(getattr(cost.at(**{k: v for k, v in sizes.items() if k in cost.symbols or k in self.at}),
+                                     metric))
 
     def lines(self) -> list[str]:
         where = ", ".join(f"{k}={v}" for k, v in self.at.items())
@@ -131,12 +136,14 @@ class RewriteReport:
             if not step.rewrites and not step.skipped:
                 head += " (nothing to rewrite)"
             lines.append(head + f"  [{step.pass_.contract}]")
-            values = {step.cost_before.symbols[k]: v for k, v in self.at.items() if k in step.cost_before.symbols}
+            sizes = self._sizes(step.cost_before, step.cost_after)
+            before, after = ({cost.symbols[k]: v for k, v in sizes.items() if k in cost.symbols}
+                             for cost in (step.cost_before, step.cost_after))
             for item in step.rewrites:
-                flops_before = count(sympy.sympify(item.before.flops).subs(values))
-                flops_after = count(sympy.sympify(item.after.flops).subs(values))
-                other_before = count(sympy.sympify(item.before.other).subs(values))
-                other_after = count(sympy.sympify(item.after.other).subs(values))
+                flops_before = count(sympy.sympify(item.before.flops).subs(before))
+                flops_after = count(sympy.sympify(item.after.flops).subs(after))
+                other_before = count(sympy.sympify(item.before.other).subs(before))
+                other_after = count(sympy.sympify(item.after.other).subs(after))
                 target = joined_names(item.added) if item.added else "(removed)"
                 lines.append(f"  {joined_names(item.replaced)} -> {target}: {item.rewrite.what}; "
                              f"FLOPs {flops_before} -> {flops_after}, other ops {other_before} -> {other_after}"
@@ -146,14 +153,18 @@ class RewriteReport:
             for dim in sorted(set(step.cost_before.symbols) - set(step.cost_after.symbols)):
                 lines.append(f"  note: dim {dim} is no longer symbolic after this pass "
                              f"({step.cost_after.specialised.get(dim, 'unknown reason')})")
-            flops_b, flops_a = self._value(step.cost_before, "flops"), self._value(step.cost_after, "flops")
+            for dim in sorted(set(step.cost_after.symbols) - set(step.cost_before.symbols)):
+                lines.append(f"  note: dim {dim} is symbolic after this pass (before it: "
+                             f"{step.cost_before.specialised.get(dim, 'unknown reason')})")
+            flops_b, flops_a = (self._value(cost, "flops", sizes) for cost in (step.cost_before, step.cost_after))
             lines.append(f"  total FLOPs{f' at {where}' if where else ''}: {count(flops_b)} -> {count(flops_a)}"
                          f"{_percent(flops_b, flops_a)}; {step.certificate}")
             if latency:
                 lines.append(f"  predicted latency: {_latency_change(*latency)}")
         if self.steps:
-            b, a = self._value(self.before, "flops"), self._value(self.after, "flops")
-            params_b, params_a = self._value(self.before, "params"), self._value(self.after, "params")
+            sizes = self._sizes(self.before, self.after)
+            b, a = (self._value(cost, "flops", sizes) for cost in (self.before, self.after))
+            params_b, params_a = (self._value(cost, "params", sizes) for cost in (self.before, self.after))
             lines.append(f"pipeline: FLOPs {count(b)} -> {count(a)}{_percent(b, a)}, params {count(params_b)} -> "
                          f"{count(params_a)}; symbolic FLOPs after: {_shorten(self.after.flops)}")
             if isinstance(predicted, list):

@@ -10,12 +10,12 @@ sympy in general, so the residual is kept and checked numerically over a grid of
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Union
 
 import sympy
 
-from .symbolic import GraphCost, NodeCost
+from .symbolic import GraphCost, NodeCost, pinned_dims
 
 Costish = Union[GraphCost, NodeCost, sympy.Expr, int]
 GRID_VALUES = (1, 2, 3, 7, 16, 64, 224, 1024)
@@ -102,10 +102,28 @@ def certify(before: Costish, after: Costish, *, metric: str = "flops",
         for cost in (before, after):
             if isinstance(cost, GraphCost):
                 constraints = {**cost.constraints, **constraints}
-    b, a = _metric(before, metric), _metric(after, metric)
+    dims = {name for cost in (before, after) if isinstance(cost, GraphCost) for name in cost.symbols}
+    pinned = pinned_dims(before, after)
+    b, a = (_metric(cost, metric).xreplace(_values(cost, pinned)) for cost in (before, after))
+    certificate = _certify_difference(b, a, metric, constraints, dims)
+    substituted = sorted(name for cost in (before, after) if isinstance(cost, GraphCost)
+                         for name in cost.symbols if name in pinned)
+    if not substituted:
+        return certificate
+    stated = ", ".join(f"{name} = {pinned[name]}" for name in substituted) + " (fixed in the other graph)"
+    return replace(certificate, assumption="; ".join(filter(None, (certificate.assumption, stated))))
+
+
+def _values(cost: Costish, pinned: Mapping[str, sympy.Expr]) -> dict[sympy.Symbol, sympy.Expr]:
+    if not isinstance(cost, GraphCost):
+        return {}
+    return {symbol: pinned[name] for name, symbol in cost.symbols.items() if name in pinned}
+
+
+def _certify_difference(b: sympy.Expr, a: sympy.Expr, metric: str,
+                        constraints: Mapping[str, tuple[int, int | None]], dims: set[str]) -> Certificate:
     difference = sympy.expand(b - a)
     symbols = sorted(difference.free_symbols, key=lambda s: s.name)
-    dims = {name for cost in (before, after) if isinstance(cost, GraphCost) for name in cost.symbols}
     parameters = [s for s in symbols if dims and s.name not in dims]
     if parameters:
         # Symbols that are not graph dims (e.g. choice probabilities in [0, 1]) are not positive

@@ -219,3 +219,10 @@ class GraphCost:
         if self.specialised:
             lines.append("  specialised: " + "; ".join(f"{k} ({v})" for k, v in self.specialised.items()))
         return "\n".join(lines)
+
+
+def pinned_dims(*costs: object) -> dict[str, sympy.Expr]:
+    """The dims any of ``costs`` (GraphCosts of graphs that run on the same inputs) fixes to a number: they
+    compare at that size, also where another graph keeps the dim symbolic."""
+    return {name: value for cost in costs if isinstance(cost, GraphCost)
+            for name, value in cost.fixed.items() if value.is_Number}

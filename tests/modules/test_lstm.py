@@ -12,11 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import fxreduce as fr
+from fxreduce.cost_models.counting import OpCounter
+from fxreduce.cost_models.propagation import graph_info
 from fxreduce.errors import CostError, InputError, OptionError, UnsupportedError
 from fxreduce import native
-from fxreduce.modules.lstm import module as lstm_module, onednn, recurrence
+from fxreduce.modules.lstm import module as lstm_module, onednn, recurrence, step_projection
 from fxreduce.modules.lstm import DecomposedLSTM, KeepSet
 
 
@@ -438,7 +442,7 @@ def keep_cases(draw):
         width = input_size if layer == 0 else hidden * (2 if bidirectional else 1)
         pair = []
         for size in (width, hidden):
-            mode = draw(st.sampled_from([None, "sequence", "step"]))
+            mode = draw(st.sampled_from([None, "sequence", "step", "window"]))
             k = draw(st.integers(1, size))
             pair.append(None if mode is None else (mode, k, size))
         sets[layer] = pair
@@ -448,6 +452,9 @@ def keep_cases(draw):
 
 
 def draw_keep(mode, k, size, steps, generator):
+    if mode == "window":
+        offsets = torch.randint(0, size, (steps,), generator=generator)
+        return KeepSet.windows(torch.randperm(size, generator=generator), offsets, k, scale=size / k)
     if mode == "sequence":
         index = torch.randperm(size, generator=generator)[:k]
     else:
@@ -455,9 +462,8 @@ def draw_keep(mode, k, size, steps, generator):
     return KeepSet(index, scale=size / k)
 
 
-@settings(deadline=None, max_examples=40)
-@given(keep_cases())
-def test_keep_sets_equal_the_dense_masked_reference(case):
+def build_keep_case(case):
+    """The DecomposedLSTM a keep case describes, and the dense masks its keep sets stand for."""
     torch.manual_seed(case["seed"])
     generator = torch.Generator().manual_seed(case["seed"])
     hidden, steps = case["hidden"], case["steps"]
@@ -486,7 +492,14 @@ def test_keep_sets_equal_the_dense_masked_reference(case):
                 keep = draw_keep("sequence", widths[layer], widths[layer], steps, generator)
                 ours.set_keep_sets(layer, input=keep, hidden=ours.keep_sets(layer)[1])
                 input_masks[layer] = dense_mask(keep, widths[layer], torch.float64)
-    x = torch.randn(steps, case["batch"], case["input_size"], dtype=torch.float64)
+    return ours, input_masks, hidden_masks
+
+
+@settings(deadline=None, max_examples=40)
+@given(keep_cases())
+def test_keep_sets_equal_the_dense_masked_reference(case):
+    ours, input_masks, hidden_masks = build_keep_case(case)
+    x = torch.randn(case["steps"], case["batch"], case["input_size"], dtype=torch.float64)
     results = []
     for run in (reference, ours):
         xi = x.clone().requires_grad_()
@@ -501,6 +514,42 @@ def test_keep_sets_equal_the_dense_masked_reference(case):
         assert_near(ours(x)[0], out_ref, torch.float64)
         ours.eval()
         assert_near(ours(x)[0], reference(ours, x)[0], torch.float64)
+
+
+def fake_training_step_counts(module, shape):
+    """Shapes of the outputs and every op's count (forward and backward) of a training step on fake inputs."""
+    counter = OpCounter()
+    with FakeTensorMode(allow_non_fake_inputs=True), counter:
+        x = torch.empty(shape, dtype=torch.float64, requires_grad=True)
+        output, (h_n, c_n) = module(x)
+        torch.autograd.grad(weighted_loss(output, h_n, c_n), [x, *module.parameters()], allow_unused=True)
+    counts = counter.counts[None]
+    totals = (dict(counts.macs), counts.other, dict(counts.backward_macs), counts.backward_other)
+    return [tuple(t.shape) for t in (output, h_n, c_n)], totals
+
+
+@settings(deadline=None, max_examples=15)
+@given(keep_cases())
+def test_shape_propagation_runs_every_step_at_once_and_counts_as_the_loop(case):
+    """Fake runs (shape propagation) take every time step in one op each: the same output shapes and the same
+    count of every op, forward and backward, as the step-by-step loop."""
+    ours, _, _ = build_keep_case(case)
+    shape = (case["steps"], case["batch"], case["input_size"])
+    at_once = fake_training_step_counts(ours, shape)
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (recurrence, step_projection):
+            patch.setattr(module, "steps_at_once", lambda tensor: False)
+        step_by_step = fake_training_step_counts(ours, shape)
+    assert at_once == step_by_step
+
+
+def test_a_fake_run_leaves_the_sequence_length_symbolic():
+    """No loop over time steps in shape propagation, so the cost of a DecomposedLSTM stays a formula in T."""
+    model = nn.Sequential(DecomposedLSTM(6, 5, 2))
+    gm = fr.trace(model, (torch.randn(7, 3, 6),), {"T": (0, 0), "N": (0, 1)})
+    assert set(graph_info(gm).symbolic) == {"T", "N"}
+    T, N = sympy.symbols("T N", positive=True, integer=True)
+    assert fr.cost(gm).macs == T * N * 4 * 5 * (6 + 5 + 5 + 5)
 
 
 def test_keep_set_validation():

@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from ... import native
 from .onednn import StepMatmul, mm_t
-from .step_projection import StepRows, window_of
+from .step_projection import StepRows, steps_at_once, window_of
 
 
 def _order(steps: int, reverse: bool) -> range:
@@ -28,6 +28,8 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, s
     With ``save`` the per-step activations, cell states and factor outputs are kept for the backward;
     without it every buffer holds one step only, so inference keeps nothing but the output.
     """
+    if steps_at_once(xp):
+        return _forward_every_step(xp, h0, c0, factors, reverse, index, scale, step_rows)
     steps, rows, width = xp.shape
     hidden = width // 4
     kept = steps if save else 1
@@ -61,17 +63,54 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, s
                 z = mat(z, add)
             if j < last and save:
                 inner_t[j][s].copy_(z)
-        # tanh(x) = 2 sigmoid(2x) - 1, in place and without Python scalars: torch's CPU sigmoid is much
-        # faster than its tanh, and a scalar operand costs a tensor conversion per call.
-        z_g = z.narrow(1, 2 * hidden, hidden)
-        z_g.add_(z_g)
-        torch.sigmoid(z, out=a_t[s])
-        torch.add(minus_one, g_t[s], alpha=2, out=g_t[s])
-        c = torch.mul(f_t[s], c, out=cs_t[s]).addcmul_(i_t[s], g_t[s])
-        tanh_c = torch.add(c, c, out=tcs_t[s]).sigmoid_()
-        torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
-        h = torch.mul(o_t[s], tanh_c, out=hs_t[t])
+        c, h = _cell(z, c, a_t[s], (i_t[s], f_t[s], g_t[s], o_t[s]), cs_t[s], tcs_t[s], hs_t[t], minus_one)
     return hs, c.clone(), acts, cs, tcs, inner
+
+
+def _cell(z, c, acts, gates, c_out, tanh_c_out, h_out, minus_one):
+    """The LSTM cell on the gate pre-activations ``z`` (..., 4H), which it overwrites: the gate activations
+    into ``acts`` (whose views are ``gates``: i, f, g, o), the new cell state, its tanh and the hidden state
+    into the ``*_out`` buffers from the state ``c``. Returns (cell state, hidden state).
+
+    tanh(x) = 2 sigmoid(2x) - 1, in place and without Python scalars: torch's CPU sigmoid is much faster than
+    its tanh, and a scalar operand costs a tensor conversion per call."""
+    i, f, g, o = gates
+    hidden = z.shape[-1] // 4
+    z_g = z.narrow(-1, 2 * hidden, hidden)
+    z_g.add_(z_g)
+    torch.sigmoid(z, out=acts)
+    torch.add(minus_one, g, alpha=2, out=g)
+    c = torch.mul(f, c, out=c_out).addcmul_(i, g)
+    tanh_c = torch.add(c, c, out=tanh_c_out).sigmoid_()
+    torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
+    return c, torch.mul(o, tanh_c, out=h_out)
+
+
+def _forward_every_step(xp, h0, c0, factors, reverse, index, scale, step_rows):
+    """:func:`_recurrence_forward` (saving) with every step at once (see :func:`steps_at_once`): each op of
+    a step over all steps; the states entering the steps are stand-ins of their shape."""
+    steps, rows, width = xp.shape
+    hidden = width // 4
+    hs, cs, tcs = (xp.new_empty(steps, rows, hidden) for _ in range(3))
+    acts = xp.new_empty(steps, rows, width)
+    z = hs
+    if index is not None and index.dim() == 2:
+        z = torch.gather(hs, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
+    elif index is not None:
+        z = hs.index_select(2, index)
+    inner = [xp.new_empty(steps, rows, w.shape[0]) for w in factors[:-1]]
+    last = len(factors) - 1
+    for j, w in enumerate(factors):
+        add = xp if j == last else None
+        if j == 0 and step_rows is not None:
+            z = step_rows.times_every_step(z, add)
+        else:
+            z = StepMatmul(w, steps * rows)(z.flatten(0, 1), None if add is None else add.flatten(0, 1))
+            z = z.unflatten(0, (steps, rows))
+        if j < last:
+            inner[j].copy_(z)
+    c, _ = _cell(z, cs, acts, acts.chunk(4, 2), cs, tcs, hs, xp.new_full((), -1.0))
+    return hs, c[0 if reverse else -1].clone(), acts, cs, tcs, inner
 
 
 class _Recurrence(torch.autograd.Function):
@@ -99,8 +138,7 @@ class _Recurrence(torch.autograd.Function):
         acts, cs, tcs, hs, h0, c0, index, *rest = ctx.saved_tensors
         factors, inner = rest[: ctx.count], rest[ctx.count :]
         reverse, scale = ctx.reverse, ctx.scale
-        steps, rows, width = acts.shape
-        hidden = width // 4
+        steps, rows, _ = acts.shape
         per_step = index is not None and index.dim() == 2
         dhs = dhs.contiguous()
 
@@ -116,36 +154,11 @@ class _Recurrence(torch.autograd.Function):
         dc_from_h = torch.mul(tcs, tcs)
         torch.addcmul(o, o, dc_from_h, value=-1, out=dc_from_h)
 
-        first_rows = ctx.step_rows
-        last = len(factors) - 1
-        back = [None if per_step and j == 0 else StepMatmul(w.t(), rows) for j, w in enumerate(factors)]
         dinner = [torch.empty_like(z) for z in inner]
-        order = _order(steps, not reverse)
-        dh_t, kc_t, f_t, dg_t, do_t = (v.unbind(0) for v in (dhs, dc_from_h, f, dgates, go))
-        difg_t = dgates.narrow(2, 0, 3 * hidden).unflatten(2, (3, hidden)).unbind(0)
-        dinner_t = [v.unbind(0) for v in dinner]
-        dh = dh_t[order[0]]
-        for n, t in enumerate(order):
-            dc = torch.addcmul(dc, dh, kc_t[t])
-            difg_t[t].mul_(dc.unsqueeze(1))
-            do_t[t].mul_(dh)
-            dc = dc.mul_(f_t[t])
-            nxt = dh_t[order[n + 1]] if n + 1 < steps else None
-            dz = dg_t[t]
-            for j in range(last, -1, -1):
-                add = nxt if j == 0 and index is None else None
-                if back[j] is None:
-                    dz = first_rows.times_t(dz, t)
-                else:
-                    dz = back[j](dz, add)
-                if j > 0:
-                    dinner_t[j - 1][t].copy_(dz)
-            if index is None:
-                dh = dz
-            else:
-                base = nxt if nxt is not None else dz.new_zeros(rows, hidden)
-                dh = torch.index_add(base, 1, index[t] if per_step else index, dz, alpha=scale if per_step else 1)
+        steps_of = _backward_every_step if steps_at_once(dgates) else _backward_steps
+        dh, dc = steps_of(dhs, dc, dc_from_h, f, dgates, factors, dinner, index, scale, ctx.step_rows, reverse)
 
+        last = len(factors) - 1
         grads = []
         for j, w in enumerate(factors):
             if not ctx.needs_input_grad[7 + j]:
@@ -158,11 +171,74 @@ class _Recurrence(torch.autograd.Function):
             h_prev = _shifted(hs, h0, reverse)
             if per_step:
                 z = torch.gather(h_prev, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
-                grads.append(first_rows.weight_grad(z, dout.view(steps, rows, -1)))
+                grads.append(ctx.step_rows.weight_grad(z, dout.view(steps, rows, -1)))
             else:
                 z = h_prev if index is None else h_prev.index_select(2, index)
                 grads.append(mm_t(dout.t(), z.flatten(0, 1).t()))
         return (dgates, dh, dc, None, None, None, None, *grads)
+
+
+def _backward_steps(dhs, dc, dc_from_h, f, dgates, factors, dinner, index, scale, first_rows, reverse):
+    """The backward's loop over steps, latest first: completes ``dgates`` (the gate gradients) and ``dinner``
+    (the factor outputs' gradients) in place; returns the gradients of h0 and c0."""
+    steps, rows, width = dgates.shape
+    hidden = width // 4
+    per_step = index is not None and index.dim() == 2
+    last = len(factors) - 1
+    back = [None if per_step and j == 0 else StepMatmul(w.t(), rows) for j, w in enumerate(factors)]
+    go = dgates.narrow(2, 3 * hidden, hidden)
+    order = _order(steps, not reverse)
+    dh_t, kc_t, f_t, dg_t, do_t = (v.unbind(0) for v in (dhs, dc_from_h, f, dgates, go))
+    difg_t = dgates.narrow(2, 0, 3 * hidden).unflatten(2, (3, hidden)).unbind(0)
+    dinner_t = [v.unbind(0) for v in dinner]
+    dh = dh_t[order[0]]
+    for n, t in enumerate(order):
+        dc = torch.addcmul(dc, dh, kc_t[t])
+        difg_t[t].mul_(dc.unsqueeze(1))
+        do_t[t].mul_(dh)
+        dc = dc.mul_(f_t[t])
+        nxt = dh_t[order[n + 1]] if n + 1 < steps else None
+        dz = dg_t[t]
+        for j in range(last, -1, -1):
+            add = nxt if j == 0 and index is None else None
+            if back[j] is None:
+                dz = first_rows.times_t(dz, t)
+            else:
+                dz = back[j](dz, add)
+            if j > 0:
+                dinner_t[j - 1][t].copy_(dz)
+        if index is None:
+            dh = dz
+        else:
+            base = nxt if nxt is not None else dz.new_zeros(rows, hidden)
+            dh = torch.index_add(base, 1, index[t] if per_step else index, dz, alpha=scale if per_step else 1)
+    return dh, dc
+
+
+def _backward_every_step(dhs, dc, dc_from_h, f, dgates, factors, dinner, index, scale, first_rows, reverse):
+    """:func:`_backward_steps` with every step at once (see :func:`steps_at_once`): each op of a step over all
+    steps, the gradients entering the steps standing in for the ones a step would pass on."""
+    steps, rows, width = dgates.shape
+    hidden = width // 4
+    dc = torch.addcmul(dc.expand(steps, rows, hidden), dhs, dc_from_h)
+    dgates.narrow(2, 0, 3 * hidden).unflatten(2, (3, hidden)).mul_(dc.unsqueeze(2))
+    dgates.narrow(2, 3 * hidden, hidden).mul_(dhs)
+    dc.mul_(f)
+    dz = dgates
+    for j in range(len(factors) - 1, -1, -1):
+        if j == 0 and first_rows is not None:
+            dz = first_rows.times_t_every_step(dz)
+        else:
+            add = dhs.flatten(0, 1) if j == 0 and index is None else None
+            dz = StepMatmul(factors[j].t(), steps * rows)(dz.flatten(0, 1), add).unflatten(0, (steps, rows))
+        if j > 0:
+            dinner[j - 1].copy_(dz)
+    if index is not None and index.dim() == 2:
+        dz = dhs.scatter_add(2, index[:, None, :].expand(steps, rows, -1), dz)
+    elif index is not None:
+        dz = dhs.index_add(2, index, dz)
+    first = steps - 1 if reverse else 0
+    return dz[first], dc[first]
 
 
 def fast_recurrence(xp, h0, c0, factors, reverse, keep):
@@ -199,7 +275,9 @@ def _chain(factors: list[Tensor]):
 
 
 def autograd_recurrence(xp, h0, c0, module, reverse, keep):
-    """The plain per-step loop for opaque recurrent projections; autograd does the backward."""
+    """The plain per-step loop for opaque recurrent projections; autograd does the backward. Shape propagation
+    runs it step by step too: autograd's gradient sums across steps (the projection's weights, each state's two
+    readers) count as the eager run does."""
     mask = None if keep is None else keep.mask(h0.shape[-1], xp)
     outputs: list[Tensor | None] = [None] * xp.shape[0]
     h, c = h0, c0

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ... import native
 from .keep_sets import KeepSet
 from .onednn import DNN_LINEAR, WINDOW_DNN_MIN_ROWS, WINDOW_DNN_MIN_WEIGHTS, linear, mm_t, onednn_ok
+
+
+def steps_at_once(tensor: Tensor) -> bool:
+    """Whether per-step work runs all its steps at once, one op each: in shape propagation (a fake run outside
+    :func:`native.fake_runs_as_eager`, not graph capture) nothing has values, so no step waits for the one
+    before it. The ops and their counts are the loop's in T-fold larger calls: T times fewer fake ops
+    (each costs milliseconds with symbolic sizes), and no loop pins the sequence length to its example."""
+    return is_fake(tensor) and not native.in_fake_eager_run() and not torch.compiler.is_compiling()
 
 
 class StepRows:
@@ -49,6 +58,22 @@ class StepRows:
         start = self.starts[t]
         return self.rows[start : start + self.k]
 
+    def every_step(self) -> Tensor:
+        """Every step's rows at once, (T, k, out)."""
+        if self.starts is None:
+            return self.rows.index_select(0, self.index.flatten()).unflatten(0, self.index.shape)
+        windows = self.rows.unfold(0, self.k, 1)  # (positions, out, k): the k rows from each position
+        return windows.index_select(0, torch.tensor(self.starts)).transpose(1, 2)
+
+    def times_every_step(self, z: Tensor, add: Tensor | None = None) -> Tensor:
+        """:meth:`times` for all steps of ``z`` (T, N, k) at once (see :func:`steps_at_once`)."""
+        rows = self.every_step()
+        return torch.bmm(z, rows) if add is None else torch.baddbmm(add, z, rows)
+
+    def times_t_every_step(self, dz: Tensor) -> Tensor:
+        """:meth:`times_t` for all steps of ``dz`` (T, N, out) at once."""
+        return torch.bmm(dz, self.every_step().transpose(1, 2))
+
     def times(self, z: Tensor, t: int, add: Tensor | None = None) -> Tensor:
         """``z @ rows_t (+ add)``: on oneDNN where it applies, which takes the slice as a transposed weight
         without copying it and runs these N-row GEMMs faster than ``mm``."""
@@ -65,7 +90,7 @@ class StepRows:
 
     def weight_grad(self, z: Tensor, dout: Tensor) -> Tensor:
         """dL/dW (out, in) from the kept, scaled inputs ``z`` (T, N, k) and output gradients (T, N, out)."""
-        if self.starts is None:
+        if self.starts is None or steps_at_once(z):
             per_t = torch.bmm(z.transpose(1, 2), dout)
             full = z.new_zeros(self.width, dout.shape[-1])
             return full.index_add_(0, self.index.flatten(), per_t.flatten(0, 1)).t()
@@ -87,7 +112,8 @@ class StepRows:
                     columns += window[:, part]
             else:
                 for columns, part in parts:
-                    columns.addmm_(grads.t(), inputs[:, part])
+                    # addmm's out= form rather than addmm_: torch's FLOP counter has a formula for the one only.
+                    torch.addmm(columns, grads.t(), inputs[:, part], out=columns)
         return permuted.index_select(1, self.unpermute)
 
 
@@ -116,8 +142,11 @@ class _StepProjection(torch.autograd.Function):
         steps, rows, _ = x.shape
         xk = torch.gather(x, 2, index[:, None, :].expand(steps, rows, -1)).mul_(scale)
         step_rows = StepRows(weight, index, window)
-        out = _by_group(step_rows, xk, x.new_empty(steps, rows, weight.shape[0]),
-                        lambda z, t: step_rows.times(z, t, bias))
+        if steps_at_once(xk):
+            out = step_rows.times_every_step(xk, bias)
+        else:
+            out = _by_group(step_rows, xk, x.new_empty(steps, rows, weight.shape[0]),
+                            lambda z, t: step_rows.times(z, t, bias))
         ctx.save_for_backward(xk, index)
         ctx.step_rows, ctx.scale, ctx.x_shape, ctx.has_bias = step_rows, scale, x.shape, bias is not None
         return out
@@ -130,7 +159,10 @@ class _StepProjection(torch.autograd.Function):
         dout = dout.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dxk = _by_group(step_rows, dout, torch.empty_like(xk), step_rows.times_t)
+            if steps_at_once(dout):
+                dxk = step_rows.times_t_every_step(dout)
+            else:
+                dxk = _by_group(step_rows, dout, torch.empty_like(xk), step_rows.times_t)
             kept = index[:, None, :].expand(-1, xk.shape[1], -1)
             dx = xk.new_zeros(ctx.x_shape).scatter_(2, kept, dxk.mul_(ctx.scale))
         if ctx.needs_input_grad[1]:
