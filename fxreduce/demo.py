@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .cost_models import certify, graph_cost, graph_info
+from .cost_models import GraphCost, certify, graph_cost, graph_info
+from .cost_models.symbolic import pinned_dims
 from .errors import InputError
 from .measurement import time_side_by_side
 from .models import demo as demo_cnn
@@ -148,8 +149,13 @@ def _values(gm: fx.GraphModule, inputs: tuple) -> dict[str, int]:
     return {name: int(inputs[index].shape[axis]) for name, (index, axis) in spec.dims.items()}
 
 
-def _cut(before: sympy.Expr, after: sympy.Expr, dims: dict[str, int], metric: str) -> tuple[float, float, bool]:
-    """``before`` and ``after`` at ``dims``, and whether after <= before is proven for all sizes."""
+def _cut(old: GraphCost, new: GraphCost, before: sympy.Expr, after: sympy.Expr, dims: dict[str, int],
+         metric: str) -> tuple[float, float, bool]:
+    """``before`` and ``after`` (expressions of the costs ``old`` and ``new``) at ``dims``, and whether
+    after <= before is proven for all sizes (at the size of a dim either graph fixes)."""
+    pinned = pinned_dims(old, new)
+    before, after = (expr.xreplace({s: pinned[s.name] for s in expr.free_symbols if s.name in pinned})
+                     for expr in (before, after))
     certificate = certify(before, after, metric=metric)
     point = {symbol: dims[symbol.name] for symbol in (before.free_symbols | after.free_symbols)}
     return float(before.xreplace(point)), float(after.xreplace(point)), certificate.proven
@@ -193,7 +199,7 @@ def _eval_section(technique: str, title: str, workload: str, model: nn.Module, i
     else:
         before, after = (2 * cost.macs_by_dtype.get(dtype, sympy.Integer(0)) for cost in (old, new))
         label = f"{dtype} FLOPs"
-    values = _cut(before, after, _values(gm, inputs), metric)
+    values = _cut(old, new, before, after, _values(gm, inputs), metric)
     times = _timed({"before": _eval_call(gm, inputs), "after": _eval_call(rewritten, inputs)}, settings)
     contract = _contract(spec, gm, settings)
     return Section(technique, title, workload, spec, label, *values, times["before"], times["after"], *contract,
@@ -248,7 +254,7 @@ def structured_dropout(settings: Settings) -> Section:
     result = apply(gm, spec, seed=settings.seed)
     rewritten = result.graph_module
     old, new = graph_cost(gm, training=True), graph_cost(rewritten, training=True)
-    values = _cut(old.flops, new.flops, {"N": settings.lm_batch, "T": settings.lm_steps}, "flops")
+    values = _cut(old, new, old.flops, new.flops, {"N": settings.lm_batch, "T": settings.lm_steps}, "flops")
     times = _timed({"before": _train_call(gm, tokens, targets), "after": _train_call(rewritten, tokens, targets)},
                    settings, warmup=1)
     return Section("structured_dropout", "structured dropout: batch-shared masks whose GEMMs skip dropped units",
