@@ -190,11 +190,86 @@ class LeafTracer(fx.Tracer):
         )
 
 
-def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[type], concrete_args: Mapping | None):
-    tracer = LeafTracer(leaf_modules)
-    graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[type], concrete_args: Mapping | None,
+                    notes: list[str] | None = None) -> fx.GraphModule:
+    """fx's symbolic trace, with functional dropout that follows the module's mode kept so (see
+    :func:`_mode_following_dropout`); ``notes`` says which calls became modules."""
+    def graph_in(training: bool | None) -> fx.Graph:
+        was = model.training
+        if training is not None:
+            model.train(training)
+        try:
+            return LeafTracer(leaf_modules).trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+        finally:
+            model.train(was)
+
+    graph = graph_in(None)
+    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    if any(_dropout_flag(node) is not None for node in graph.nodes):
+        converted = _mode_following_dropout(gm, graph_in(not model.training))
+        if converted and notes is not None:
+            notes.append(f"functional dropout whose training flag is the module's mode ({', '.join(converted)}) "
+                         f"became nn.Dropout modules, so the graph follows train() / eval() as the model did")
+    return gm
+
+
+# Functional dropout and the module that applies it by the module's mode.
+_DROPOUT_MODULES = {
+    torch.nn.functional.dropout: torch.nn.Dropout,
+    torch.nn.functional.dropout1d: torch.nn.Dropout1d,
+    torch.nn.functional.dropout2d: torch.nn.Dropout2d,
+    torch.nn.functional.dropout3d: torch.nn.Dropout3d,
+    torch.nn.functional.alpha_dropout: torch.nn.AlphaDropout,
+    torch.nn.functional.feature_alpha_dropout: torch.nn.FeatureAlphaDropout,
+}
+
+
+def _dropout_arguments(node: fx.Node) -> dict[str, Any] | None:
+    if node.op != "call_function" or node.target not in _DROPOUT_MODULES:
+        return None
+    bound = fx.operator_schemas.normalize_function(node.target, node.args, node.kwargs,
+                                                   normalize_to_only_use_kwargs=True)
+    return None if bound is None else bound.kwargs
+
+
+def _dropout_flag(node: fx.Node) -> bool | None:
+    """The constant ``training`` argument of a functional dropout node, None for other nodes."""
+    arguments = _dropout_arguments(node)
+    training = None if arguments is None else arguments.get("training", True)
+    return training if isinstance(training, bool) else None
+
+
+def _mode_following_dropout(gm: fx.GraphModule, other_mode: fx.Graph) -> list[str]:
+    """fx records ``F.dropout(x, p, self.training)`` with the flag of the mode it traced in, so the graph kept
+    dropping in eval (or never dropped in training). Where the trace in the other mode ``other_mode`` is the
+    same graph but for the flags of dropout calls, each call whose flag differs follows the mode: it becomes
+    the nn.Dropout module of its kind. Returns the names of the calls replaced."""
+    ours, theirs = list(gm.graph.nodes), list(other_mode.nodes)
+    if len(ours) != len(theirs) or any((a.op, a.target, a.name) != (b.op, b.target, b.name)
+                                       for a, b in zip(ours, theirs)):
+        return []
+    following = [a for a, b in zip(ours, theirs) if None is not _dropout_flag(a) != _dropout_flag(b) is not None]
+    if any(not isinstance(_dropout_arguments(node)["p"], (int, float)) for node in following):
+        return []
+    for node in following:
+        arguments = _dropout_arguments(node)
+        name = _free_attribute(gm, node.name)
+        gm.add_submodule(name, _DROPOUT_MODULES[node.target](arguments["p"], arguments.get("inplace", False)))
+        with gm.graph.inserting_before(node):
+            module_call = gm.graph.call_module(name, (arguments["input"],))
+        module_call.meta = dict(node.meta)
+        node.replace_all_uses_with(module_call)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return [node.name for node in following]
+
+
+def _free_attribute(gm: fx.GraphModule, base: str) -> str:
+    name, number = base, 0
+    while hasattr(gm, name):
+        number += 1
+        name = f"{base}_{number}"
+    return name
 
 
 def dynamic_shapes(spec: InputSpec) -> tuple | None:
@@ -300,7 +375,7 @@ def _capture(model, inputs: _Inputs, spec: InputSpec, method, leaf_modules, conc
     for attempt in attempts:
         if attempt == "fx":
             try:
-                return _symbolic_trace(model, leaf_modules, concrete_args), "symbolic_trace"
+                return _symbolic_trace(model, leaf_modules, concrete_args, notes), "symbolic_trace"
             except Exception as error:
                 errors.append(("torch.fx.symbolic_trace", error))
             continue

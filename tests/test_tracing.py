@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fxreduce as fr
 from fxreduce.cost_models import graph_info
 from fxreduce.errors import InputError, TraceError
+from fxreduce.testing.contracts import check_contract
 
 
 class SmallCNN(torch.nn.Module):
@@ -257,3 +258,42 @@ def test_trace_and_training_cost_inside_inference_mode():
     assert step.flops > 2 * fr.cost(gm).flops
     with torch.inference_mode():  # even a model built there
         assert fr.cost(fr.trace(SmallCNN(), (torch.randn(2, 3, 8, 8),)), training=True).flops == step.at(N=2).flops
+
+
+class FunctionalDropout(torch.nn.Module):
+    """Dropout written as functions: one following the module's mode, one always on (Monte Carlo dropout)."""
+
+    def __init__(self, always_on: bool = False):
+        super().__init__()
+        self.a, self.b, self.always_on = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8), always_on
+
+    def forward(self, x):
+        x = F.dropout(torch.relu(self.a(x)), 0.5, self.training)
+        channels = F.dropout2d(x[..., None, None], 0.25, True if self.always_on else self.training)
+        return self.b(channels[..., 0, 0])
+
+
+@pytest.mark.parametrize("traced_training", [True, False])
+def test_functional_dropout_that_follows_the_mode_still_follows_it_in_the_graph(traced_training):
+    model = FunctionalDropout().train(traced_training)
+    x = torch.randn(64, 16)
+    gm = fr.trace(model, (x,), {"N": (0, 0)})
+    assert [type(m) for m in gm.children() if isinstance(m, torch.nn.modules.dropout._DropoutNd)] == [
+        torch.nn.Dropout, torch.nn.Dropout2d]
+    assert any("became nn.Dropout modules" in note for note in graph_info(gm).notes)
+    model.eval()
+    gm.eval()
+    torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    torch.manual_seed(0)
+    dropped = gm(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropped, model.train()(x))
+    assert not torch.allclose(dropped, gm.eval()(x))
+    assert check_contract("remove_dropout", gm).ok
+
+
+def test_functional_dropout_that_is_always_on_stays_a_call():
+    gm = fr.trace(FunctionalDropout(always_on=True).eval(), (torch.randn(4, 16),), {"N": (0, 0)})
+    assert [type(m) for m in gm.children() if isinstance(m, torch.nn.modules.dropout._DropoutNd)] == [torch.nn.Dropout]
+    assert any(node.target is F.dropout2d for node in gm.graph.nodes)
