@@ -29,7 +29,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._sympy import functions as torch_sympy
 
 from .. import meta
-from ..errors import InputError, TraceError
+from ..errors import CostError, InputError, TraceError
 from ..text import error_summary
 from .counting import (
     NodeCounts,
@@ -343,7 +343,13 @@ def _record(gm: fx.GraphModule, mode: FakeTensorMode, state: dict[str, torch.Ten
                 if leaves and outputs:
                     counter.current = None
                     loss = sum(o.float().sum() for o in outputs)
-                    torch.autograd.grad(loss, leaves, allow_unused=True)
+                    try:
+                        torch.autograd.grad(loss, leaves, allow_unused=True)
+                    except RuntimeError as error:
+                        raise CostError(f"a training step of this graph cannot run its backward: "
+                                        f"{error_summary(error)}", where="fxreduce.cost(graph, training=True)",
+                                        fix="inference-only kernels (lower_int8's) have no gradient: take the "
+                                            "training cost of the graph before them, or the eval cost") from error
     finally:
         meta.set_mode(gm, was_training)
     return counter, raw_meta, declared_inputs
@@ -573,8 +579,6 @@ def propagate(gm: fx.GraphModule, spec: InputSpec, *, method: str = "symbolic_tr
 def graph_info(gm: fx.GraphModule) -> GraphInfo:
     info = meta.info(gm)
     if info is None:
-        from ..errors import CostError
-
         raise CostError("this GraphModule carries no fxreduce shape information",
                         where=type(gm).__name__, fix="capture it with fxreduce.trace(model, example_inputs)")
     return info

@@ -176,12 +176,17 @@ class StructuredDropoutLSTM(DecomposedLSTM):
         return dict(self._keep_sets)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        if self.training:
-            steps = input.shape[1] if input.dim() == 3 and self.batch_first else input.shape[0]
-            self._keep_sets = self._draw(steps, input)
+        if not self.training:
+            return super().forward(input, hx)
+        steps = input.shape[1] if input.dim() == 3 and self.batch_first else input.shape[0]
+        previous, self._keep_sets = self._keep_sets, self._draw(steps, input)
+        try:
             if self.reference:
                 return masked_lstm_reference(self, input, hx, self._keep_sets)
-        return super().forward(input, hx)
+            return super().forward(input, hx)
+        finally:
+            if is_fake(input):  # a fake run's stand-in sets last one call: no fake tensor outlives the run
+                self._keep_sets = previous
 
     def extra_repr(self) -> str:
         offsets = "" if self.offsets is None else f", offsets={self.offsets}"
@@ -278,7 +283,8 @@ class StructuredDropoutLinear(nn.Linear):
             steps = x.shape[self.time_dim] if per_step else None
             keep = draw_keep_set(self.masks.next_generator(), self.in_features, self.kept, scale, steps, self.mode,
                                  self.offsets)
-        self.last_keep_set = keep
+        if not is_fake(x):  # a fake run's stand-in set is not kept: no fake tensor outlives the run
+            self.last_keep_set = keep
         if per_step:
             steps_first = x.movedim(self.time_dim, 0)
             if self.reference:

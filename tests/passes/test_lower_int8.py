@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxreduce as fr
-from fxreduce.errors import InputError, OptionError
+from fxreduce.errors import CostError, InputError, OptionError
 from fxreduce.modules.int8 import Int8Conv2d, Int8Linear, storage_of
 from fxreduce.passes.lower_int8 import find_grid, to_int8
 from fxreduce.testing.contracts import check_contract
@@ -243,3 +243,12 @@ def test_cli_calibration_flag_reaches_lower_int8(tmp_path, capsys):
     assert main(["apply", "default", "--pipeline", "fold_batchnorm", "--input-shape", "N,3,H=32,W=32",
                  "--calibration", str(calibration)]) == 2
     assert "no pass of the pipeline takes calibration data" in capsys.readouterr().err
+
+
+def test_a_training_cost_through_int8_kernels_is_a_clear_error():
+    """int8 kernels have no gradient: a training step whose backward must cross one names that."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).train()
+    gm = fr.apply(fr.trace(model, (torch.randn(4, 8),), {"N": (0, 0)}), "lower_int8").graph_module
+    with pytest.raises(CostError, match="cannot run its backward") as error:
+        fr.cost(gm, training=True)
+    assert "before them" in error.value.fix

@@ -9,6 +9,7 @@ its 0/scale masks from the keep-set indices by itself, so it shares no code with
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import sympy
@@ -233,6 +234,19 @@ class LanguageModel(nn.Module):
 
 def tokens(batch=3, steps=5):
     return torch.randint(0, 30, (batch, steps), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_training_cost_leaves_no_fake_tensor_in_the_modules():
+    """The stand-in keep sets of a fake run last that run: the rewritten model deep-copies cleanly after a
+    training-step cost (torch warns on copying a fake tensor, and is to refuse it)."""
+    traced = fxreduce.trace(LanguageModel().train(), (tokens(),), {"N": (0, 0), "T": (0, 1)})
+    gm = fxreduce.apply(traced, "structured_dropout(p=0.5, recurrent=True)").graph_module
+    fxreduce.cost(gm, training=True)
+    lstm, decoder = (m for m in gm.modules() if isinstance(m, (StructuredDropoutLSTM, StructuredDropoutLinear)))
+    assert decoder.last_keep_set is None and not lstm.last_keep_sets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy.deepcopy(gm)
 
 
 @pytest.mark.parametrize("mode", MODES)
