@@ -528,7 +528,7 @@ def fake_training_step_counts(module, shape):
     return [tuple(t.shape) for t in (output, h_n, c_n)], totals
 
 
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=10)
 @given(keep_cases())
 def test_shape_propagation_runs_every_step_at_once_and_counts_as_the_loop(case):
     """Fake runs (shape propagation) take every time step in one op each: the same output shapes and the same
