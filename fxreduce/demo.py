@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from .cost_models import GraphCost, certify, graph_cost, graph_info
-from .cost_models.symbolic import pinned_dims
+from .cost_models.symbolic import at_pinned, pinned_dims
 from .errors import InputError
 from .measurement import time_side_by_side
 from .models import demo as demo_cnn
@@ -154,8 +154,7 @@ def _cut(old: GraphCost, new: GraphCost, before: sympy.Expr, after: sympy.Expr, 
     """``before`` and ``after`` (expressions of the costs ``old`` and ``new``) at ``dims``, and whether
     after <= before is proven for all sizes (at the size of a dim either graph fixes)."""
     pinned = pinned_dims(old, new)
-    before, after = (expr.xreplace({s: pinned[s.name] for s in expr.free_symbols if s.name in pinned})
-                     for expr in (before, after))
+    before, after = at_pinned(before, pinned), at_pinned(after, pinned)
     certificate = certify(before, after, metric=metric)
     point = {symbol: dims[symbol.name] for symbol in (before.free_symbols | after.free_symbols)}
     return float(before.xreplace(point)), float(after.xreplace(point)), certificate.proven

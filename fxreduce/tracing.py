@@ -27,6 +27,7 @@ from . import hf
 from .copying import copy_model, with_history
 from .cost_models.propagation import InputSpec, propagate
 from .errors import InputError, TraceError
+from .graph import unique_name
 from .text import error_summary
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -248,12 +249,13 @@ def _mode_following_dropout(gm: fx.GraphModule, other_mode: fx.Graph) -> list[st
     if len(ours) != len(theirs) or any((a.op, a.target, a.name) != (b.op, b.target, b.name)
                                        for a, b in zip(ours, theirs)):
         return []
-    following = [a for a, b in zip(ours, theirs) if None is not _dropout_flag(a) != _dropout_flag(b) is not None]
+    flags = [(node, _dropout_flag(node), _dropout_flag(other)) for node, other in zip(ours, theirs)]
+    following = [node for node, flag, other in flags if flag is not None and other is not None and flag != other]
     if any(not isinstance(_dropout_arguments(node)["p"], (int, float)) for node in following):
         return []
     for node in following:
         arguments = _dropout_arguments(node)
-        name = _free_attribute(gm, node.name)
+        name = unique_name(gm, node.name)
         gm.add_submodule(name, _DROPOUT_MODULES[node.target](arguments["p"], arguments.get("inplace", False)))
         with gm.graph.inserting_before(node):
             module_call = gm.graph.call_module(name, (arguments["input"],))
@@ -262,14 +264,6 @@ def _mode_following_dropout(gm: fx.GraphModule, other_mode: fx.Graph) -> list[st
         gm.graph.erase_node(node)
     gm.recompile()
     return [node.name for node in following]
-
-
-def _free_attribute(gm: fx.GraphModule, base: str) -> str:
-    name, number = base, 0
-    while hasattr(gm, name):
-        number += 1
-        name = f"{base}_{number}"
-    return name
 
 
 def dynamic_shapes(spec: InputSpec) -> tuple | None:

@@ -15,7 +15,7 @@ from typing import Mapping, Union
 
 import sympy
 
-from .symbolic import GraphCost, NodeCost, pinned_dims
+from .symbolic import GraphCost, NodeCost, at_pinned, pinned_dims
 
 Costish = Union[GraphCost, NodeCost, sympy.Expr, int]
 GRID_VALUES = (1, 2, 3, 7, 16, 64, 224, 1024)
@@ -104,7 +104,7 @@ def certify(before: Costish, after: Costish, *, metric: str = "flops",
                 constraints = {**cost.constraints, **constraints}
     dims = {name for cost in (before, after) if isinstance(cost, GraphCost) for name in cost.symbols}
     pinned = pinned_dims(before, after)
-    b, a = (_metric(cost, metric).xreplace(_values(cost, pinned)) for cost in (before, after))
+    b, a = (at_pinned(_metric(cost, metric), pinned) for cost in (before, after))
     certificate = _certify_difference(b, a, metric, constraints, dims)
     substituted = sorted(name for cost in (before, after) if isinstance(cost, GraphCost)
                          for name in cost.symbols if name in pinned)
@@ -112,12 +112,6 @@ def certify(before: Costish, after: Costish, *, metric: str = "flops",
         return certificate
     stated = ", ".join(f"{name} = {pinned[name]}" for name in substituted) + " (fixed in the other graph)"
     return replace(certificate, assumption="; ".join(filter(None, (certificate.assumption, stated))))
-
-
-def _values(cost: Costish, pinned: Mapping[str, sympy.Expr]) -> dict[sympy.Symbol, sympy.Expr]:
-    if not isinstance(cost, GraphCost):
-        return {}
-    return {symbol: pinned[name] for name, symbol in cost.symbols.items() if name in pinned}
 
 
 def _certify_difference(b: sympy.Expr, a: sympy.Expr, metric: str,

@@ -226,3 +226,8 @@ def pinned_dims(*costs: object) -> dict[str, sympy.Expr]:
     compare at that size, also where another graph keeps the dim symbolic."""
     return {name: value for cost in costs if isinstance(cost, GraphCost)
             for name, value in cost.fixed.items() if value.is_Number}
+
+
+def at_pinned(expr: sympy.Expr, pinned: Mapping[str, sympy.Expr]) -> sympy.Expr:
+    """``expr`` with each symbol that names a pinned dim (:func:`pinned_dims`) at its value."""
+    return expr.xreplace({s: pinned[s.name] for s in expr.free_symbols if s.name in pinned})

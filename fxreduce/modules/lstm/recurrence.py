@@ -29,7 +29,7 @@ def _recurrence_forward(xp, h0, c0, factors, reverse, index, scale, step_rows, s
     without it every buffer holds one step only, so inference keeps nothing but the output.
     """
     if steps_at_once(xp):
-        return _forward_every_step(xp, h0, c0, factors, reverse, index, scale, step_rows)
+        return _forward_every_step(xp, factors, reverse, index, scale, step_rows)
     steps, rows, width = xp.shape
     hidden = width // 4
     kept = steps if save else 1
@@ -86,7 +86,7 @@ def _cell(z, c, acts, gates, c_out, tanh_c_out, h_out, minus_one):
     return c, torch.mul(o, tanh_c, out=h_out)
 
 
-def _forward_every_step(xp, h0, c0, factors, reverse, index, scale, step_rows):
+def _forward_every_step(xp, factors, reverse, index, scale, step_rows):
     """:func:`_recurrence_forward` (saving) with every step at once (see :func:`steps_at_once`): each op of
     a step over all steps; the states entering the steps are stand-ins of their shape."""
     steps, rows, width = xp.shape
