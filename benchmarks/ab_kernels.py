@@ -4,7 +4,8 @@ On a shared machine the same build runs at different speeds for tens of seconds 
 so two builds timed in turns of whole processes need many turns and still mislead. This compiles both versions
 of kernels_impl.h into one binary (each in a namespace of its own), times them call by call on the same
 operands (benchmarks/ab_kernels_driver.cpp: an LSTM input projection's indirect-K forward, weight gradient and
-input gradient, T=35 steps of 20 rows, in = H, out = 4H) and reports the median of the pairs' time ratios.
+input gradient, T=35 steps of 20 rows, in = H, out = 4H; and the dense weight gradient over all steps' rows) and
+reports the median of the pairs' time ratios.
 One thread (the driver calls a kernel table directly); the machine's ISA unless --isa names another.
 
     python benchmarks/ab_kernels.py                                  # HEAD vs the working tree
@@ -27,7 +28,7 @@ from _common import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = "fxreduce/csrc"
-OPS = ("forward", "weight_gradient", "input_gradient")
+OPS = ("forward", "weight_gradient", "input_gradient", "dense_weight_gradient")
 
 
 def isa_flags() -> dict[str, list[str]]:

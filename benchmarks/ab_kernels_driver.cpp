@@ -1,7 +1,8 @@
 // Two builds of kernels_impl.h in one process (benchmarks/ab_kernels.py compiles each into its own namespace
 // and table, fxreduce::native::ab_base_table and ab_work_table), timed call by call on the same operands: the
 // indirect-K forward and weight gradient (rows_gemm) and the input gradient (row_dots) of an LSTM layer's input
-// projection, T=35 steps of 20 rows, in = H, out = 4H, a uniform keep set of keep x H units per step.
+// projection, T=35 steps of 20 rows, in = H, out = 4H, a uniform keep set of keep x H units per step; and the
+// dense weight gradient of all steps' rows at once (keep ignored), A transposed first as ops.cpp does.
 //   ab_kernels_driver H keep pairs [op]   ->   one line per op: both builds' times and the pairs' median ratio
 #include <algorithm>
 #include <chrono>
@@ -24,7 +25,8 @@ using namespace fxreduce::native;
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s H keep pairs [forward|weight_gradient|input_gradient]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s H keep pairs [forward|weight_gradient|input_gradient|dense_weight_gradient]\n",
+                 argv[0]);
     return 2;
   }
   const int64_t H = std::atoi(argv[1]), pairs = std::atoi(argv[3]);
@@ -39,7 +41,7 @@ int main(int argc, char** argv) {
     return v;
   };
   std::vector<float> x = random(G * N * k), wt = random(H * out), dout = random(G * N * out);
-  std::vector<float> y(G * N * out), dw(H * out), dx(G * N * k);
+  std::vector<float> y(G * N * out), dw(H * out), dx(G * N * k), xt = random(H * G * N);
   std::vector<int64_t> index(G * k), units(H);
   std::vector<uint8_t> first(G * k, 0), written(H, 0);
   for (int64_t g = 0; g < G; ++g) {
@@ -60,14 +62,17 @@ int main(int argc, char** argv) {
   weight_gradient.c_first = first.data();
   const RowDots<float> input_gradient{G, N, k, out, dout.data(), N * out, out, wt.data(), 0, out, index.data(), k,
                                       dx.data(), N * k, k, nullptr, 0, false, 1.0f};
+  const RowsGemm<float> dense_weight_gradient{1, H, G * N, xt.data(), 0, G * N, 1, dout.data(), 0, out, nullptr, 0,
+                                              dw.data(), 0, out, nullptr, 0, nullptr, 0, 0, false, 1.0f};
   const KernelTable* builds[2] = {&ab_base_table, &ab_work_table};
-  const char* names[3] = {"forward", "weight_gradient", "input_gradient"};
-  for (int op = 0; op < 3; ++op) {
+  const char* names[4] = {"forward", "weight_gradient", "input_gradient", "dense_weight_gradient"};
+  for (int op = 0; op < 4; ++op) {
     if (only && std::strcmp(only, names[op]) != 0) continue;
     auto call = [&](const KernelTable* t) {
       if (op == 0) t->rows_gemm_f(forward, 0, out);
       if (op == 1) t->rows_gemm_f(weight_gradient, 0, out);
       if (op == 2) t->row_dots_f(input_gradient, 0, k);
+      if (op == 3) t->rows_gemm_f(dense_weight_gradient, 0, out);
     };
     std::vector<double> seconds[2], ratios;
     for (int64_t p = 0; p < pairs; ++p) {

@@ -113,6 +113,27 @@ def test_gather_matmul_and_its_gradients_equal_the_reference(data, dtype, isa, c
               native.gather_matmul_weight_grad_reference(x, dout, index, width), dtype, "weight gradient")
 
 
+@given(data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), isa=st.sampled_from(ISAS),
+       threads=st.sampled_from([1, 2]))
+def test_gemms_that_copy_their_b_blocks_first_equal_the_reference(data, dtype, isa, threads):
+    """From 64 rows of B on, the AVX2 build copies each group's block of B into contiguous panels before its row
+    tiles read it (the shapes above stay below that): forward (B through the keep set) and weight gradient (B
+    the output gradient's rows), on any column width, partial tiles included."""
+    groups, rows = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 13))
+    width, out = data.draw(st.integers(60, 140)), data.draw(st.integers(1, 150))
+    index, k = data.draw(keep_index(groups, width))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    x = torch.randn(groups, rows, k, dtype=dtype, generator=generator)
+    wt = torch.randn(width, out, dtype=dtype, generator=generator)
+    long_rows = data.draw(st.integers(60, 140))
+    xg = torch.randn(groups, long_rows, k, dtype=dtype, generator=generator)
+    dout = torch.randn(groups, long_rows, out, dtype=dtype, generator=generator)
+    with torch_threads(threads), native.forced_isa(isa):
+        close(ops.gather_matmul(x, wt, index, None), native.gather_matmul_reference(x, wt, index, None), dtype,
+              "forward")
+        close(ops.gather_matmul_weight_grad(xg, dout, index, width),
+              native.gather_matmul_weight_grad_reference(xg, dout, index, width), dtype, "weight gradient")
+
 @given(shape=st.lists(st.integers(0, 23), min_size=2, max_size=5), dtype=st.sampled_from([torch.float64, torch.float32]),
        isa=st.sampled_from(ISAS), threads=st.sampled_from([1, 2]), contiguous=st.booleans(),
        seed=st.integers(0, 1000))

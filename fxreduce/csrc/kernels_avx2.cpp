@@ -10,5 +10,6 @@
 #define FXR_DM 4
 #define FXR_DJ 3
 #define FXR_STREAM_PREFETCH 24
+#define FXR_PACK_B_FROM_ROWS 64
 #include "kernels_impl.h"
 #endif

@@ -153,13 +153,14 @@ inline void row_tile_of(int rows, const RowsGemm<T>& a, const T* A, int64_t K, c
 constexpr int64_t kMaxKChunk = 768;
 
 // All rows of group g for the columns [c, c + width), width <= NVt vectors, or for `tiles` adjacent full tiles
-// from c (B's and C's columns the tile's width apart). A narrower tile is computed into a local buffer (B
+// from c (B's and C's columns the tile's width apart; with a tile_stride, B's tiles are that many elements
+// apart instead, as pack_block lays them out). A narrower tile is computed into a local buffer (B
 // zero-padded to whole vectors in b_base) and its first `width` columns written back. A row tile's rows are
 // looked up once for all its column tiles: with a per-step keep set the weight gradient's K is the step's 20
 // rows, and that set-up took a third of the AVX2 kernel's samples when it ran once per column tile.
 template <typename T, int NVt>
 inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b_base, int64_t ldb,
-                          const int64_t* b_index, int64_t width, int64_t tiles = 1) {
+                          const int64_t* b_index, int64_t width, int64_t tiles = 1, int64_t tile_stride = 0) {
   constexpr int64_t full = NVt * Vec<T>::lanes;
   if (a.M == 0) return;
   const bool partial = width < full;
@@ -196,7 +197,8 @@ inline void group_columns(const RowsGemm<T>& a, int64_t g, int64_t c, const T* b
           c_rows[r] = partial ? local + r * full : out_rows[r] + shift;
           d_rows[r] = partial || !add_rows[r] ? nullptr : add_rows[r] + shift;
         }
-        row_tile_of<T, NVt, FXR_MR>(rows, a, tile_a, K, chunk_b + shift, ldb, chunk_index, c_rows, d_rows);
+        const T* tile_b = chunk_b + (tile_stride ? tile * tile_stride : shift);
+        row_tile_of<T, NVt, FXR_MR>(rows, a, tile_a, K, tile_b, ldb, chunk_index, c_rows, d_rows);
       }
       if (partial) {
         for (int r = 0; r < rows; ++r)
@@ -222,6 +224,29 @@ inline void group_columns_of(int vectors, const RowsGemm<T>& a, int64_t g, int64
 // streamed all groups' A again (560 KiB at H=200, past L2), and two threads ran the forward at 1.1x one.
 constexpr int64_t kColumnBlockTiles = 256 / (FXR_NV * FXR_VEC_BYTES) > 1 ? 256 / (FXR_NV * FXR_VEC_BYTES) : 1;
 
+// From this many rows of B (K) on, the AVX2 build copies each group's block of B (the rows it reads, through
+// the index, for the block's column tiles) into tile-major panels before its row tiles read them: a tile then
+// streams one contiguous panel, prefetched ahead, instead of one 64-byte piece of each of K rows a row
+// stride apart. 0: never.
+#ifndef FXR_PACK_B_FROM_ROWS
+#define FXR_PACK_B_FROM_ROWS 0
+#endif
+constexpr int64_t kPackBFromRows = FXR_PACK_B_FROM_ROWS;
+
+// dst[(t*K + j)*W + e] = B(row j, column t*W + e) for `tiles` tiles of W columns: row j is b[j*ldb] or
+// b[index[j]*ldb].
+template <typename T>
+inline void pack_block(const T* b, int64_t ldb, const int64_t* index, int64_t K, int64_t tiles, T* dst) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t W = FXR_NV * L;
+  for (int64_t j = 0; j < K; ++j) {
+    const T* row = b + (index ? index[j] : j) * ldb;
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int v = 0; v < FXR_NV; ++v) store(dst + (t * K + j) * W + v * L, load<V>(row + t * W + v * L));
+  }
+}
+
 template <typename T>
 void rows_gemm(const RowsGemm<T>& a, int64_t c_begin, int64_t c_end) {
   constexpr int L = Vec<T>::lanes;
@@ -238,13 +263,22 @@ void rows_gemm(const RowsGemm<T>& a, int64_t c_begin, int64_t c_end) {
     return;
   }
   int64_t c = c_begin;
+  const bool pack = kPackBFromRows > 0 && a.K >= kPackBFromRows;
+  Scratch<T> block(pack ? a.K * W * kColumnBlockTiles : 0);
   // Column blocks outer, groups inner: the block's (K x W) panels of B stay in cache across every group (time
   // step), and each row tile of a group's A serves all the block's column tiles in turn (measured faster than
   // running each column tile over all row tiles, even where the block's B does not fit in L1).
   while (c + W <= c_end) {
     const int64_t tiles = smaller(kColumnBlockTiles, (c_end - c) / W);
-    for (int64_t g = 0; g < a.groups; ++g)
-      group_columns<T, FXR_NV>(a, g, c, a.B + g * a.b_group + c, a.ldb, index_of(g), W, tiles);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const T* b = a.B + g * a.b_group + c;
+      if (pack) {
+        pack_block(b, a.ldb, index_of(g), a.K, tiles, block.data);
+        group_columns<T, FXR_NV>(a, g, c, block.data, W, nullptr, W, tiles, a.K * W);
+      } else {
+        group_columns<T, FXR_NV>(a, g, c, b, a.ldb, index_of(g), W, tiles);
+      }
+    }
     c += tiles * W;
   }
   for (; c + L <= c_end; c += L)
