@@ -134,6 +134,7 @@ def test_gemms_that_copy_their_b_blocks_first_equal_the_reference(data, dtype, i
         close(ops.gather_matmul_weight_grad(xg, dout, index, width),
               native.gather_matmul_weight_grad_reference(xg, dout, index, width), dtype, "weight gradient")
 
+
 @given(shape=st.lists(st.integers(0, 23), min_size=2, max_size=5), dtype=st.sampled_from([torch.float64, torch.float32]),
        isa=st.sampled_from(ISAS), threads=st.sampled_from([1, 2]), contiguous=st.booleans(),
        seed=st.integers(0, 1000))
