@@ -297,7 +297,7 @@ Goals missed: {'; '.join(misses) if misses else 'none'}.
         body = body.replace("medians of warm interleaved calls", "median CPU seconds of warm interleaved calls")
         body = body.replace("medians of interleaved calls", "median CPU seconds of interleaved calls")
         body = body.replace("density, 2 threads,", "density, 1 thread,")
-    write_section(TITLE + (" - 1 thread, CPU time" if args.cpu_time else ""), body)
+    write_section(TITLE + (" - 1 thread, CPU time" if args.cpu_time else ""), body, per_isa=True)
 
 
 if __name__ == "__main__":

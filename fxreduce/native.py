@@ -134,8 +134,14 @@ def serves(*tensors: Tensor | None) -> bool:
     Everything else (CUDA, float16/bfloat16, no extension) takes the torch reference."""
     if _C is None or _DISABLED[0]:
         return False
-    present = [t for t in tensors if t is not None and t.is_floating_point()]
-    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.dtype == present[0].dtype for t in present)
+    dtype = None  # one loop, no device objects: it runs on every eager call of every native module
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        if not t.is_cpu or t.dtype not in DTYPES or (dtype is not None and t.dtype != dtype):
+            return False
+        dtype = t.dtype
+    return True
 
 
 def serves_eagerly(*tensors: Tensor | None) -> bool:

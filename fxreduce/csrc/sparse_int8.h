@@ -23,8 +23,8 @@ struct SparseQuantize {
   uint8_t* blocks;        // (blocks, C*Hp*Wp, width)
 };
 
-// Output rows [n_begin, n_end) of one block: acc(n, p, lane) = sum over row n's non-zeros i of
-// values[i] * block[column_offsets[columns[i]] + pixel_offset[p]][lane], exact in int32. Then either
+// Output rows [n_begin, n_end) of one block (of a Linear, up to `pixels` blocks): acc(n, p, lane) = sum over row
+// n's non-zeros i of values[i] * block[column_offsets[columns[i]] + pixel_offset[p]][lane], exact in int32. Then either
 // out_int = acc, or out = float(acc - zero * row_sums[n]) * multipliers[n] + bias[n] (ReLU if relu), acc first
 // max-pooled over windows of pool x pool pixels when pool > 1. The CSR weight is read as stored, so a call does no
 // work per non-zero beyond the products.
@@ -36,6 +36,8 @@ struct SparseInt8Rows {
   const int64_t* row_ptr;       // (rows + 1)
   int64_t pixels;               // conv output pixels computed: whole pooling windows, window after window
   const int64_t* pixel_offsets; // per conv output pixel: the byte offset of its receptive field in a block
+  int64_t pixel_images;         // 0 for a conv; for a Linear, WIDTH: its "pixels" are consecutive blocks (a call
+                                // computes up to `pixels` blocks from `block` on, one weight broadcast for all)
   int pool;                     // max pooling window side (= stride) on the sums, 1 for none; pool^2 <= 16
   int64_t block_elements;       // C*Hp*Wp
   int64_t images;
@@ -49,8 +51,13 @@ struct SparseInt8Rows {
   int64_t out_image, out_channel, out_pixel;  // output strides (of the pooled output)
 };
 
+// Output pixels per register tile: every non-zero is broadcast once for this many pixels (a Linear's: blocks).
+constexpr int kSparsePixelTile = 4;
+
 struct SparseInt8Table {
   int width;  // images per block (the vector lanes of the accumulators)
+  // The smallest and largest of x[0, n) (both NaN when any element is): a dynamically quantized Linear's input range.
+  void (*value_range)(const float* x, int64_t n, float* low, float* high);
   void (*quantize)(const SparseQuantize&, int64_t block);
   // scratch: 16 * 16 * width int32, owned by the caller
   void (*rows)(const SparseInt8Rows&, const uint8_t* blocks, int64_t block, int64_t n_begin, int64_t n_end,

@@ -8,7 +8,10 @@
 #include <ATen/native/quantized/cpu/QuantUtils.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "isa.h"
@@ -111,6 +114,7 @@ void check_pool(const char* op, const Geometry& g, int64_t pool) {
 // The driver: quantize the input into blocks of `width` images (parallel over blocks), then every (block, output
 // row) pair (parallel, block-major so a block stays in cache across its rows).
 constexpr int64_t kWorkPerTask = 1 << 15;  // multiply-adds below which a thread is not worth waking
+constexpr int64_t kQuantizePerTask = 1 << 16;  // input elements, the same for quantizing
 constexpr int64_t kRowChunk = 16;         // the kernels' epilogue tile (kEpilogueOutputs)
 
 void run(const char* op, const Geometry& g, const Csr& csr, const float* x, const uint8_t* xq, float inverse_scale,
@@ -119,11 +123,15 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
   const SparseInt8Table& table = tables.active();
   const int64_t width = table.width, blocks = (g.images + width - 1) / width;
   const int64_t PH = g.OH / pool, PW = g.OW / pool, window = pool * pool;
-  const int64_t elements = g.C * g.Hp() * g.Wp(), pixels = PH * PW * window;
+  const bool linear = g.is_linear();
+  const int64_t elements = g.C * g.Hp() * g.Wp();
+  // A Linear's "pixels" are consecutive blocks (the kernel's pixel tile of them per task); a conv's, its output
+  // pixels, whole pooling windows one after another.
+  const int64_t pixels = linear ? kSparsePixelTile : PH * PW * window;
+  const int64_t block_step = linear ? kSparsePixelTile : 1, block_groups = (blocks + block_step - 1) / block_step;
   // Per call, only what is per kernel element or per row: the input offset of each (c, kh, kw) (a conv's; a
   // Linear's column c is at c * width), the range check of the column indices and each row's sum of values (the
   // zero point's correction). The non-zeros themselves are read as stored by the kernel.
-  const bool linear = g.is_linear();
   std::vector<int64_t> column_offsets(linear ? 0 : csr.kernel_elements), pixel_offsets(pixels);
   if (!linear)
     for (int64_t c = 0, k = 0; c < g.C; ++c)
@@ -148,32 +156,56 @@ void run(const char* op, const Geometry& g, const Csr& csr, const float* x, cons
     for (int64_t i = row_ptr[n]; i < row_ptr[n + 1]; ++i) sum += values[i];
     row_sums[n] = sum;
   }
-  // The conv pixels pooling window by window (one window of one pixel without pooling): the kernel pools each run
-  // of `window` consecutive pixels.
-  for (int64_t ph = 0, k = 0; ph < PH; ++ph)
-    for (int64_t pw = 0; pw < PW; ++pw)
-      for (int64_t i = 0; i < pool; ++i)
-        for (int64_t j = 0; j < pool; ++j)
-          pixel_offsets[k++] = ((ph * pool + i) * g.sh * g.Wp() + (pw * pool + j) * g.sw) * width;
+  // A conv's pixels pooling window by window (one window of one pixel without pooling): the kernel pools each run
+  // of `window` consecutive pixels. A Linear's are blocks, one after another.
+  if (linear)
+    for (int64_t p = 0; p < pixels; ++p) pixel_offsets[p] = p * elements * width;
+  else
+    for (int64_t ph = 0, k = 0; ph < PH; ++ph)
+      for (int64_t pw = 0; pw < PW; ++pw)
+        for (int64_t i = 0; i < pool; ++i)
+          for (int64_t j = 0; j < pool; ++j)
+            pixel_offsets[k++] = ((ph * pool + i) * g.sh * g.Wp() + (pw * pool + j) * g.sw) * width;
   Tensor quantized = at::empty({blocks * elements * width}, at::kByte);
   uint8_t* quantized_data = quantized.data_ptr<uint8_t>();
   SparseQuantize q{x, xq, g.images, g.C, g.H, g.W, g.ph, g.pw, g.Hp(), g.Wp(), inverse_scale, zero, quantized_data};
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kQuantizePerTask / (elements * width)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) table.quantize(q, b);
   });
-  SparseInt8Rows a{values, columns, linear ? nullptr : column_offsets.data(), row_ptr, pixels,
-                   pixel_offsets.data(), static_cast<int>(pool), elements, g.images, row_sums.data(), zero, multipliers, bias, relu, out,
-                   out_int, csr.rows * PH * PW, 1, csr.rows};
-  // Tasks are (block, chunk of kRowChunk rows) pairs, block-major so a block stays in cache across its rows.
+  SparseInt8Rows a{values, columns, linear ? nullptr : column_offsets.data(), row_ptr, pixels, pixel_offsets.data(),
+                   linear ? width : 0, static_cast<int>(pool), elements, g.images, row_sums.data(), zero,
+                   multipliers, bias, relu, out, out_int, csr.rows * PH * PW, 1,
+                   linear ? width * csr.rows : csr.rows};
+  // Tasks are (blocks, chunk of kRowChunk rows) pairs, block-major so the blocks stay in cache across their rows.
   const int64_t chunks = (csr.rows + kRowChunk - 1) / kRowChunk;
   const int64_t per_chunk = std::max<int64_t>(1, csr.nnz / chunks * pixels * width);
-  at::parallel_for(0, blocks * chunks, std::max<int64_t>(1, kWorkPerTask / per_chunk), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, block_groups * chunks, std::max<int64_t>(1, kWorkPerTask / per_chunk),
+                   [&](int64_t t0, int64_t t1) {
     std::vector<int32_t> scratch(kRowChunk * kRowChunk * width);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t % chunks * kRowChunk;
-      table.rows(a, quantized_data, t / chunks, n0, std::min(csr.rows, n0 + kRowChunk), scratch.data());
+      table.rows(a, quantized_data, t / chunks * block_step, n0, std::min(csr.rows, n0 + kRowChunk), scratch.data());
     }
   });
+}
+
+// The input's smallest and largest value (NaN when any is NaN, as at::aminmax), in parallel only past
+// kQuantizePerTask elements a thread: at::aminmax woke the second thread for a 64-image batch of fc1's 800 inputs.
+std::pair<float, float> value_range(const float* x, int64_t n) {
+  using Range = std::pair<float, float>;
+  const SparseInt8Table& table = tables.active();
+  const auto join = [](Range a, Range b) {
+    if (std::isnan(a.first) || std::isnan(b.first)) return Range(NAN, NAN);
+    return Range(std::min(a.first, b.first), std::max(a.second, b.second));
+  };
+  return at::parallel_reduce(
+      0, n, kQuantizePerTask, Range(INFINITY, -INFINITY),
+      [&](int64_t begin, int64_t end, Range range) {
+        Range part;
+        table.value_range(x + begin, end - begin, &part.first, &part.second);
+        return join(range, part);
+      },
+      join);
 }
 
 // Per output channel: x_scale * w_scale, the float epilogue's multiplier.
@@ -207,10 +239,7 @@ Tensor sparse_int8_linear(const Tensor& x_in, const Tensor& values, const Tensor
   Tensor out = at::empty(shape, x_in.options());
   if (out.numel() == 0) return out;
   float low = 0.0f, high = 0.0f;
-  if (x.numel() > 0) {
-    auto [mn, mx] = at::aminmax(x);
-    low = mn.item<float>(), high = mx.item<float>();
-  }
+  if (x.numel() > 0) std::tie(low, high) = value_range(x.data_ptr<float>(), x.numel());
   const auto qp = quant_utils::ChooseQuantizationParams(low, high, 0, 255, false, false, /*reduce_range=*/true);
   const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), qp.scale);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();

@@ -45,8 +45,10 @@ def sparse_weight(seed: int, shape: tuple[int, ...], density: float, empty_rows:
 densities = st.sampled_from([0.0, 0.02, 0.1, 0.5, 1.0])
 
 
+# Rows up to 150: a Linear's kernel computes up to four blocks of images per task (16 images a block on AVX2, 32 on
+# AVX-512), so this reaches a second group with a partial last block on every ISA.
 @pytest.mark.parametrize("isa", ISAS)
-@given(seed=st.integers(0, 2**16), rows=st.integers(1, 70), out=st.integers(1, 40), k=st.integers(1, 90),
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 150), out=st.integers(1, 40), k=st.integers(1, 90),
        density=densities, empty_rows=st.booleans(), empty_columns=st.booleans())
 def test_linear_int32_sums_equal_the_dense_int8_gemm(isa, seed, rows, out, k, density, empty_rows, empty_columns):
     weight = sparse_weight(seed, (out, k), density, empty_rows, empty_columns)
@@ -83,7 +85,7 @@ def test_conv_int32_sums_equal_the_dense_conv_exactly(isa, seed, batch, channels
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@given(seed=st.integers(0, 2**16), rows=st.integers(1, 50), out=st.integers(1, 30), k=st.integers(1, 60),
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 150), out=st.integers(1, 30), k=st.integers(1, 60),
        density=densities, relu=st.booleans(), bias=st.booleans(), shift=st.floats(-2, 2))
 def test_sparse_linear_equals_the_dense_int8_linear(isa, seed, rows, out, k, density, relu, bias, shift):
     g = torch.Generator().manual_seed(seed)
@@ -158,6 +160,25 @@ def test_fused_max_pool_equals_pooling_the_unpooled_output_bit_for_bit(isa, seed
     assert torch.equal(pooled, F.max_pool2d(unpooled, pool))
     assert pooled.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(sparse_int8_conv2d_reference(x, *args, pool), pooled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(seed=st.integers(0, 2**16), exponent=st.integers(-6, 3), zero=st.integers(0, 255), padding=st.integers(0, 1))
+def test_input_quantization_rounds_and_clamps_as_torch_does(isa, seed, exponent, zero, padding):
+    """The kernels quantize the input themselves: on exact ties (a power-of-two scale makes x / scale exact),
+    past the uint8 range and through the vector and scalar tails, the codes equal clamp(round(x / scale) + zero),
+    as torch's quantizer rounds them, read back through a 1x1 identity conv whose epilogue multiplies by 1."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 2.0 ** exponent
+    codes = torch.randint(-700, 700, (3, 5, 4, 7), generator=g) + 0.5 * torch.randint(0, 2, (3, 5, 4, 7), generator=g)
+    x = (codes * scale).float()
+    identity = torch.eye(5, dtype=torch.int8).reshape(5, 5, 1, 1)
+    with native.forced_isa(isa):
+        y = ops.sparse_int8_conv2d(x, *to_csr(identity), [5, 1, 1], torch.full((5,), 1 / scale), None, [1, 1],
+                                   [padding] * 2, [1, 1], torch.tensor([scale, float(zero)]), False)
+    expected = torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero  # torch.round: ties to even
+    inside = y[:, :, padding:y.shape[2] - padding, padding:y.shape[3] - padding]
+    assert torch.equal(inside, expected.float())
 
 
 def test_bad_indices_and_shapes_raise_clear_errors():
