@@ -32,11 +32,12 @@ struct Vec<double> {
 #include "simd_inl.h"
 inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Heap scratch owned by one call (no static buffers: calls may run concurrently).
+// Heap scratch owned by one call (no static buffers: calls may run concurrently). Zeroed unless the caller
+// writes every element it reads.
 template <typename T>
 struct Scratch {
   T* data;
-  explicit Scratch(int64_t n) : data(new T[n > 0 ? n : 1]()) {}
+  explicit Scratch(int64_t n, bool zeroed = true) : data(zeroed ? new T[n > 0 ? n : 1]() : new T[n > 0 ? n : 1]) {}
   ~Scratch() { delete[] data; }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -263,8 +264,9 @@ void rows_gemm(const RowsGemm<T>& a, int64_t c_begin, int64_t c_end) {
     return;
   }
   int64_t c = c_begin;
-  const bool pack = kPackBFromRows > 0 && a.K >= kPackBFromRows;
-  Scratch<T> block(pack ? a.K * W * kColumnBlockTiles : 0);
+  // Packing needs a scratch block only when a whole column tile follows; pack_block writes what is read.
+  const bool pack = kPackBFromRows > 0 && a.K >= kPackBFromRows && c + W <= c_end;
+  Scratch<T> block(pack ? a.K * W * kColumnBlockTiles : 0, /*zeroed=*/false);
   // Column blocks outer, groups inner: the block's (K x W) panels of B stay in cache across every group (time
   // step), and each row tile of a group's A serves all the block's column tiles in turn (measured faster than
   // running each column tile over all row tiles, even where the block's B does not fit in L1).
