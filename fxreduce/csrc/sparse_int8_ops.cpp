@@ -240,6 +240,9 @@ Tensor sparse_int8_linear(const Tensor& x_in, const Tensor& values, const Tensor
   if (out.numel() == 0) return out;
   float low = 0.0f, high = 0.0f;
   if (x.numel() > 0) std::tie(low, high) = value_range(x.data_ptr<float>(), x.numel());
+  FXR_CHECK(std::isfinite(low) && std::isfinite(high), "the input holds NaN or infinite values (range [", low, ", ",
+            high, "]); quantizing it to int8 needs a finite range: find where they come from upstream, or clamp the "
+            "input before this layer");
   const auto qp = quant_utils::ChooseQuantizationParams(low, high, 0, 255, false, false, /*reduce_range=*/true);
   const std::vector<float> multipliers = multipliers_of(csr, scale.contiguous(), qp.scale);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();

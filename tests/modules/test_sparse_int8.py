@@ -192,6 +192,12 @@ def test_bad_indices_and_shapes_raise_clear_errors():
     negative[-1] = -1
     decreasing = row_ptr.clone()
     decreasing[2] = decreasing[3] + 1
+
+    def with_value(row: int, column: int, value: float) -> torch.Tensor:
+        batch = torch.randn(20, 7)
+        batch[row, column] = value
+        return batch
+
     cases = {
         "column indices must lie in": (x, values, bad_columns, row_ptr, 7, scale, None, False),
         "must lie in": (x, values, negative, row_ptr, 7, scale, None, False),
@@ -204,6 +210,10 @@ def test_bad_indices_and_shapes_raise_clear_errors():
         "values must be int8": (x, values.int(), columns, row_ptr, 7, scale, None, False),
         "columns must be int32": (x, values, columns.long(), row_ptr, 7, scale, None, False),
         "input must be a Float": (x.double(), values, columns, row_ptr, 7, scale, None, False),
+        # 140 elements: a NaN in the range pass's vector loop, an inf in its scalar tail
+        r"NaN or infinite values \(range \[nan": (with_value(2, 3, float("nan")), values, columns, row_ptr, 7, scale,
+                                                  None, False),
+        "NaN or infinite values": (with_value(19, 6, float("inf")), values, columns, row_ptr, 7, scale, None, False),
     }
     for message, args in cases.items():
         with pytest.raises(RuntimeError, match=message):
