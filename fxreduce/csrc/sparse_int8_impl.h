@@ -68,9 +68,9 @@ inline void narrow_store(uint8_t* p, VI v) {
 
 // q = clamp(nearbyint(x * inverse_scale) + zero, 0, 255). x * inverse_scale is first clamped to +-512 (any value
 // past it gives 0 or 255 alike; a NaN gives 0), then rounded ties to even, the default rounding mode: by the
-// ISA's conversion (vcvtps2dq; min and max instead of compare and blend: 5 instructions fewer a vector, on a
-// Linear's per-call quantization a third of the time its sparse products take), else by adding and subtracting
-// 1.5 * 2^23.
+// ISA's conversion (vcvtps2dq, with min and max in place of compare-and-blend: 5 fewer instructions a vector; a
+// Linear's per-call quantization had taken a third of the time of its sparse products), else by adding and
+// subtracting 1.5 * 2^23.
 inline VI quantize_vector(VF x, float inverse_scale, int32_t zero) {
 #if FXR_VEC_BYTES == 64 && defined(__AVX512F__)
   const __m512 scaled = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(reinterpret_cast<__m512>(x),
@@ -236,7 +236,8 @@ inline void pool_windows(int32_t* acc, int64_t windows, int window) {
 // int32 sums of the tile, max-pooled over each window of a.pool x a.pool pixels (the pixel offsets come window by
 // window), converted to float in place, then written out. A Linear's pixels are the blocks from `block` on
 // (pixel_images = WIDTH), as many as hold images: a row's handful of non-zeros is read and broadcast once for
-// PT x WIDTH images, where one block at a time spent more on each row's set-up and epilogue than on its products. Pooling the sums equals pooling the floats, bit for bit:
+// PT x WIDTH images, where one block at a time spent more on each row's set-up and epilogue than on its products.
+// Pooling the sums equals pooling the floats, bit for bit:
 // the epilogue is non-decreasing in the sum (a multiplier >= 0, the caller checks). Outputs are channels-last (a
 // Linear's rows are its channels), so with a full chunk of rows each (image, pixel) gets one contiguous run of
 // channels, written as L x L transposes of the tile instead of one float per (row, pixel, image).
